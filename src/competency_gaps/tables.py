@@ -106,3 +106,9 @@ def write_json(data: Any, path: str | Path) -> None:
 def write_text(text: str, path: str | Path) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def write_frame(frame: Any, path: str | Path) -> None:
+    """Write a polars DataFrame whose schema its producer fixes (the reducer's tables), atomically."""
+    with atomic_path(path) as temporary:
+        frame.write_parquet(temporary, compression="zstd")

@@ -1,0 +1,25 @@
+# competency-gaps: SAE concept coverage of benchmarks (χ_bench) and concept-level model performance (χ_model).
+# Loads and validates the config, includes the rule modules in pipeline order, and defines `all`.
+# Run: snakemake --cores 2   (README.md has set-up, GPU and cluster instructions)
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/benchmarks.smk"
+include: "rules/models.smk"
+include: "rules/evaluate.smk"
+include: "rules/sae.smk"
+include: "rules/extract.smk"
+include: "rules/concepts.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,72 @@
+# Helpers shared by the rule modules: config validation, result paths, targets, job params.
+import json
+import sys
+
+from snakemake.utils import validate
+
+from competency_gaps.config import validate_config
+from competency_gaps.workflow import spec_json
+
+# The schema (with its descriptions and defaults) ships beside the code; snakemake's validate is the
+# community-standard check, validate_config adds defaults deep in the model/benchmark maps and the
+# checks a schema cannot express (adapter names, layer range, SAE width).
+validate(config, "../resources/config.schema.yaml")
+config = validate_config(config)
+
+RESULTS = config["results"]
+MODELS = sorted(config["models"])
+BENCHMARKS = sorted(config["benchmarks"])
+# `python -m competency_gaps` from the interpreter running Snakemake, unless a rule's conda env is used.
+PYTHON = "python" if workflow.deployment_settings.deployment_method else sys.executable
+CG = f"{PYTHON} -m competency_gaps"
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    benchmark="|".join(BENCHMARKS),
+    layer=r"\d+",
+
+
+def layers_of(model):
+    return sorted(entry["layer"] for entry in config["models"][model]["layers"])
+
+
+def sae_entry(model, layer):
+    return next(e["sae"] for e in config["models"][model]["layers"] if e["layer"] == int(layer))
+
+
+def needs_model(wildcards):
+    """SAE jobs need the model (and the corpus) only when they train."""
+    if "train" not in sae_entry(wildcards.model, wildcards.layer):
+        return {}
+    return {
+        "manifest": f"{RESULTS}/models/model={wildcards.model}/manifest.json",
+        "corpus": f"{RESULTS}/sae_corpus/corpus.parquet",
+    }
+
+
+def scores_if_response(wildcards):
+    if not config["saliency"]["include_response"]:
+        return {}
+    return {"scores": f"{RESULTS}/evaluate/model={wildcards.model}/benchmark={wildcards.benchmark}/scores.parquet"}
+
+
+def reduce_inputs(kind, filename):
+    def inputs(wildcards):
+        return [
+            f"{RESULTS}/{kind}/model={wildcards.model}/benchmark={b}"
+            + (f"/layer={wildcards.layer}" if kind == "extract" else "")
+            + f"/{filename}"
+            for b in BENCHMARKS
+        ]
+
+    return inputs
+
+
+def all_targets():
+    return [
+        f"{RESULTS}/concepts/model={m}/layer={l}/{name}"
+        for m in MODELS
+        for l in layers_of(m)
+        for name in ("concepts.parquet", "concept_benchmark.parquet", "summary.md")
+    ]

@@ -1,0 +1,31 @@
+rule reduce_concepts:
+    """Concept × benchmark table (χ_bench, χ_model, support, ESS, missing) and the per-concept suite table."""
+    input:
+        saliency=reduce_inputs("extract", "saliency.parquet"),
+        tokens=reduce_inputs("extract", "item_tokens.parquet"),
+        scores=reduce_inputs("evaluate", "scores.parquet"),
+        sae_cfg=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/cfg.json",
+    output:
+        concept_benchmark=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concept_benchmark.parquet",
+        concepts=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concepts.parquet",
+        benchmarks=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/benchmarks.parquet",
+        overlap=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/overlap.parquet",
+        thresholds=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/thresholds.json",
+        summary=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/summary.md",
+    params:
+        spec=lambda wc: spec_json(config, "reduce"),
+        out_dir=lambda wc, output: os.path.dirname(output.concepts),
+        sae_dir=lambda wc, input: os.path.dirname(input.sae_cfg),
+    conda:
+        "../envs/competency-gaps.yaml"
+    log:
+        f"{RESULTS}/logs/reduce/model={{model}}/layer={{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks_runtime/reduce/model={{model}}/layer={{layer}}.tsv"
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "{CG} reduce --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
+        "--tokens {input.tokens} --scores {input.scores} --out-dir {params.out_dir} "
+        "--title 'Competency gaps: model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

@@ -1,0 +1,45 @@
+rule sae_corpus:
+    """Seeded sample of offline text documents for SAE training (shared by every model)."""
+    output:
+        corpus=f"{RESULTS}/sae_corpus/corpus.parquet",
+    params:
+        spec=lambda wc: spec_json(config, "corpus"),
+    conda:
+        "../envs/competency-gaps.yaml"
+    log:
+        f"{RESULTS}/logs/sae_corpus.log",
+    benchmark:
+        f"{RESULTS}/benchmarks_runtime/sae_corpus.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    shell:
+        "{CG} corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
+
+
+rule sae:
+    """The SAE of one (model, layer): trained with sae-lens here, or a pretrained/local one copied in."""
+    input:
+        unpack(needs_model),
+    output:
+        cfg=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/cfg.json",
+        weights=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/sae_weights.safetensors",
+        summary=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/summary.json",
+    params:
+        spec=lambda wc: spec_json(config, "sae", model=wc.model, layer=wc.layer),
+        inputs=lambda wc, input: " ".join(f"--{k} {v}" for k, v in input.items()),
+        out_dir=lambda wc, output: os.path.dirname(output.cfg),
+    conda:
+        "../envs/competency-gaps.yaml"
+    log:
+        f"{RESULTS}/logs/sae/model={{model}}/layer={{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks_runtime/sae/model={{model}}/layer={{layer}}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=12000,
+        runtime=240,
+        gpu=lambda wc: 1 if config["device"] == "cuda" else 0,
+    shell:
+        "OMP_NUM_THREADS={threads} {CG} sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
+        "{params.inputs} --out-dir {params.out_dir} 2> {log}"

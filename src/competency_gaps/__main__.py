@@ -1,0 +1,3 @@
+from competency_gaps.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""Command-line entry points, one per pipeline stage; the Snakemake rules call these.
+
+Each stage takes the config slice it depends on as `--spec JSON` (what the rules pass) or, for running a
+stage by hand while debugging, `--config config.yaml` plus the model/benchmark/layer it is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+STAGES = ("prepare", "prepare_model", "corpus", "evaluate", "sae", "extract", "reduce")
+
+
+def _spec(args: argparse.Namespace, job: str) -> dict[str, Any]:
+    if args.spec:
+        return json.loads(args.spec)
+    if not args.config:
+        raise SystemExit(f"{job}: give --spec JSON or --config FILE")
+    from competency_gaps.config import load_config
+    from competency_gaps.workflow import job_spec
+
+    config = load_config(args.config)
+    return job_spec(config, job, model=getattr(args, "model", None), benchmark=getattr(args, "benchmark", None),
+                    layer=getattr(args, "layer", None))
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _torch_runtime(runtime: dict[str, Any]):
+    from competency_gaps.models import pick_device, pick_dtype
+
+    _seed_everything(runtime["seed"])
+    device = pick_device(runtime["device"])
+    return device, pick_dtype(runtime["dtype"], device)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from competency_gaps.prepare import run_prepare
+
+    run_prepare(args.benchmark, _spec(args, "prepare"), Path(args.items), Path(args.report))
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> None:
+    from competency_gaps.models import prepare_model
+
+    prepare_model(_spec(args, "prepare_model"), Path(args.manifest))
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from competency_gaps.corpus import build_corpus
+
+    build_corpus(_spec(args, "corpus"), Path(args.out))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from competency_gaps.evaluate import run_evaluate
+    from competency_gaps.models import load_model, load_tokenizer, read_manifest
+
+    spec = _spec(args, "evaluate")
+    device, dtype = _torch_runtime(spec["runtime"])
+    manifest = read_manifest(args.manifest)
+    run_evaluate(load_model(manifest, device, dtype), load_tokenizer(manifest), args.items, args.out, spec["model"], spec["benchmark"])
+
+
+def cmd_sae(args: argparse.Namespace) -> None:
+    from competency_gaps.models import load_model, load_tokenizer, read_manifest
+    from competency_gaps.sae import fetch_sae, train_sae_for_layer
+
+    spec = _spec(args, "sae")
+    out_dir = Path(args.out_dir)
+    if "train" not in spec["sae"]:
+        fetch_sae(spec["sae"], out_dir)
+        return
+    device, dtype = _torch_runtime(spec["runtime"])
+    manifest = read_manifest(args.manifest)
+    train_sae_for_layer(load_model(manifest, device, dtype), load_tokenizer(manifest), spec["layer"], spec["sae"]["train"],
+                        Path(args.corpus), spec["context_length"], spec["model"], out_dir, device)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from competency_gaps.extract import run_extract
+    from competency_gaps.models import decoder_layers, load_model, load_tokenizer, read_manifest
+    from competency_gaps.sae import check_sae_fits, load_sae
+
+    spec = _spec(args, "extract")
+    device, dtype = _torch_runtime(spec["runtime"])
+    manifest = read_manifest(args.manifest)
+    model = load_model(manifest, device, dtype)
+    layer = spec["layer"]
+    if layer >= len(decoder_layers(model)):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(decoder_layers(model))} decoder layers")
+    sae = load_sae(args.sae_dir, device)
+    check_sae_fits(sae, layer, model.config.get_text_config().hidden_size, f"SAE in {args.sae_dir}")
+    run_extract(model, load_tokenizer(manifest), sae, layer, args.items, args.scores, args.out, args.tokens,
+                spec["model"], spec["benchmark"], spec["saliency"])
+
+
+def cmd_reduce(args: argparse.Namespace) -> None:
+    from competency_gaps.reduce import run_reduce
+
+    spec = _spec(args, "reduce")
+    n_concepts = json.loads((Path(args.sae_dir) / "cfg.json").read_text())["d_sae"]
+    run_reduce(args.saliency, args.tokens, args.scores, n_concepts, spec["gaps"], spec["seed"], Path(args.out_dir), args.title)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="competency-gaps", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    def stage(name: str, func, help_text: str, *wildcards: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name.replace("_", "-"), help=help_text, description=help_text)
+        command.set_defaults(func=func)
+        source = command.add_mutually_exclusive_group()
+        source.add_argument("--spec", help="config slice for this job as JSON (what the Snakemake rules pass)")
+        source.add_argument("--config", help="or: read the slice from this config file")
+        for wildcard in wildcards:
+            command.add_argument(f"--{wildcard}", required=True, type=int if wildcard == "layer" else str)
+        return command
+
+    c = stage("prepare", cmd_prepare, "read one benchmark into the normalised items table", "benchmark")
+    c.add_argument("--items", required=True, help="output items Parquet")
+    c.add_argument("--report", required=True, help="output JSON: rows read, malformed rows (file, line, field), items kept")
+
+    c = stage("prepare_model", cmd_prepare_model, "write a model's manifest, converting a packaged GGUF to safetensors", "model")
+    c.add_argument("--manifest", required=True)
+
+    c = stage("corpus", cmd_corpus, "sample the offline SAE-training text corpus")
+    c.add_argument("--out", required=True)
+
+    c = stage("evaluate", cmd_evaluate, "score every item of one benchmark with one model (p_i)", "model", "benchmark")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--items", required=True)
+    c.add_argument("--out", required=True, help="output scores Parquet")
+
+    c = stage("sae", cmd_sae, "train, download or copy the SAE of one (model, layer)", "model", "layer")
+    c.add_argument("--manifest", help="model manifest (needed to train)")
+    c.add_argument("--corpus", help="corpus Parquet (needed to train)")
+    c.add_argument("--out-dir", required=True, help="folder for cfg.json, sae_weights.safetensors, summary.json")
+
+    c = stage("extract", cmd_extract, "per-item concept saliency of one benchmark at one layer", "model", "benchmark", "layer")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--sae-dir", required=True)
+    c.add_argument("--items", required=True)
+    c.add_argument("--scores", help="scores Parquet (needed with saliency.include_response)")
+    c.add_argument("--out", required=True, help="output saliency shard (sparse long form)")
+    c.add_argument("--tokens", required=True, help="output per-item token counts")
+
+    c = stage("reduce", cmd_reduce, "concept × benchmark gap tables for one (model, layer)")
+    c.add_argument("--sae-dir", required=True, help="SAE folder (its width K)")
+    c.add_argument("--saliency", nargs="+", required=True)
+    c.add_argument("--tokens", nargs="+", required=True)
+    c.add_argument("--scores", nargs="+", required=True)
+    c.add_argument("--out-dir", required=True)
+    c.add_argument("--title", default="Competency gaps")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

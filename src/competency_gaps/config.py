@@ -1,0 +1,186 @@
+"""Loading, schema validation (with defaults) and semantic checks of the workflow config.
+
+Everything here is cheap (no torch, no model weights) because the Snakefile runs it at parse time:
+a bad config must fail before any job runs, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from competency_gaps.benchmarks import ADAPTERS
+
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "resources" / "config.schema.yaml"
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    d_model: int
+
+
+def key_path(parts: Iterator[Any] | list[Any]) -> str:
+    """Render a JSON path like models.smollm2.layers[0].layer."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top level>"
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    with SCHEMA_FILE.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that fills in `default`s of object properties as it validates (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = json.loads(json.dumps(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _deepest_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """For oneOf/anyOf failures, the branch error that got furthest explains the problem best."""
+    if not error.context:
+        return error
+    # Prefer the branch that matched the instance's keys and failed deeper inside it.
+    def depth(branch_error: jsonschema.ValidationError) -> tuple[int, bool]:
+        return len(branch_error.absolute_path), branch_error.validator not in ("required", "additionalProperties")
+
+    return _deepest_error(max(error.context, key=depth))
+
+
+def validate_schema(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate `config` against the schema, filling defaults in place; raise ConfigError naming the key."""
+    schema = load_schema()
+    validator_class = _with_defaults(jsonschema.validators.validator_for(schema))
+    errors = sorted(validator_class(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            deepest = _deepest_error(error)
+            lines.append(f"config key {key_path(deepest.absolute_path)!r}: {deepest.message}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    return config
+
+
+def gguf_file(package: str, file: str | None = None) -> Path:
+    """The GGUF file shipped in an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"package {package!r} (a model's source.gguf_package) is not installed")
+    folder = Path(spec.origin).parent
+    candidates = [folder / file] if file else sorted(folder.glob("*.gguf"))
+    if len(candidates) != 1 or not candidates[0].is_file():
+        raise ConfigError(f"expected exactly one GGUF file {file or '*.gguf'} in {folder}, found {candidates}")
+    return candidates[0]
+
+
+def _shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
+    data = data.get("text_config", data)
+    return ModelShape(int(data["num_hidden_layers"]), int(data["hidden_size"]))
+
+
+@cache  # reading the GGUF header takes seconds; parse time asks once per model
+def _shape_from_gguf(path: Path) -> ModelShape:
+    from gguf import GGUFReader  # memory-maps the file; reads only metadata here
+
+    reader = GGUFReader(path)
+
+    def value(key: str) -> Any:
+        return reader.fields[key].contents()
+
+    arch = value("general.architecture")
+    return ModelShape(int(value(f"{arch}.block_count")), int(value(f"{arch}.embedding_length")))
+
+
+def model_shape(source: dict[str, Any]) -> ModelShape | None:
+    """Number of layers and residual width, when knowable without network or weights (else None)."""
+    if "gguf_package" in source:
+        return _shape_from_gguf(gguf_file(source["gguf_package"], source.get("file")))
+    if "path" in source:
+        config_file = Path(source["path"]) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"model folder {source['path']} has no config.json")
+        return _shape_from_hf_config(json.loads(config_file.read_text()))
+    from huggingface_hub import try_to_load_from_cache  # never touches the network
+
+    cached = try_to_load_from_cache(source["hub"], "config.json", revision=source.get("revision"))
+    return _shape_from_hf_config(json.loads(Path(cached).read_text())) if isinstance(cached, str) else None
+
+
+def check_models(config: dict[str, Any]) -> None:
+    for slug, model in config["models"].items():
+        shape = model_shape(model["source"])
+        seen: set[int] = set()
+        for index, entry in enumerate(model["layers"]):
+            key = f"models.{slug}.layers[{index}]"
+            layer = entry["layer"]
+            if layer in seen:
+                raise ConfigError(f"config key {key + '.layer'!r}: layer {layer} is listed twice")
+            seen.add(layer)
+            if shape is None:
+                log.warning("%s: model shape unknown before download; layer range checked when the job runs", key)
+                continue
+            if layer >= shape.n_layers:
+                raise ConfigError(
+                    f"config key {key + '.layer'!r}: layer {layer} is out of range (model has {shape.n_layers} layers, 0..{shape.n_layers - 1})"
+                )
+            sae = entry["sae"]
+            if "path" in sae:
+                check_local_sae_width(sae["path"], shape.d_model, key + ".sae.path")
+
+
+def check_local_sae_width(folder: str, d_model: int, key: str) -> None:
+    cfg_file = Path(folder) / "cfg.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"config key {key!r}: {folder} has no cfg.json (expected a folder written by sae-lens save_model)")
+    d_in = json.loads(cfg_file.read_text())["d_in"]
+    if d_in != d_model:
+        raise ConfigError(f"config key {key!r}: SAE width d_in={d_in} does not match the model's residual width {d_model}")
+
+
+def check_benchmarks(config: dict[str, Any]) -> None:
+    for slug, bench in config["benchmarks"].items():
+        if bench["adapter"] not in ADAPTERS:
+            raise ConfigError(
+                f"config key 'benchmarks.{slug}.adapter': unknown adapter {bench['adapter']!r}; known: {', '.join(sorted(ADAPTERS))}"
+            )
+        if "data_dir" in bench and not Path(bench["data_dir"]).is_dir():
+            raise ConfigError(f"config key 'benchmarks.{slug}.data_dir': folder {bench['data_dir']} does not exist")
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Schema validation with defaults, then the checks a schema cannot express."""
+    validate_schema(config)
+    check_benchmarks(config)
+    check_models(config)
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return validate_config(yaml.safe_load(handle) or {})

@@ -1,0 +1,137 @@
+"""Stage 2: run the model on one benchmark and score every item into p_i in [0, 1].
+
+Log-likelihood policies compare the model's log-probability of each candidate continuation
+(multiple choice: mean per-token log-probability after the chat prompt; sentence pairs: total
+log-probability of each sentence on its own). Generation policies decode greedily and hand the
+response to the benchmark's answer extractor (competency_gaps.scoring).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import polars as pl
+import torch
+
+from competency_gaps.benchmarks.base import GENERATION_POLICIES, LOGLIK_POLICIES
+from competency_gaps.prompts import prompt_text
+from competency_gaps.scoring import score_generation
+from competency_gaps.tables import SCORES, table_from_rows, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def context_ids(tokenizer: Any, context: str) -> list[int]:
+    """Token ids of a scoring context; an empty context is the start-of-text token alone."""
+    if not context:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [start]
+    return tokenizer(context, add_special_tokens=not _has_chat_template(tokenizer))["input_ids"]
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[list[float]]:
+    """Per-token log-probabilities of each continuation given its context (right-padded batches)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    results: list[list[float]] = [[] for _ in pairs]
+    for start in range(0, len(order), batch_size):
+        batch = [pairs[i] for i in order[start : start + batch_size]]
+        length = max(len(c) + len(x) for c, x in batch)
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (ctx, cont) in enumerate(batch):
+            ids[row, : len(ctx) + len(cont)] = torch.tensor(ctx + cont)
+            mask[row, : len(ctx) + len(cont)] = 1
+        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
+        for row, (ctx, cont) in enumerate(batch):
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+            results[order[start + row]] = logprobs[row, positions, torch.tensor(cont)].tolist()
+    return results
+
+
+def score_loglik_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], system_prompt: str | None, batch_size: int) -> list[dict[str, Any]]:
+    pairs: list[tuple[list[int], list[int]]] = []
+    for item in items:
+        prompt_ids = context_ids(tokenizer, prompt_text(tokenizer, item, system_prompt))
+        contexts = item["choice_contexts"] or [None] * len(item["choices"])
+        for context, choice in zip(contexts, item["choices"]):
+            ctx = prompt_ids if context is None else context_ids(tokenizer, context)
+            pairs.append((ctx, tokenizer(choice, add_special_tokens=False)["input_ids"]))
+    token_logprobs = iter(continuation_logprobs(model, pairs, batch_size, tokenizer.pad_token_id))
+    rows = []
+    for item in items:
+        per_choice = [next(token_logprobs) for _ in item["choices"]]
+        # Multiple choice is length-normalised (options differ in length); a sentence pair is compared whole.
+        totals = [sum(lp) / len(lp) if item["scoring"] == "mc_loglik" else sum(lp) for lp in per_choice]
+        chosen = max(range(len(totals)), key=totals.__getitem__)
+        rows.append({
+            "item_id": item["item_id"], "scoring": item["scoring"], "score": float(chosen == item["gold_index"]),
+            "prediction": str(chosen), "response": item["choices"][chosen], "choice_logprobs": totals,
+        })
+    return rows
+
+
+@torch.inference_mode()
+def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy completions, batched with left padding."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    stop_ids = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [])
+    responses: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=not _has_chat_template(tokenizer)).to(device)
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        log.info("generated %d / %d", len(responses), len(prompts))
+    return responses
+
+
+def score_generation_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], system_prompt: str | None,
+                           batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
+    prompts = [prompt_text(tokenizer, item, system_prompt) for item in items]
+    rows = []
+    for item, response in zip(items, greedy_responses(model, tokenizer, prompts, batch_size, max_new_tokens)):
+        scored = score_generation(item["scoring"], response, item)
+        rows.append({"item_id": item["item_id"], "scoring": item["scoring"], "score": scored.score,
+                     "prediction": scored.prediction, "response": response})
+    return rows
+
+
+def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, system_prompt: str | None,
+                   batch_size: int, generation_batch_size: int, max_new_tokens: int) -> pl.DataFrame:
+    """Score every item; rows come back in the items' order."""
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        by_policy.setdefault(item["scoring"], []).append(item)
+    rows: list[dict[str, Any]] = []
+    for policy, group in sorted(by_policy.items()):
+        if policy in LOGLIK_POLICIES:
+            rows += score_loglik_items(model, tokenizer, group, system_prompt, batch_size)
+        elif policy in GENERATION_POLICIES:
+            rows += score_generation_items(model, tokenizer, group, system_prompt, generation_batch_size, max_new_tokens)
+        else:  # "none": coverage only, χ_model is N/A for these items
+            rows += [{"item_id": item["item_id"], "scoring": policy, "score": None} for item in group]
+    position = {item["item_id"]: index for index, item in enumerate(items)}
+    rows.sort(key=lambda row: position[row["item_id"]])
+    return pl.from_arrow(table_from_rows(rows, SCORES))
+
+
+def run_evaluate(model: Any, tokenizer: Any, items_path: str, scores_path: str, model_spec: dict[str, Any], bench_spec: dict[str, Any]) -> pl.DataFrame:
+    items = pl.read_parquet(items_path).to_dicts()
+    scores = evaluate_items(
+        model, tokenizer, items, system_prompt=model_spec.get("system_prompt"), batch_size=model_spec["batch_size"],
+        generation_batch_size=model_spec["generation_batch_size"], max_new_tokens=bench_spec["max_new_tokens"],
+    )
+    write_parquet(scores.to_arrow(), scores_path, SCORES)
+    scored = scores["score"].drop_nulls()
+    log.info("scored %d items; mean p_i = %s", len(scored), f"{scored.mean():.3f}" if len(scored) else "n/a (coverage only)")
+    return scores

@@ -140,6 +140,12 @@ def train_topk_sae(acts_ND: torch.Tensor, spec: dict[str, Any], layer: int, mode
     sae_cfg.metadata.hook_name = hook_name(layer)
     sae_cfg.metadata.model_name = model_name
     sae = TopKTrainingSAE(sae_cfg)
+    if spec.get("init_b_dec", True):
+        # Start the decoder bias at the (normalised) data mean: the residual stream has a large mean
+        # component that would otherwise eat the first part of training.
+        scale = acts_ND.shape[1] ** 0.5 / acts_ND[:20000].norm(dim=1).mean()
+        with torch.no_grad():
+            sae.b_dec.copy_(acts_ND[:20000].mean(0) * scale)
     steps = spec["training_tokens"] // spec["batch_size"]
     trainer_cfg = SAETrainerConfig(
         total_training_samples=spec["training_tokens"],

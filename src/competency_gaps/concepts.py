@@ -1,0 +1,501 @@
+"""Stage 5 maths: concept × benchmark coverage (chi_bench) and saliency-weighted performance (chi_model).
+
+Definitions follow docs/METHOD.md. Inputs are the sparse saliency rows s_i^c (> 0 only; absent pairs are 0)
+and the item universe with scores p_i (null: no scorer). All functions are pure; the reducer does the I/O.
+
+Bootstrap intervals resample items with replacement within each benchmark. The resample counts
+W (n_boot × n_items) are multiplied by the sparse saliency matrix, so a replicate of every concept's
+Σ s·p and Σ s costs one sparse matmul rather than a loop over concepts.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+CLASSES = ("missing", "under", "normal", "over")
+POOLINGS = ("pooled", "mean")
+
+
+@dataclass(frozen=True)
+class GapOptions:
+    """Thresholds and options of the gap analysis (config key `gaps`, see METHOD.md)."""
+
+    epsilon: float = 0.0
+    """A concept whose suite chi_bench is <= epsilon is 'missing' (effectively untested)."""
+    under_percentile: float = 5.0
+    """Covered concepts with chi_bench below this percentile (of covered concepts) are 'under'-represented."""
+    over_percentile: float = 99.0
+    """Covered concepts with chi_bench above this percentile (of covered concepts) are 'over'-represented."""
+    pooling: str = "pooled"
+    """Suite chi_model: 'pooled' over all items of all benchmarks (paper) or 'mean' of per-benchmark values."""
+    min_benchmarks: int = 5
+    """Support filter for rankings: the concept fires in at least this many benchmarks."""
+    min_support: int = 50
+    """Support filter for rankings: the concept fires on at least this many items in the suite."""
+    n_bootstrap: int = 200
+    """Bootstrap resamples of items for chi_model confidence intervals (0 disables them)."""
+    ci_level: float = 0.95
+    """Two-sided level of the percentile bootstrap intervals."""
+    seed: int = 0
+    """Seed of the bootstrap; each benchmark derives its own stream from it and its name."""
+
+    def __post_init__(self) -> None:
+        if not self.epsilon >= 0:
+            raise ValueError(f"gaps.epsilon must be >= 0, got {self.epsilon}")
+        if not 0 <= self.under_percentile <= self.over_percentile <= 100:
+            raise ValueError(
+                f"gaps percentiles need 0 <= under_percentile <= over_percentile <= 100, "
+                f"got {self.under_percentile} and {self.over_percentile}"
+            )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"gaps.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        for name in ("min_benchmarks", "min_support"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"gaps.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.n_bootstrap, bool) or not isinstance(self.n_bootstrap, int) or self.n_bootstrap < 0:
+            raise ValueError(f"gaps.n_bootstrap must be an integer >= 0, got {self.n_bootstrap!r}")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"gaps.ci_level must be in (0, 1), got {self.ci_level}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input preparation
+
+
+def _check_items(items: pl.DataFrame) -> pl.DataFrame:
+    """benchmark, item_id, score (Float64, NaN read as null), validated."""
+    items = items.select(
+        pl.col("benchmark").cast(pl.String),
+        pl.col("item_id").cast(pl.String),
+        pl.col("score").cast(pl.Float64).fill_nan(None),
+    )
+    if items.select(pl.struct("benchmark", "item_id").is_duplicated().any()).item():
+        raise ValueError("items: duplicate (benchmark, item_id) rows")
+    if items.select(((pl.col("score") < 0) | (pl.col("score") > 1)).any()).item():
+        raise ValueError("items: scores must lie in [0, 1]")
+    return items
+
+
+def _saliency_rows(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> pl.DataFrame:
+    """Saliency rows (float64, > 0) joined to their item's score; every row must belong to the item universe."""
+    rows = saliency.select(
+        pl.col("benchmark").cast(pl.String),
+        pl.col("item_id").cast(pl.String),
+        pl.col("concept").cast(pl.Int32),
+        pl.col("saliency").cast(pl.Float64),  # sums over thousands of items: accumulate in float64
+    )
+    if rows.select((pl.col("saliency") < 0).any() | pl.col("saliency").is_nan().any()).item():
+        raise ValueError("saliency: values must be >= 0 and not NaN")
+    if rows.select(((pl.col("concept") < 0) | (pl.col("concept") >= n_concepts)).any()).item():
+        raise ValueError(f"saliency: concept indices must lie in 0..{n_concepts - 1}")
+    if rows.select(pl.struct("benchmark", "item_id", "concept").is_duplicated().any()).item():
+        raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
+    rows = rows.filter(pl.col("saliency") > 0)  # a stored 0 means the same as an absent pair
+    joined = rows.join(items, on=["benchmark", "item_id"], how="left", coalesce=True)
+    # An item outside the universe would make counts and normalisations silently wrong.
+    unknown = rows.join(items, on=["benchmark", "item_id"], how="anti")
+    if unknown.height:
+        first = unknown.row(0, named=True)
+        raise ValueError(f"saliency: {unknown.height} rows for items missing from `items`, e.g. {first}")
+    return joined
+
+
+def _concept_sums(rows: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Per group: support, Σ s, Σ s², and over scored items Σ s and Σ s·p."""
+    scored = pl.col("score").is_not_null()
+    return rows.group_by(by).agg(
+        support=pl.len().cast(pl.Int64),
+        sum_saliency=pl.col("saliency").sum(),
+        sum_saliency_sq=(pl.col("saliency") ** 2).sum(),
+        scored_saliency=pl.col("saliency").filter(scored).sum(),
+        weighted_score=(pl.col("saliency") * pl.col("score")).filter(scored).sum(),
+    )
+
+
+def _dense(sums: pl.DataFrame, grid: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """The sums on every row of `grid` (concepts never seen get zeros)."""
+    zero = ["support", "sum_saliency", "sum_saliency_sq", "scored_saliency", "weighted_score"]
+    return grid.join(sums, on=by, how="left").with_columns(pl.col(c).fill_null(0) for c in zero)
+
+
+def _estimates() -> list[pl.Expr]:
+    """chi_model (null, never NaN, where no scored item supports it) and ESS (null without support)."""
+    return [
+        pl.when(pl.col("scored_saliency") > 0)
+        .then(pl.col("weighted_score") / pl.col("scored_saliency"))
+        .otherwise(None)
+        .alias("chi_model"),
+        pl.when(pl.col("support") > 0)
+        .then(pl.col("sum_saliency") ** 2 / pl.col("sum_saliency_sq"))
+        .otherwise(None)
+        .alias("ess"),
+    ]
+
+
+def _concept_frame(n_concepts: int) -> pl.DataFrame:
+    if n_concepts < 1:
+        raise ValueError(f"n_concepts must be >= 1, got {n_concepts}")
+    return pl.DataFrame({"concept": np.arange(n_concepts, dtype=np.int32)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+@dataclass
+class _Replicates:
+    """Bootstrap replicates of one benchmark, for the concepts that fire on a scored item of it."""
+
+    concepts: np.ndarray  # (n,) concept indices
+    numerator: np.ndarray  # (n, n_boot) Σ_i w_i s_i p_i
+    denominator: np.ndarray  # (n, n_boot) Σ_i w_i s_i
+
+
+def _resample_counts(n_items: int, options: GapOptions, benchmark: str) -> np.ndarray:
+    """(n_items, n_boot) times each item is drawn; the stream depends on the seed and the benchmark only,
+    so a benchmark's intervals do not change when other benchmarks are added."""
+    rng = np.random.default_rng([options.seed, zlib.crc32(benchmark.encode())])
+    counts = rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=options.n_bootstrap)
+    return np.ascontiguousarray(counts.T, dtype=np.float64)
+
+
+def _benchmark_replicates(rows: pl.DataFrame, items: pl.DataFrame, benchmark: str, options: GapOptions) -> _Replicates:
+    """Resample the scored items of `benchmark` (rows/items already restricted to it)."""
+    scored_items = items.filter(pl.col("score").is_not_null()).select("item_id").with_row_index("item")
+    rows = rows.filter(pl.col("score").is_not_null()).join(scored_items, on="item_id")
+    empty = np.zeros((0, options.n_bootstrap))
+    if rows.height == 0:
+        return _Replicates(np.zeros(0, dtype=np.int64), empty, empty)
+    concepts, local = np.unique(rows["concept"].to_numpy(), return_inverse=True)
+    item = rows["item"].to_numpy().astype(np.int64)
+    # Sorted, duplicate-free (checked on input) indices are already coalesced; coalesce() would re-sort.
+    order = np.lexsort((item, local))
+    indices = torch.from_numpy(np.stack([local[order], item[order]]))
+    shape = (len(concepts), scored_items.height)
+    saliency = rows["saliency"].to_numpy()[order]
+    weighted = saliency * rows["score"].to_numpy()[order]
+    counts = torch.from_numpy(_resample_counts(scored_items.height, options, benchmark))
+
+    def times_counts(values: np.ndarray) -> np.ndarray:
+        matrix = torch.sparse_coo_tensor(indices, torch.from_numpy(values), shape, is_coalesced=True,
+                                         check_invariants=False)
+        return torch.sparse.mm(matrix, counts).numpy()
+
+    return _Replicates(concepts, times_counts(weighted), times_counts(saliency))
+
+
+def _all_replicates(rows: pl.DataFrame, items: pl.DataFrame, options: GapOptions) -> dict[str, _Replicates]:
+    rows_by = {key[0]: frame for key, frame in rows.partition_by("benchmark", as_dict=True).items()}
+    return {
+        key[0]: _benchmark_replicates(rows_by.get(key[0], rows.clear()), frame, key[0], options)
+        for key, frame in items.partition_by("benchmark", as_dict=True).items()
+    }
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, NaN where a replicate drew none of the concept's supporting items."""
+    out = np.full(numerator.shape, np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _nan_quantile_rows(values: np.ndarray, q: float) -> np.ndarray:
+    """Per row, the q-quantile (linear interpolation, as numpy's default) of the non-NaN values; NaN if none.
+    Vectorised because np.nanquantile loops in Python over 65k rows."""
+    ordered = np.sort(values, axis=1)  # NaNs sort last
+    n_valid = np.sum(~np.isnan(values), axis=1)
+    position = q * np.maximum(n_valid - 1, 0)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, np.maximum(n_valid - 1, 0))
+    low = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
+    high = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
+    result = low + (high - low) * (position - below)
+    result[n_valid == 0] = np.nan
+    return result
+
+
+def _interval(ratios: np.ndarray, options: GapOptions) -> tuple[np.ndarray, np.ndarray]:
+    alpha = (1 - options.ci_level) / 2
+    return _nan_quantile_rows(ratios, alpha), _nan_quantile_rows(ratios, 1 - alpha)
+
+
+def _interval_frame(concepts: np.ndarray, ratios: np.ndarray, options: GapOptions) -> pl.DataFrame:
+    lo, hi = _interval(ratios, options)
+    return pl.DataFrame(
+        {"concept": concepts.astype(np.int32), "chi_model_lo": lo, "chi_model_hi": hi},
+        schema={"concept": pl.Int32, "chi_model_lo": pl.Float64, "chi_model_hi": pl.Float64},
+    ).with_columns(pl.col("chi_model_lo", "chi_model_hi").fill_nan(None))
+
+
+def _suite_ratios(replicates: dict[str, _Replicates], n_concepts: int, options: GapOptions) -> np.ndarray:
+    """(K, n_boot) replicates of the suite chi_model: items resampled within each benchmark, then pooled
+    (Σ_b num / Σ_b den) or averaged over the benchmarks where the replicate is defined."""
+    shape = (n_concepts, options.n_bootstrap)
+    if options.pooling == "pooled":
+        numerator, denominator = np.zeros(shape), np.zeros(shape)
+        for rep in replicates.values():
+            numerator[rep.concepts] += rep.numerator
+            denominator[rep.concepts] += rep.denominator
+        return _ratio(numerator, denominator)
+    total, count = np.zeros(shape), np.zeros(shape)
+    for rep in replicates.values():
+        ratios = _ratio(rep.numerator, rep.denominator)
+        total[rep.concepts] += np.nan_to_num(ratios)
+        count[rep.concepts] += ~np.isnan(ratios)
+    return _ratio(total, count)
+
+
+def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[str]) -> pl.DataFrame:
+    """Join the interval columns (null where chi_model is null or the bootstrap is off)."""
+    if interval is None:
+        return frame.with_columns(chi_model_lo=pl.lit(None, pl.Float64), chi_model_hi=pl.lit(None, pl.Float64))
+    frame = frame.join(interval, on=on, how="left")
+    defined = pl.col("chi_model").is_not_null()
+    return frame.with_columns(
+        pl.when(defined).then(pl.col("chi_model_lo")).alias("chi_model_lo"),
+        pl.when(defined).then(pl.col("chi_model_hi")).alias("chi_model_hi"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public tables
+
+
+CONCEPT_BENCHMARK_COLUMNS = [
+    "concept", "benchmark", "n_items", "support", "sum_saliency", "ess", "chi_bench", "missing",
+    "chi_model", "chi_model_lo", "chi_model_hi",
+]
+SUITE_COLUMNS = [
+    "concept", "chi_bench", "chi_model", "chi_model_lo", "chi_model_hi", "support", "n_benchmarks_active",
+    "sum_saliency", "ess", "classification", "passes_support_filter",
+]
+
+
+def concept_benchmark_table(
+    saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int, options: GapOptions
+) -> pl.DataFrame:
+    """One row per (concept, benchmark), K × B rows, sorted by benchmark then concept.
+
+    Columns: concept (Int32), benchmark, n_items (items of the benchmark), support (#items where s > 0),
+    sum_saliency (Σ_i s), ess ((Σ s)² / Σ s², null without support), chi_bench (Σ_i s · K / Σ_{i,c'} s; 0 when
+    the concept never fires in b; null when b has no saliency at all), missing (the concept never fires in b),
+    chi_model (Σ s·p / Σ s over scored items; null when no scored item supports it), chi_model_lo/hi (percentile
+    bootstrap over the scored items of b; null when chi_model is null or n_bootstrap == 0).
+    """
+    items = _check_items(items)
+    rows = _saliency_rows(saliency, items, n_concepts)
+    benchmarks = items.group_by("benchmark").agg(n_items=pl.len().cast(pl.Int64))
+    grid = _concept_frame(n_concepts).join(benchmarks, how="cross")
+    table = _dense(_concept_sums(rows, ["benchmark", "concept"]), grid, ["benchmark", "concept"])
+    total = pl.col("sum_saliency").sum().over("benchmark")
+    table = table.with_columns(
+        pl.when(total > 0).then(pl.col("sum_saliency") * n_concepts / total).otherwise(None).alias("chi_bench"),
+        # Defined from support so a benchmark without saliency (chi_bench null) still reads as all-missing.
+        (pl.col("support") == 0).alias("missing"),
+        *_estimates(),
+    )
+    intervals = [
+        _interval_frame(rep.concepts, _ratio(rep.numerator, rep.denominator), options)
+        .with_columns(benchmark=pl.lit(benchmark, pl.String))
+        for benchmark, rep in (_all_replicates(rows, items, options) if options.n_bootstrap > 0 else {}).items()
+    ]
+    interval = pl.concat(intervals) if intervals else None
+    table = _with_interval(table, interval, ["benchmark", "concept"])
+    return table.select(CONCEPT_BENCHMARK_COLUMNS).sort("benchmark", "concept")
+
+
+def _classify(chi_bench: pl.Series, options: GapOptions) -> tuple[pl.Series, float | None, float | None]:
+    """missing (chi_bench null or <= epsilon); among the rest, under/over by percentiles of their chi_bench."""
+    values = chi_bench.to_numpy().astype(np.float64)  # null -> NaN
+    missing = ~(values > options.epsilon)
+    covered = values[~missing]
+    if covered.size == 0:
+        return pl.Series("classification", ["missing"] * len(values)), None, None
+    under = float(np.percentile(covered, options.under_percentile))
+    over = float(np.percentile(covered, options.over_percentile))
+    labels = np.where(missing, "missing", np.where(values < under, "under", np.where(values > over, "over", "normal")))
+    return pl.Series("classification", labels.tolist()), under, over
+
+
+def concept_suite_table(
+    concept_benchmark: pl.DataFrame,
+    saliency: pl.DataFrame,
+    items: pl.DataFrame,
+    n_concepts: int,
+    options: GapOptions,
+) -> tuple[pl.DataFrame, dict]:
+    """One row per concept (K rows, sorted), and the thresholds used.
+
+    Columns: concept, chi_bench (mean over benchmarks of chi_bench, benchmarks without saliency excluded),
+    chi_model (pooled Σ_b Σ_i s·p / Σ_b Σ_i s over scored items, or with pooling 'mean' the mean of the non-null
+    per-benchmark values), chi_model_lo/hi (bootstrap, items resampled within each benchmark), support (items
+    where the concept fires, whole suite), n_benchmarks_active (benchmarks where it fires), sum_saliency, ess,
+    classification (missing | under | normal | over), passes_support_filter.
+    The dict holds the options and the chi_bench thresholds (null when no concept is covered).
+    """
+    items = _check_items(items)
+    rows = _saliency_rows(saliency, items, n_concepts)
+    per_benchmark = concept_benchmark.group_by("concept").agg(
+        chi_bench=pl.col("chi_bench").mean(),
+        n_benchmarks_active=(pl.col("support") > 0).sum().cast(pl.Int64),
+        mean_chi_model=pl.col("chi_model").mean(),
+    )
+    suite = _dense(_concept_sums(rows, ["concept"]), _concept_frame(n_concepts), ["concept"])
+    suite = suite.join(per_benchmark.with_columns(pl.col("concept").cast(pl.Int32)), on="concept", how="left")
+    suite = suite.with_columns(*_estimates(), pl.col("n_benchmarks_active").fill_null(0))
+    if options.pooling == "mean":
+        suite = suite.with_columns(chi_model=pl.col("mean_chi_model"))
+
+    interval = None
+    if options.n_bootstrap > 0:
+        ratios = _suite_ratios(_all_replicates(rows, items, options), n_concepts, options)
+        interval = _interval_frame(np.arange(n_concepts), ratios, options)
+    suite = _with_interval(suite.sort("concept"), interval, ["concept"])
+
+    classification, under, over = _classify(suite["chi_bench"], options)
+    suite = suite.with_columns(
+        classification,
+        passes_support_filter=(pl.col("n_benchmarks_active") >= options.min_benchmarks)
+        & (pl.col("support") >= options.min_support),
+    )
+    thresholds = {
+        "n_concepts": n_concepts,
+        "epsilon": options.epsilon,
+        "under_percentile": options.under_percentile,
+        "over_percentile": options.over_percentile,
+        "under_threshold": under,
+        "over_threshold": over,
+        "pooling": options.pooling,
+        "min_benchmarks": options.min_benchmarks,
+        "min_support": options.min_support,
+        "n_bootstrap": options.n_bootstrap,
+        "ci_level": options.ci_level,
+        "seed": options.seed,
+    }
+    return suite.select(SUITE_COLUMNS).sort("concept"), thresholds
+
+
+def missing_percent(concept_benchmark: pl.DataFrame) -> pl.DataFrame:
+    """Per benchmark: benchmark, n_items, covered (concepts that fire), missing_percent = 100·(1 − covered/K)."""
+    return (
+        concept_benchmark.group_by("benchmark")
+        .agg(
+            n_items=pl.col("n_items").first(),
+            covered=(~pl.col("missing")).sum().cast(pl.Int64),
+            n_concepts=pl.len(),
+        )
+        .with_columns(missing_percent=100.0 * (1 - pl.col("covered") / pl.col("n_concepts")))
+        .select("benchmark", "n_items", "covered", "missing_percent")
+        .sort("benchmark")
+    )
+
+
+def jaccard_overlap(concept_benchmark: pl.DataFrame) -> pl.DataFrame:
+    """Every ordered pair of benchmarks (diagonal included, for heatmaps): benchmark_a, benchmark_b,
+    n_intersection, n_union, jaccard = |C_a ∩ C_b| / |C_a ∪ C_b| of covered concept sets (null if both empty)."""
+    wide = (
+        concept_benchmark.select("benchmark", "concept", covered=~pl.col("missing"))
+        .pivot(on="concept", index="benchmark", values="covered", sort_columns=False)
+        .sort("benchmark")
+    )
+    names = wide["benchmark"].to_list()
+    covered = wide.drop("benchmark").fill_null(False).to_numpy().astype(np.int64)
+    intersection = covered @ covered.T
+    sizes = covered.sum(axis=1)
+    union = sizes[:, None] + sizes[None, :] - intersection
+    pairs = [
+        (a, b, int(intersection[i, j]), int(union[i, j]),
+         float(intersection[i, j] / union[i, j]) if union[i, j] else None)  # both sets empty: undefined
+        for i, a in enumerate(names)
+        for j, b in enumerate(names)
+    ]
+    return pl.DataFrame(
+        pairs,
+        schema={"benchmark_a": pl.String, "benchmark_b": pl.String, "n_intersection": pl.Int64,
+                "n_union": pl.Int64, "jaccard": pl.Float64},
+        orient="row",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown summary
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "N/A" if value is None else f"{value:.{digits}f}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ranking_rows(frame: pl.DataFrame) -> list[list[str]]:
+    return [
+        [str(r["concept"]), _fmt(r["chi_model"]), f"[{_fmt(r['chi_model_lo'])}, {_fmt(r['chi_model_hi'])}]",
+         str(r["support"]), str(r["n_benchmarks_active"]), _fmt(r["ess"], 1)]
+        for r in frame.iter_rows(named=True)
+    ]
+
+
+def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[str]:
+    """Best and worst concepts by chi_model, among those passing the support filter (or a stated fallback)."""
+    rated = suite.filter(pl.col("chi_model").is_not_null())
+    if rated.height == 0:
+        return ["## chi_model ranking", "", "No concept has a chi_model (no scored items): no ranking."]
+    pool = rated.filter(pl.col("passes_support_filter"))
+    if pool.height:
+        note = (f"Among the {pool.height} concepts passing the support filter (active in ≥ "
+                f"{thresholds['min_benchmarks']} benchmarks with ≥ {thresholds['min_support']} supporting items).")
+    else:
+        pool = rated.filter(pl.col("support") > 0)
+        note = (f"**No concept passes the support filter** (≥ {thresholds['min_benchmarks']} benchmarks, ≥ "
+                f"{thresholds['min_support']} items); falling back to all {pool.height} concepts with support > 0 "
+                "and a chi_model. Treat these rankings as weak evidence.")
+    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "support", "benchmarks", "ESS"]
+    worst = pool.sort(["chi_model", "concept"]).head(top_n)
+    best = pool.sort(["chi_model", "concept"], descending=[True, False]).head(top_n)
+    return [
+        "## chi_model ranking", "", note, "",
+        f"### Model gaps: lowest {worst.height} by chi_model", "", _markdown_table(header, _ranking_rows(worst)), "",
+        f"### Strengths: highest {best.height} by chi_model", "", _markdown_table(header, _ranking_rows(best)),
+    ]
+
+
+def summary_markdown(suite: pl.DataFrame, concept_benchmark: pl.DataFrame, thresholds: dict, top_n: int = 10) -> str:
+    """A short human-readable report of the gap analysis (concepts are identified by index)."""
+    n_concepts = suite.height
+    counts = dict(suite["classification"].value_counts().iter_rows())
+    n_missing = counts.get("missing", 0)
+    per_benchmark = missing_percent(concept_benchmark)
+    benchmark_rows = [[r["benchmark"], str(r["n_items"]), str(r["covered"]), _fmt(r["missing_percent"], 2)]
+                      for r in per_benchmark.iter_rows(named=True)]
+    threshold_rows = [[key, str(value)] for key, value in thresholds.items()]
+    low_bench = suite.filter(pl.col("classification") != "missing").sort(["chi_bench", "concept"]).head(top_n)
+    low_rows = [[str(r["concept"]), _fmt(r["chi_bench"], 4), str(r["support"]), str(r["n_benchmarks_active"])]
+                for r in low_bench.iter_rows(named=True)]
+    lines = [
+        "## Concepts", "",
+        f"- {n_concepts} concepts, {per_benchmark.height} benchmarks.",
+        f"- Missing from the whole suite (chi_bench ≤ ε = {thresholds['epsilon']}): {n_missing} "
+        f"({100 * n_missing / max(n_concepts, 1):.1f} %).",
+        "- Classification: " + ", ".join(f"{name} {counts.get(name, 0)}" for name in CLASSES) + ".",
+        "",
+        "## Missing concepts per benchmark", "",
+        _markdown_table(["benchmark", "items", "covered concepts", "missing %"], benchmark_rows), "",
+        "## Thresholds", "",
+        _markdown_table(["setting", "value"], threshold_rows), "",
+        *_ranking_section(suite, thresholds, top_n), "",
+        f"## Benchmark gaps: lowest {low_bench.height} covered concepts by chi_bench", "",
+        _markdown_table(["concept", "chi_bench", "support", "benchmarks"], low_rows) if low_rows else "None covered.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,330 @@
+"""Gap maths (concepts.py) on tiny matrices whose values are worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from competency_gaps.concepts import (
+    GapOptions,
+    _resample_counts,
+    concept_benchmark_table,
+    concept_suite_table,
+    jaccard_overlap,
+    missing_percent,
+    summary_markdown,
+)
+
+K = 4
+SALIENCY_SCHEMA = {"benchmark": pl.String, "item_id": pl.String, "concept": pl.Int32, "saliency": pl.Float32}
+ITEMS_SCHEMA = {"benchmark": pl.String, "item_id": pl.String, "score": pl.Float64}
+
+# Benchmark A: a1 (p=1): c0=2, c1=1 | a2 (p=0): c0=1 | a3 (p=0.5): c1=1, c2=1          total saliency 6
+# Benchmark B: b1 (p=0): c0=1      | b2 (p=1): c0=1, c2=2 | b3 (p=1): no saliency row   total saliency 4
+# Concept 3 never fires.
+SALIENCY_ROWS = [
+    ("A", "a1", 0, 2.0), ("A", "a1", 1, 1.0), ("A", "a2", 0, 1.0), ("A", "a3", 1, 1.0), ("A", "a3", 2, 1.0),
+    ("B", "b1", 0, 1.0), ("B", "b2", 0, 1.0), ("B", "b2", 2, 2.0),
+]
+ITEM_ROWS = [("A", "a1", 1.0), ("A", "a2", 0.0), ("A", "a3", 0.5), ("B", "b1", 0.0), ("B", "b2", 1.0), ("B", "b3", 1.0)]
+
+
+def frames(saliency_rows=SALIENCY_ROWS, item_rows=ITEM_ROWS) -> tuple[pl.DataFrame, pl.DataFrame]:
+    saliency = pl.DataFrame(saliency_rows, schema=SALIENCY_SCHEMA, orient="row")
+    items = pl.DataFrame(item_rows, schema=ITEMS_SCHEMA, orient="row")
+    return saliency, items
+
+
+def cell(table: pl.DataFrame, benchmark: str, concept: int, column: str):
+    return table.filter((pl.col("benchmark") == benchmark) & (pl.col("concept") == concept))[column].item()
+
+
+def suite_value(suite: pl.DataFrame, concept: int, column: str):
+    return suite.filter(pl.col("concept") == concept)[column].item()
+
+
+NO_BOOT = GapOptions(n_bootstrap=0)
+
+
+@pytest.fixture
+def per_benchmark() -> pl.DataFrame:
+    return concept_benchmark_table(*frames(), K, NO_BOOT)
+
+
+def test_table_is_dense_with_all_concepts(per_benchmark):
+    assert per_benchmark.height == K * 2
+    assert per_benchmark["concept"].dtype == pl.Int32
+    assert per_benchmark.filter(pl.col("benchmark") == "B")["concept"].to_list() == [0, 1, 2, 3]
+    # b3 has no saliency but is an item of B.
+    assert cell(per_benchmark, "B", 0, "n_items") == 3
+
+
+def test_chi_bench(per_benchmark):
+    # A: sums c0..c3 = 3, 2, 1, 0; chi = sum · K / 6 -> 2, 4/3, 2/3, 0 (mean over concepts 1).
+    assert [cell(per_benchmark, "A", c, "chi_bench") for c in range(K)] == pytest.approx([2, 4 / 3, 2 / 3, 0])
+    # B: sums 2, 0, 2, 0; chi = sum · 4 / 4 -> 2, 0, 2, 0.
+    assert [cell(per_benchmark, "B", c, "chi_bench") for c in range(K)] == pytest.approx([2, 0, 2, 0])
+    assert cell(per_benchmark, "A", 0, "sum_saliency") == pytest.approx(3)
+
+
+def test_chi_model(per_benchmark):
+    # A: c0 = (2·1 + 1·0) / 3 = 2/3; c1 = (1·1 + 1·0.5) / 2 = 0.75; c2 = 0.5 (only a3).
+    assert cell(per_benchmark, "A", 0, "chi_model") == pytest.approx(2 / 3)
+    assert cell(per_benchmark, "A", 1, "chi_model") == pytest.approx(0.75)
+    assert cell(per_benchmark, "A", 2, "chi_model") == pytest.approx(0.5)
+    # B: c0 = (1·0 + 1·1) / 2 = 0.5; c2 = 2·1 / 2 = 1; c1 never fires in B -> N/A.
+    assert cell(per_benchmark, "B", 0, "chi_model") == pytest.approx(0.5)
+    assert cell(per_benchmark, "B", 2, "chi_model") == pytest.approx(1.0)
+    assert cell(per_benchmark, "B", 1, "chi_model") is None
+
+
+def test_support_and_ess(per_benchmark):
+    # A c0: items a1 (2), a2 (1): support 2, ESS = 3² / (4 + 1) = 1.8; A c1: 2² / (1 + 1) = 2; A c2: 1.
+    assert cell(per_benchmark, "A", 0, "support") == 2
+    assert cell(per_benchmark, "A", 0, "ess") == pytest.approx(1.8)
+    assert cell(per_benchmark, "A", 1, "ess") == pytest.approx(2.0)
+    assert cell(per_benchmark, "A", 2, "support") == 1
+    assert cell(per_benchmark, "A", 2, "ess") == pytest.approx(1.0)
+    assert cell(per_benchmark, "B", 1, "support") == 0
+    assert cell(per_benchmark, "B", 1, "ess") is None
+
+
+def test_concept_that_never_fires(per_benchmark):
+    rows = per_benchmark.filter(pl.col("concept") == 3)
+    assert rows["chi_bench"].to_list() == [0.0, 0.0]
+    assert rows["missing"].to_list() == [True, True]
+    assert rows["chi_model"].to_list() == [None, None]
+    assert rows["ess"].to_list() == [None, None]
+    assert not per_benchmark["chi_model"].is_nan().any()
+    assert per_benchmark.filter(~pl.col("missing"))["chi_bench"].min() > 0
+
+
+def test_unscored_benchmark_has_chi_bench_but_no_chi_model():
+    # C (no scorer): c0 = 1 on c1, c3 = 3 on c2; total 4 -> chi_bench c0 = 1, c3 = 3, others 0.
+    saliency, items = frames(SALIENCY_ROWS + [("C", "c1", 0, 1.0), ("C", "c2", 3, 3.0)],
+                             ITEM_ROWS + [("C", "c1", None), ("C", "c2", None)])
+    table = concept_benchmark_table(saliency, items, K, GapOptions(n_bootstrap=20))
+    assert [cell(table, "C", c, "chi_bench") for c in range(K)] == pytest.approx([1, 0, 0, 3])
+    c_rows = table.filter(pl.col("benchmark") == "C")
+    assert c_rows["chi_model"].null_count() == K
+    assert c_rows["chi_model_lo"].null_count() == K and c_rows["chi_model_hi"].null_count() == K
+    # Unscored items do not enter the pooled suite chi_model: c0 stays (2 + 1) / (3 + 2) = 0.6.
+    suite, _ = concept_suite_table(table, saliency, items, K, GapOptions(n_bootstrap=0))
+    assert suite_value(suite, 0, "chi_model") == pytest.approx(0.6)
+    assert suite_value(suite, 3, "chi_model") is None  # fires only on unscored items
+    assert suite_value(suite, 3, "classification") != "missing"
+
+
+def test_benchmark_without_saliency_is_all_missing():
+    saliency, items = frames(item_rows=ITEM_ROWS + [("D", "d1", 1.0)])
+    table = concept_benchmark_table(saliency, items, K, NO_BOOT)
+    d_rows = table.filter(pl.col("benchmark") == "D")
+    assert d_rows["chi_bench"].null_count() == K
+    assert d_rows["missing"].all()
+    # Null chi_bench of D is excluded from the suite mean: c0 stays (2 + 2) / 2 = 2.
+    suite, _ = concept_suite_table(table, saliency, items, K, NO_BOOT)
+    assert suite_value(suite, 0, "chi_bench") == pytest.approx(2.0)
+
+
+def test_saliency_of_unknown_item_is_rejected():
+    saliency, items = frames(SALIENCY_ROWS + [("A", "zz", 0, 1.0)])
+    with pytest.raises(ValueError, match="missing from `items`"):
+        concept_benchmark_table(saliency, items, K, NO_BOOT)
+
+
+def test_suite_values(per_benchmark):
+    saliency, items = frames()
+    suite, _ = concept_suite_table(per_benchmark, saliency, items, K, NO_BOOT)
+    assert suite["concept"].to_list() == [0, 1, 2, 3]
+    # chi_bench = mean over A, B: c0 (2 + 2)/2 = 2; c1 (4/3 + 0)/2 = 2/3; c2 (2/3 + 2)/2 = 4/3; c3 0.
+    assert suite["chi_bench"].to_list() == pytest.approx([2, 2 / 3, 4 / 3, 0])
+    assert suite["support"].to_list() == [4, 2, 2, 0]
+    assert suite["n_benchmarks_active"].to_list() == [2, 1, 2, 0]
+    # c0 saliencies 2, 1, 1, 1: ESS = 5² / 7.
+    assert suite_value(suite, 0, "ess") == pytest.approx(25 / 7)
+    assert suite_value(suite, 3, "ess") is None
+
+
+def test_pooled_and_mean_pooling_differ(per_benchmark):
+    saliency, items = frames()
+    pooled, _ = concept_suite_table(per_benchmark, saliency, items, K, GapOptions(n_bootstrap=0, pooling="pooled"))
+    mean, _ = concept_suite_table(per_benchmark, saliency, items, K, GapOptions(n_bootstrap=0, pooling="mean"))
+    # c0 pooled: (2·1 + 1·0 + 1·0 + 1·1) / (2 + 1 + 1 + 1) = 3/5; mean: (2/3 + 1/2) / 2 = 7/12.
+    assert suite_value(pooled, 0, "chi_model") == pytest.approx(0.6)
+    assert suite_value(mean, 0, "chi_model") == pytest.approx(7 / 12)
+    # c2 pooled: (1·0.5 + 2·1) / (1 + 2) = 5/6; mean: (0.5 + 1) / 2 = 0.75.
+    assert suite_value(pooled, 2, "chi_model") == pytest.approx(5 / 6)
+    assert suite_value(mean, 2, "chi_model") == pytest.approx(0.75)
+    # c1 fires only in A: both read 0.75; c3 never fires: N/A in both.
+    assert suite_value(pooled, 1, "chi_model") == suite_value(mean, 1, "chi_model") == pytest.approx(0.75)
+    assert suite_value(pooled, 3, "chi_model") is None and suite_value(mean, 3, "chi_model") is None
+
+
+def test_classification_with_known_percentiles(per_benchmark):
+    saliency, items = frames()
+    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, NO_BOOT)
+    # Covered chi_bench sorted: 2/3, 4/3, 2 (linear percentiles over 3 values, positions q·2).
+    # 5th: 2/3 + 0.1·(2/3) = 11/15; 99th: 4/3 + 0.98·(2/3).
+    assert thresholds["under_threshold"] == pytest.approx(11 / 15)
+    assert thresholds["over_threshold"] == pytest.approx(4 / 3 + 0.98 * 2 / 3)
+    assert suite["classification"].to_list() == ["over", "under", "normal", "missing"]
+    assert thresholds["epsilon"] == 0.0 and thresholds["pooling"] == "pooled"
+
+
+def test_epsilon_moves_low_concepts_to_missing(per_benchmark):
+    saliency, items = frames()
+    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, GapOptions(n_bootstrap=0, epsilon=0.7))
+    # c1 (2/3 <= 0.7) is now missing; covered 4/3, 2: 5th = 4/3 + 0.05·(2/3) -> c2 (4/3) is under.
+    assert thresholds["under_threshold"] == pytest.approx(4 / 3 + 0.05 * 2 / 3)
+    assert suite["classification"].to_list() == ["over", "missing", "under", "missing"]
+
+
+def test_support_filter(per_benchmark):
+    saliency, items = frames()
+    options = GapOptions(n_bootstrap=0, min_benchmarks=2, min_support=3)
+    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, options)
+    # Only c0 fires in 2 benchmarks on >= 3 items (c2: 2 benchmarks but 2 items).
+    assert suite["passes_support_filter"].to_list() == [True, False, False, False]
+    assert thresholds["min_benchmarks"] == 2 and thresholds["min_support"] == 3
+
+
+def test_missing_percent(per_benchmark):
+    result = missing_percent(per_benchmark)
+    # A covers {0, 1, 2}: 100·(1 − 3/4) = 25; B covers {0, 2}: 50.
+    assert result["benchmark"].to_list() == ["A", "B"]
+    assert result["covered"].to_list() == [3, 2]
+    assert result["n_items"].to_list() == [3, 3]
+    assert result["missing_percent"].to_list() == pytest.approx([25.0, 50.0])
+
+
+def test_jaccard(per_benchmark):
+    result = jaccard_overlap(per_benchmark)
+    pairs = {(r["benchmark_a"], r["benchmark_b"]): r["jaccard"] for r in result.iter_rows(named=True)}
+    # {0, 1, 2} vs {0, 2}: |∩| = 2, |∪| = 3.
+    assert pairs[("A", "B")] == pytest.approx(2 / 3)
+    assert pairs[("B", "A")] == pytest.approx(2 / 3)
+    assert pairs[("A", "A")] == pytest.approx(1.0)
+    assert result.filter(pl.col("benchmark_a") == "A", pl.col("benchmark_b") == "B")["n_union"].item() == 3
+
+
+# ----------------------------------------------------------------------------------------------- bootstrap
+
+
+def random_frames(seed: int = 1, n_items: int = 40, n_concepts: int = 6) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Two benchmarks; concept 5 fires only on items scored 1 (so its chi_model has no spread)."""
+    rng = np.random.default_rng(seed)
+    saliency, items = [], []
+    for benchmark in ("A", "B"):
+        for i in range(n_items):
+            item = f"{benchmark}{i}"
+            score = 1.0 if i % 4 == 0 else float(rng.random())
+            items.append((benchmark, item, score))
+            for concept in range(n_concepts - 1):
+                if rng.random() < 0.6:
+                    saliency.append((benchmark, item, concept, float(rng.random()) + 0.1))
+            if score == 1.0:
+                saliency.append((benchmark, item, n_concepts - 1, float(rng.random()) + 0.1))
+    return frames(saliency, items)
+
+
+def test_bootstrap_interval_contains_estimate():
+    saliency, items = random_frames()
+    options = GapOptions(n_bootstrap=200, seed=3)
+    table = concept_benchmark_table(saliency, items, 6, options)
+    assert table["chi_model_lo"].null_count() == 0
+    assert (table["chi_model_lo"] <= table["chi_model"]).all() and (table["chi_model"] <= table["chi_model_hi"]).all()
+    assert (table["chi_model_hi"] - table["chi_model_lo"]).filter(table["concept"] < 5).min() > 0
+    for pooling in ("pooled", "mean"):
+        suite, _ = concept_suite_table(table, saliency, items, 6, GapOptions(n_bootstrap=200, seed=3, pooling=pooling))
+        assert (suite["chi_model_lo"] <= suite["chi_model"]).all()
+        assert (suite["chi_model"] <= suite["chi_model_hi"]).all()
+        assert (suite["chi_model_hi"] - suite["chi_model_lo"]).filter(suite["concept"] < 5).min() > 0
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    saliency, items = random_frames()
+    first = concept_benchmark_table(saliency, items, 6, GapOptions(n_bootstrap=50, seed=7))
+    again = concept_benchmark_table(saliency, items, 6, GapOptions(n_bootstrap=50, seed=7))
+    other = concept_benchmark_table(saliency, items, 6, GapOptions(n_bootstrap=50, seed=8))
+    assert first.equals(again)
+    assert not first["chi_model_lo"].equals(other["chi_model_lo"])
+
+
+def test_bootstrap_constant_score_gives_degenerate_interval():
+    saliency, items = random_frames()
+    options = GapOptions(n_bootstrap=100)
+    table = concept_benchmark_table(saliency, items, 6, options)
+    five = table.filter(pl.col("concept") == 5)
+    assert five["chi_model"].to_list() == pytest.approx([1.0, 1.0])
+    assert five["chi_model_lo"].to_list() == pytest.approx([1.0, 1.0])
+    assert five["chi_model_hi"].to_list() == pytest.approx([1.0, 1.0])
+    suite, _ = concept_suite_table(table, saliency, items, 6, options)
+    assert [suite_value(suite, 5, c) for c in ("chi_model_lo", "chi_model", "chi_model_hi")] == pytest.approx([1, 1, 1])
+
+
+def test_bootstrap_matches_a_naive_loop():
+    """The sparse-matmul replicates equal Σ w·s·p / Σ w·s computed item by item with the same draws."""
+    saliency, items = random_frames(n_items=12)
+    options = GapOptions(n_bootstrap=40, seed=5, ci_level=0.9)
+    table = concept_benchmark_table(saliency, items, 6, options)
+    a_items = items.filter(pl.col("benchmark") == "A")
+    counts = _resample_counts(a_items.height, options, "A")  # (items, n_boot), items in `items` order
+    dense = np.zeros((a_items.height, 6))
+    index = {item: i for i, item in enumerate(a_items["item_id"])}
+    for row in saliency.filter(pl.col("benchmark") == "A").iter_rows(named=True):
+        dense[index[row["item_id"]], row["concept"]] = row["saliency"]
+    scores = a_items["score"].to_numpy()
+    ratios = (counts.T @ (dense * scores[:, None])) / (counts.T @ dense)  # (n_boot, concepts)
+    expected_lo = np.nanquantile(ratios, 0.05, axis=0)
+    expected_hi = np.nanquantile(ratios, 0.95, axis=0)
+    a_rows = table.filter(pl.col("benchmark") == "A").sort("concept")
+    assert a_rows["chi_model_lo"].to_numpy() == pytest.approx(expected_lo)
+    assert a_rows["chi_model_hi"].to_numpy() == pytest.approx(expected_hi)
+
+
+def test_bootstrap_disabled_gives_null_intervals(per_benchmark):
+    assert per_benchmark["chi_model_lo"].null_count() == per_benchmark.height
+    saliency, items = frames()
+    suite, _ = concept_suite_table(per_benchmark, saliency, items, K, NO_BOOT)
+    assert suite["chi_model_hi"].null_count() == K
+
+
+# ------------------------------------------------------------------------------------------- options, text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"pooling": "median"}, {"ci_level": 1.0}, {"under_percentile": 50, "over_percentile": 10},
+     {"epsilon": -1.0}, {"n_bootstrap": -1}, {"min_support": 0}],
+)
+def test_options_are_validated(bad):
+    with pytest.raises(ValueError):
+        GapOptions(**bad)
+
+
+def test_summary_markdown(per_benchmark):
+    saliency, items = frames()
+    options = GapOptions(n_bootstrap=0, min_benchmarks=2, min_support=3)
+    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, options)
+    text = summary_markdown(suite, per_benchmark, thresholds, top_n=2)
+    assert "4 concepts" in text
+    assert "Missing from the whole suite (chi_bench ≤ ε = 0.0): 1 " in text
+    assert "| A | 3 | 3 | 25.00 |" in text and "| B | 3 | 2 | 50.00 |" in text
+    assert "Among the 1 concepts passing the support filter" in text
+    assert "| 0 | 0.600 |" in text  # the only concept that passes
+    assert "| under_threshold | " in text
+    # Lowest covered chi_bench: c1 (2/3), then c2 (4/3).
+    benchmark_gaps = text.split("## Benchmark gaps")[1]
+    assert benchmark_gaps.index("| 1 | 0.6667") < benchmark_gaps.index("| 2 | 1.3333")
+
+
+def test_summary_markdown_falls_back_when_no_concept_passes(per_benchmark):
+    saliency, items = frames()
+    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, NO_BOOT)  # min_support 50
+    text = summary_markdown(suite, per_benchmark, thresholds)
+    assert "No concept passes the support filter" in text
+    assert "falling back to all 3 concepts with support > 0" in text
+    worst = text.split("### Model gaps")[1].split("###")[0]
+    # Lowest chi_model first: c0 0.6, c1 0.75, c2 0.833.
+    assert worst.index("| 0 | 0.600") < worst.index("| 1 | 0.750") < worst.index("| 2 | 0.833")

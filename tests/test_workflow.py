@@ -1,0 +1,140 @@
+"""End to end: `snakemake` on a tiny random model, random SAEs and tiny benchmark slices; incremental dry runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from conftest import REPO, SHARED_BENCHMARKS
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SHARED_BENCHMARKS.is_dir(), reason="../shared/benchmarks not present"),
+]
+
+BENCHMARKS = {
+    "gsm8k": {"adapter": "gsm8k", "data_dir": str(SHARED_BENCHMARKS / "gsm8k"), "limit": 3, "max_new_tokens": 6},
+    "social_iqa": {"adapter": "social_iqa", "data_dir": str(SHARED_BENCHMARKS / "social_iqa"), "limit": 4},
+    "bbq": {"adapter": "bbq", "data_dir": str(SHARED_BENCHMARKS / "bbq"), "limit": 4, "seed": 1},
+}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Job counts per rule of a dry run (the 'Job stats' table)."""
+    out = snakemake(workdir, "-n").stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("Reasons:")[0]
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M) if rule != "total"}
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_model_dir, random_sae_dirs) -> dict:
+    return {
+        "models": {"tiny": {"source": {"path": str(tiny_model_dir)}, "batch_size": 4,
+                            "layers": [{"layer": 1, "sae": {"path": str(random_sae_dirs[1])}}]}},
+        "benchmarks": BENCHMARKS,
+        "sae_corpus": {"sae_probes_package": None},
+        "gaps": {"min_benchmarks": 1, "min_support": 1, "n_bootstrap": 30},
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, base_config) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    write_config(workdir, base_config)
+    snakemake(workdir)
+    return workdir
+
+
+def test_outputs_have_the_expected_shape_and_values(finished_run, random_sae_dirs):
+    out = finished_run / "results" / "concepts" / "model=tiny" / "layer=1"
+    n_concepts = json.loads((random_sae_dirs[1] / "cfg.json").read_text())["d_sae"]
+    table = pl.read_parquet(out / "concept_benchmark.parquet")
+    assert table.height == n_concepts * len(BENCHMARKS)
+    assert {"concept", "benchmark", "chi_bench", "chi_model", "support", "ess", "missing"} <= set(table.columns)
+    # χ_bench is normalised per benchmark so its mean over concepts is 1.
+    means = table.group_by("benchmark").agg(pl.col("chi_bench").mean())
+    assert means["chi_bench"].to_list() == pytest.approx([1.0] * len(BENCHMARKS))
+    # N/A exactly where the concept never fires; otherwise a weighted mean of p_i in [0, 1].
+    assert table.filter(pl.col("support") == 0)["chi_model"].null_count() == table.filter(pl.col("support") == 0).height
+    assert table["chi_model"].drop_nulls().is_between(0, 1).all()
+    assert (table["missing"] == (table["chi_bench"] == 0)).all()
+    suite = pl.read_parquet(out / "concepts.parquet")
+    assert suite.height == n_concepts
+    assert set(suite["classification"].unique()) <= {"missing", "under", "normal", "over"}
+    summary = (out / "summary.md").read_text()
+    assert all(name in summary for name in BENCHMARKS)
+
+
+def test_chi_values_match_a_recomputation_from_the_shards(finished_run, random_sae_dirs):
+    """Recompute χ_bench and χ_model for every (concept, benchmark) straight from the extraction shards and scores."""
+    results = finished_run / "results"
+    n_concepts = json.loads((random_sae_dirs[1] / "cfg.json").read_text())["d_sae"]
+    table = pl.read_parquet(results / "concepts/model=tiny/layer=1/concept_benchmark.parquet")
+    for benchmark in BENCHMARKS:
+        shard = pl.read_parquet(results / f"extract/model=tiny/benchmark={benchmark}/layer=1/saliency.parquet")
+        scores = pl.read_parquet(results / f"evaluate/model=tiny/benchmark={benchmark}/scores.parquet")
+        joined = shard.join(scores.select("item_id", "score"), on="item_id")
+        per_concept = joined.group_by("concept").agg(
+            (pl.col("saliency").sum() * n_concepts / shard["saliency"].sum()).alias("chi_bench_expected"),
+            ((pl.col("saliency") * pl.col("score")).sum() / pl.col("saliency").sum()).alias("chi_model_expected"),
+            pl.len().alias("support_expected"),
+        )
+        got = table.filter(pl.col("benchmark") == benchmark).join(per_concept, on="concept")
+        assert got.height == per_concept.height > 0
+        assert got["chi_bench"].to_list() == pytest.approx(got["chi_bench_expected"].to_list(), rel=1e-4)
+        assert got["chi_model"].to_list() == pytest.approx(got["chi_model_expected"].to_list(), rel=1e-4, abs=1e-9)
+        assert got["support"].to_list() == got["support_expected"].to_list()
+
+
+def test_every_item_is_scored_in_range(finished_run):
+    for benchmark, spec in BENCHMARKS.items():
+        scores = pl.read_parquet(finished_run / f"results/evaluate/model=tiny/benchmark={benchmark}/scores.parquet")
+        assert scores.height == spec["limit"]
+        assert scores["score"].is_between(0, 1).all()
+        assert scores["response"].null_count() == 0
+
+
+def test_rerun_is_a_no_op(finished_run):
+    assert planned_jobs(finished_run) == {}
+
+
+def test_adding_a_benchmark_schedules_only_its_jobs_and_the_reducer(finished_run, base_config):
+    config = json.loads(json.dumps(base_config))
+    config["benchmarks"]["gsm8k_more"] = {**BENCHMARKS["gsm8k"], "limit": 2, "seed": 7}
+    write_config(finished_run, config)
+    try:
+        assert planned_jobs(finished_run) == {
+            "prepare_benchmark": 1, "evaluate": 1, "extract": 1, "reduce_concepts": 1, "all": 1,
+        }
+    finally:
+        write_config(finished_run, base_config)
+
+
+def test_adding_a_layer_schedules_only_its_sae_extractions_and_reducer(finished_run, base_config, random_sae_dirs):
+    config = json.loads(json.dumps(base_config))
+    config["models"]["tiny"]["layers"].append({"layer": 2, "sae": {"path": str(random_sae_dirs[2])}})
+    write_config(finished_run, config)
+    try:
+        assert planned_jobs(finished_run) == {"sae": 1, "extract": len(BENCHMARKS), "reduce_concepts": 1, "all": 1}
+    finally:
+        write_config(finished_run, base_config)

@@ -11,6 +11,18 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+
+
+envvars:
+    "PATH",
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    benchmark="|".join(BENCHMARKS),
+    layer=r"\d+",
+
+
 include: "rules/benchmarks.smk"
 include: "rules/models.smk"
 include: "rules/evaluate.smk"

@@ -15,5 +15,5 @@ rule prepare_benchmark:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{CG} prepare --benchmark {wildcards.benchmark} --spec {params.spec:q} "
+        "competency-gaps prepare --benchmark {wildcards.benchmark} --spec {params.spec:q} "
         "--items {output.item_table} --report {output.report} 2> {log}"

@@ -1,5 +1,5 @@
 # Helpers shared by the rule modules: config validation, result paths, targets, job params.
-import json
+import os
 import sys
 
 from snakemake.utils import validate
@@ -16,15 +16,9 @@ config = validate_config(config)
 RESULTS = config["results"]
 MODELS = sorted(config["models"])
 BENCHMARKS = sorted(config["benchmarks"])
-# `python -m competency_gaps` from the interpreter running Snakemake, unless a rule's conda env is used.
-PYTHON = "python" if workflow.deployment_settings.deployment_method else sys.executable
-CG = f"{PYTHON} -m competency_gaps"
-
-
-wildcard_constraints:
-    model="|".join(MODELS),
-    benchmark="|".join(BENCHMARKS),
-    layer=r"\d+",
+# Jobs call the `competency-gaps` CLI of the environment Snakemake runs in, as if it were activated
+# (a rule's conda env, when used, comes first on PATH and brings its own).
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 def layers_of(model):
@@ -49,18 +43,6 @@ def scores_if_response(wildcards):
     if not config["saliency"]["include_response"]:
         return {}
     return {"scores": f"{RESULTS}/evaluate/model={wildcards.model}/benchmark={wildcards.benchmark}/scores.parquet"}
-
-
-def reduce_inputs(kind, filename):
-    def inputs(wildcards):
-        return [
-            f"{RESULTS}/{kind}/model={wildcards.model}/benchmark={b}"
-            + (f"/layer={wildcards.layer}" if kind == "extract" else "")
-            + f"/{filename}"
-            for b in BENCHMARKS
-        ]
-
-    return inputs
 
 
 def all_targets():

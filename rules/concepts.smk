@@ -1,9 +1,22 @@
 rule reduce_concepts:
     """Concept × benchmark table (χ_bench, χ_model, support, ESS, missing) and the per-concept suite table."""
     input:
-        saliency=reduce_inputs("extract", "saliency.parquet"),
-        tokens=reduce_inputs("extract", "item_tokens.parquet"),
-        scores=reduce_inputs("evaluate", "scores.parquet"),
+        # Exactly one shard per configured benchmark: the reducer never globs result folders.
+        saliency=expand(
+            f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/saliency.parquet",
+            benchmark=BENCHMARKS,
+            allow_missing=True,
+        ),
+        tokens=expand(
+            f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/item_tokens.parquet",
+            benchmark=BENCHMARKS,
+            allow_missing=True,
+        ),
+        scores=expand(
+            f"{RESULTS}/evaluate/model={{model}}/benchmark={{benchmark}}/scores.parquet",
+            benchmark=BENCHMARKS,
+            allow_missing=True,
+        ),
         sae_cfg=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/cfg.json",
     output:
         concept_benchmark=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concept_benchmark.parquet",
@@ -26,6 +39,6 @@ rule reduce_concepts:
         mem_mb=8000,
         runtime=30,
     shell:
-        "{CG} reduce --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
+        "competency-gaps reduce --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
         "--tokens {input.tokens} --scores {input.scores} --out-dir {params.out_dir} "
         "--title 'Competency gaps: model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

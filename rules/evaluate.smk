@@ -19,5 +19,5 @@ rule evaluate:
         runtime=120,
         gpu=lambda wc: 1 if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {CG} evaluate --model {wildcards.model} --benchmark {wildcards.benchmark} "
+        "OMP_NUM_THREADS={threads} competency-gaps evaluate --model {wildcards.model} --benchmark {wildcards.benchmark} "
         "--spec {params.spec:q} --manifest {input.manifest} --items {input.item_table} --out {output.scores} 2> {log}"

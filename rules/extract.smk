@@ -25,6 +25,6 @@ rule extract:
         runtime=120,
         gpu=lambda wc: 1 if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {CG} extract --model {wildcards.model} --benchmark {wildcards.benchmark} "
+        "OMP_NUM_THREADS={threads} competency-gaps extract --model {wildcards.model} --benchmark {wildcards.benchmark} "
         "--layer {wildcards.layer} --spec {params.spec:q} --manifest {input.manifest} --sae-dir {params.sae_dir} "
         "--items {input.item_table} {params.scores} --out {output.saliency} --tokens {output.tokens} 2> {log}"

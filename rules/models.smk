@@ -14,4 +14,4 @@ rule prepare_model:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{CG} prepare-model --model {wildcards.model} --spec {params.spec:q} --manifest {output.manifest} 2> {log}"
+        "competency-gaps prepare-model --model {wildcards.model} --spec {params.spec:q} --manifest {output.manifest} 2> {log}"

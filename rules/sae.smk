@@ -14,7 +14,7 @@ rule sae_corpus:
         mem_mb=4000,
         runtime=10,
     shell:
-        "{CG} corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
+        "competency-gaps corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
 
 
 rule sae:
@@ -41,5 +41,5 @@ rule sae:
         runtime=240,
         gpu=lambda wc: 1 if config["device"] == "cuda" else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {CG} sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
+        "OMP_NUM_THREADS={threads} competency-gaps sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
         "{params.inputs} --out-dir {params.out_dir} 2> {log}"

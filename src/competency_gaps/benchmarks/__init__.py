@@ -12,6 +12,15 @@ from competency_gaps.benchmarks.base import Adapter
 
 ADAPTERS: dict[str, str] = {
     "gsm8k": "competency_gaps.benchmarks.gsm8k:GSM8K",
+    "social_iqa": "competency_gaps.benchmarks.social_iqa:SocialIQa",
+    "bbq": "competency_gaps.benchmarks.bbq:BBQ",
+    "winogrande": "competency_gaps.benchmarks.winogrande:WinoGrande",
+    "agieval_en": "competency_gaps.benchmarks.agieval_en:AGIEvalEnglish",
+    "logicbench": "competency_gaps.benchmarks.logicbench:LogicBench",
+    "math": "competency_gaps.benchmarks.math:MATH",
+    "natural_questions": "competency_gaps.benchmarks.natural_questions:NaturalQuestions",
+    "crows_pairs": "competency_gaps.benchmarks.crows_pairs:CrowsPairs",
+    "vectara": "competency_gaps.benchmarks.vectara:Vectara",
 }
 
 

@@ -1,0 +1,81 @@
+"""Small helpers shared by several adapters (option lists, label files, CSV rows)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from competency_gaps.benchmarks.base import MalformedRow, SourceRow
+
+LETTERS = "ABCDE"
+
+
+def format_options(texts: list[str]) -> str:
+    """Options as "A. text" lines, the form every multiple-choice template shows."""
+    return "\n".join(f"{LETTERS[index]}. {text}" for index, text in enumerate(texts))
+
+
+def option_texts(record: dict[str, Any], keys: list[str]) -> list[str]:
+    """The stripped string values of `keys`, raising MalformedRow for a missing or empty one."""
+    texts = []
+    for key in keys:
+        value = record.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise MalformedRow(key, "missing" if value is None else "expected a non-empty string")
+        texts.append(value.strip())
+    return texts
+
+
+def read_label_lines(path: Path) -> list[str]:
+    """One label per physical line (line i belongs to data line i); blank lines kept so numbering matches."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "label") -> Iterator[SourceRow]:
+    """Zip data rows with a separate labels file by line number, storing the label under `key`.
+
+    A data line with no label line gets no `key` (its adapter reports the field missing); labels left
+    over after the data ran out are reported as malformed rows of the labels file.
+    """
+    labels = read_label_lines(labels_path)
+    last_line = 0
+    for row in rows:
+        last_line = row.line
+        if row.line <= len(labels) and labels[row.line - 1]:
+            row.record.setdefault(key, labels[row.line - 1])
+        yield row
+    for number in range(last_line + 1, len(labels) + 1):
+        if labels[number - 1]:
+            yield SourceRow(str(labels_path), number, {"__error__": "label line with no matching data line"})
+
+
+def read_csv_rows(path: Path) -> Iterator[SourceRow]:
+    """CSV records (header row gives the keys); `line` is the physical line where the record ends
+    (quoted cells may span lines), and `__index__` the record's 0-based position among the data rows."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for index, record in enumerate(reader):
+            if None in record:  # more cells than header columns
+                yield SourceRow(str(path), reader.line_num, {"__error__": "row has more cells than the header"})
+                continue
+            yield SourceRow(str(path), reader.line_num, {**record, "__index__": index})
+
+
+def read_json_document(path: Path) -> dict[str, Any] | str:
+    """A whole-file JSON object, or an error message for a malformed-row report."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        return f"invalid JSON: {error.msg}"
+    return document if isinstance(document, dict) else "file is not a JSON object"
+
+
+def gold_from_letter(letter: Any, n_options: int, field: str = "label") -> int:
+    """Index of an option letter ("A" → 0), checked against the number of options."""
+    allowed = list(LETTERS[:n_options])
+    if not isinstance(letter, str) or letter.strip().upper() not in allowed:
+        raise MalformedRow(field, f"expected one of {', '.join(allowed)}, got {letter!r}")
+    return allowed.index(letter.strip().upper())

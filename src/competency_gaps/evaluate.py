@@ -96,18 +96,18 @@ def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size:
 
 
 def score_generation_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], system_prompt: str | None,
-                           batch_size: int, max_new_tokens: int) -> list[dict[str, Any]]:
+                           batch_size: int, max_new_tokens: int, judge: str | None = None) -> list[dict[str, Any]]:
     prompts = [prompt_text(tokenizer, item, system_prompt) for item in items]
     rows = []
     for item, response in zip(items, greedy_responses(model, tokenizer, prompts, batch_size, max_new_tokens)):
-        scored = score_generation(item["scoring"], response, item)
+        scored = score_generation(item["scoring"], response, item, judge)
         rows.append({"item_id": item["item_id"], "scoring": item["scoring"], "score": scored.score,
                      "prediction": scored.prediction, "response": response})
     return rows
 
 
 def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, system_prompt: str | None,
-                   batch_size: int, generation_batch_size: int, max_new_tokens: int) -> pl.DataFrame:
+                   batch_size: int, generation_batch_size: int, max_new_tokens: int, judge: str | None = None) -> pl.DataFrame:
     """Score every item; rows come back in the items' order."""
     by_policy: dict[str, list[dict[str, Any]]] = {}
     for item in items:
@@ -117,7 +117,7 @@ def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, s
         if policy in LOGLIK_POLICIES:
             rows += score_loglik_items(model, tokenizer, group, system_prompt, batch_size)
         elif policy in GENERATION_POLICIES:
-            rows += score_generation_items(model, tokenizer, group, system_prompt, generation_batch_size, max_new_tokens)
+            rows += score_generation_items(model, tokenizer, group, system_prompt, generation_batch_size, max_new_tokens, judge)
         else:  # "none": coverage only, χ_model is N/A for these items
             rows += [{"item_id": item["item_id"], "scoring": policy, "score": None} for item in group]
     position = {item["item_id"]: index for index, item in enumerate(items)}
@@ -130,6 +130,7 @@ def run_evaluate(model: Any, tokenizer: Any, items_path: str, scores_path: str, 
     scores = evaluate_items(
         model, tokenizer, items, system_prompt=model_spec.get("system_prompt"), batch_size=model_spec["batch_size"],
         generation_batch_size=model_spec["generation_batch_size"], max_new_tokens=bench_spec["max_new_tokens"],
+        judge=bench_spec.get("judge"),
     )
     write_parquet(scores.to_arrow(), scores_path, SCORES)
     scored = scores["score"].drop_nulls()

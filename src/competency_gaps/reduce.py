@@ -47,6 +47,15 @@ def benchmark_overview(concept_benchmark: pl.DataFrame, items: pl.DataFrame) -> 
     return missing_percent(concept_benchmark).join(accuracy, on="benchmark", how="left").sort("benchmark")
 
 
+def coverage_only_note(items: pl.DataFrame) -> str:
+    """Say which benchmarks have no per-item scores: their concepts get χ_bench but χ_model is N/A."""
+    unscored = items.group_by("benchmark").agg(pl.col("score").is_null().all().alias("unscored")).filter("unscored")
+    if unscored.is_empty():
+        return ""
+    names = ", ".join(sorted(unscored["benchmark"].to_list()))
+    return f"**Coverage only** (no scorer available, χ_model N/A, never imputed): {names}.\n\n"
+
+
 def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: list[str], n_concepts: int,
                gaps: dict[str, Any], seed: int, out_dir: Path, title: str) -> None:
     options = GapOptions(**{**gaps, "seed": seed})
@@ -58,5 +67,6 @@ def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: l
     write_frame(benchmark_overview(per_benchmark, items), out_dir / "benchmarks.parquet")
     write_frame(jaccard_overlap(per_benchmark), out_dir / "overlap.parquet")
     write_json(thresholds, out_dir / "thresholds.json")
-    write_text(f"# {title}\n\n" + summary_markdown(suite, per_benchmark, thresholds), out_dir / "summary.md")
+    write_text(f"# {title}\n\n" + coverage_only_note(items) + summary_markdown(suite, per_benchmark, thresholds),
+               out_dir / "summary.md")
     log.info("reduced %d benchmarks × %d concepts", per_benchmark["benchmark"].n_unique(), n_concepts)

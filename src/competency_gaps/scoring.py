@@ -13,6 +13,7 @@ None — coverage-only, χ_model N/A — unless a function is registered in JUDG
 from __future__ import annotations
 
 import json
+import importlib
 import re
 import string
 from collections.abc import Callable
@@ -255,12 +256,23 @@ def score_yes_no(response: str, item: dict[str, Any]) -> Scored:
 JUDGES: dict[str, Callable[[str, dict[str, Any]], float]] = {}
 
 
+def resolve_judge(judge: str) -> Callable[[str, dict[str, Any]], float]:
+    """A judge registered in JUDGES, or any importable "package.module:function"."""
+    if judge in JUDGES:
+        return JUDGES[judge]
+    if ":" in judge:
+        module, function = judge.split(":", 1)
+        return getattr(importlib.import_module(module), function)
+    raise KeyError(f"no judge named {judge!r}; registered: {', '.join(sorted(JUDGES)) or 'none'} (or give module:function)")
+
+
 def score_judge(response: str, item: dict[str, Any], judge: str | None = None) -> Scored:
     if judge is None:
         return Scored(None, None)
-    if judge not in JUDGES:
-        raise KeyError(f"no judge named {judge!r}; registered: {', '.join(sorted(JUDGES)) or 'none'}")
-    return Scored(float(JUDGES[judge](response, item)), None)
+    score = float(resolve_judge(judge)(response, item))
+    if not 0.0 <= score <= 1.0:
+        raise ValueError(f"judge {judge!r} returned {score} for item {item.get('item_id')}; expected a value in [0, 1]")
+    return Scored(score, None)
 
 
 GENERATION_SCORERS: dict[str, Callable[[str, dict[str, Any]], Scored]] = {

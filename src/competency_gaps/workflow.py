@@ -21,6 +21,17 @@ def _layer_entry(config: dict[str, Any], model: str, layer: int | str) -> dict[s
     raise KeyError(f"layer {layer} is not configured for model {model!r}")
 
 
+# Which benchmark keys each stage reads; the rest of the benchmark's config cannot rerun it.
+PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "options", "malformed")
+EVALUATE_KEYS = ("max_new_tokens", "judge")
+EXTRACT_KEYS = ("context_policy",)
+
+
+def _benchmark(config: dict[str, Any], benchmark: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    spec = config["benchmarks"][benchmark]
+    return {key: spec[key] for key in keys if key in spec}
+
+
 def _runtime(config: dict[str, Any]) -> dict[str, Any]:
     return {"device": config["device"], "dtype": config["dtype"], "seed": config["seed"]}
 
@@ -29,19 +40,19 @@ def job_spec(config: dict[str, Any], job: str, model: str | None = None, benchma
              layer: int | str | None = None) -> dict[str, Any]:
     """The part of `config` that job `job` (prepare, prepare_model, corpus, evaluate, sae, extract, reduce) reads."""
     if job == "prepare":
-        return config["benchmarks"][benchmark]
+        return _benchmark(config, benchmark, PREPARE_KEYS)
     if job == "prepare_model":
         return config["models"][model]["source"]
     if job == "corpus":
         return config["sae_corpus"]
     if job == "evaluate":
-        return {"model": _model_without_layers(config, model), "benchmark": config["benchmarks"][benchmark],
+        return {"model": _model_without_layers(config, model), "benchmark": _benchmark(config, benchmark, EVALUATE_KEYS),
                 "runtime": _runtime(config)}
     if job == "sae":
         return {"model": model, "layer": int(layer), "sae": _layer_entry(config, model, layer)["sae"],
                 "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}
     if job == "extract":
-        return {"model": _model_without_layers(config, model), "benchmark": config["benchmarks"][benchmark],
+        return {"model": _model_without_layers(config, model), "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),
                 "layer": int(layer), "saliency": config["saliency"], "runtime": _runtime(config)}
     if job == "reduce":
         return {"gaps": config["gaps"], "seed": config["seed"]}

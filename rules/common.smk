@@ -39,6 +39,12 @@ def needs_model(wildcards):
     }
 
 
+def imported_scores_file(wildcards):
+    """An imported score file is an input, so editing it reruns the import."""
+    spec = config["models"][wildcards.model]["scores_from"].get(wildcards.benchmark)
+    return {"imported": spec.get("table") or spec.get("lm_eval_samples")} if spec else {}
+
+
 def scores_if_response(wildcards):
     if not config["saliency"]["include_response"]:
         return {}

@@ -1,6 +1,7 @@
 rule evaluate:
-    """Score every item of one benchmark with one model: p_i per item, with the response kept."""
+    """Score every item of one benchmark with one model (p_i, response kept), or import the scores."""
     input:
+        unpack(imported_scores_file),
         manifest=f"{RESULTS}/models/model={{model}}/manifest.json",
         item_table=f"{RESULTS}/benchmarks/benchmark={{benchmark}}/items.parquet",
     output:

@@ -138,3 +138,26 @@ def test_adding_a_layer_schedules_only_its_sae_extractions_and_reducer(finished_
         assert planned_jobs(finished_run) == {"sae": 1, "extract": len(BENCHMARKS), "reduce_concepts": 1, "all": 1}
     finally:
         write_config(finished_run, base_config)
+
+
+def test_imported_scores_reproduce_the_computed_chi_model(finished_run, base_config):
+    """Scores brought in as an lm-evaluation-harness --log_samples file give the same χ tables as computing them."""
+    results = finished_run / "results"
+    computed = pl.read_parquet(results / "concepts/model=tiny/layer=1/concept_benchmark.parquet")
+    scores = pl.read_parquet(results / "evaluate/model=tiny/benchmark=gsm8k/scores.parquet")
+    samples = finished_run / "samples_gsm8k_2026-01-01T00-00-00.jsonl"
+    with samples.open("w") as handle:
+        for row in scores.iter_rows(named=True):
+            doc_id = int(row["item_id"].split("-")[1])  # our GSM8K ids are the 0-based line of the test split
+            handle.write(json.dumps({"doc_id": doc_id, "doc": {}, "target": "", "arguments": [], "resps": [[row["response"]]],
+                                     "filtered_resps": [row["prediction"]], "exact_match": row["score"]}) + "\n")
+    config = json.loads(json.dumps(base_config))
+    config["models"]["tiny"]["scores_from"] = {"gsm8k": {"lm_eval_samples": str(samples), "metric": "exact_match",
+                                                         "match": "doc_id", "prefix": "gsm8k-"}}
+    write_config(finished_run, config)
+    assert planned_jobs(finished_run) == {"evaluate": 1, "reduce_concepts": 1, "all": 1}
+    snakemake(finished_run)
+    imported = pl.read_parquet(results / "concepts/model=tiny/layer=1/concept_benchmark.parquet")
+    assert imported["chi_model"].to_list() == pytest.approx(computed["chi_model"].to_list(), nan_ok=True)
+    assert imported["chi_bench"].to_list() == pytest.approx(computed["chi_bench"].to_list())
+    assert "imported scores" in (results / "logs/evaluate/model=tiny/benchmark=gsm8k.log").read_text()

@@ -65,10 +65,13 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from competency_gaps.evaluate import run_evaluate
+    from competency_gaps.evaluate import run_evaluate, run_import
     from competency_gaps.models import load_model, load_tokenizer, read_manifest
 
     spec = _spec(args, "evaluate")
+    if spec.get("import"):
+        run_import(args.items, args.out, spec["import"])
+        return
     device, dtype = _torch_runtime(spec["runtime"])
     manifest = read_manifest(args.manifest)
     run_evaluate(load_model(manifest, device, dtype), load_tokenizer(manifest), args.items, args.out, spec["model"], spec["benchmark"])
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = stage("corpus", cmd_corpus, "sample the offline SAE-training text corpus")
     c.add_argument("--out", required=True)
 
-    c = stage("evaluate", cmd_evaluate, "score every item of one benchmark with one model (p_i)", "model", "benchmark")
+    c = stage("evaluate", cmd_evaluate, "score every item of one benchmark with one model (p_i), or import the scores (models.M.scores_from)", "model", "benchmark")
     c.add_argument("--manifest", required=True)
     c.add_argument("--items", required=True)
     c.add_argument("--out", required=True, help="output scores Parquet")

@@ -18,7 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from competency_gaps.benchmarks import ADAPTERS
+from competency_gaps.benchmarks import ADAPTERS, adapter_class
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "resources" / "config.schema.yaml"
 log = logging.getLogger(__name__)
@@ -134,6 +134,13 @@ def model_shape(source: dict[str, Any]) -> ModelShape | None:
 
 def check_models(config: dict[str, Any]) -> None:
     for slug, model in config["models"].items():
+        for benchmark, spec in model["scores_from"].items():
+            key = f"models.{slug}.scores_from.{benchmark}"
+            if benchmark not in config["benchmarks"]:
+                raise ConfigError(f"config key {key!r}: {benchmark!r} is not a configured benchmark")
+            path = Path(spec.get("table") or spec.get("lm_eval_samples"))
+            if not path.is_file():
+                raise ConfigError(f"config key {key!r}: score file {path} does not exist")
         shape = model_shape(model["source"])
         seen: set[int] = set()
         for index, entry in enumerate(model["layers"]):
@@ -169,8 +176,12 @@ def check_benchmarks(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config key 'benchmarks.{slug}.adapter': unknown adapter {bench['adapter']!r}; known: {', '.join(sorted(ADAPTERS))}"
             )
+        if "data_dir" in bench and "hub" in bench:
+            raise ConfigError(f"config key 'benchmarks.{slug}': give data_dir or hub, not both")
         if "data_dir" in bench and not Path(bench["data_dir"]).is_dir():
             raise ConfigError(f"config key 'benchmarks.{slug}.data_dir': folder {bench['data_dir']} does not exist")
+        if "data_dir" not in bench and "hub" not in bench and adapter_class(bench["adapter"]).needs_data:
+            raise ConfigError(f"config key 'benchmarks.{slug}': adapter {bench['adapter']!r} needs data_dir or hub")
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:

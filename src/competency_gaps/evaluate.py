@@ -114,7 +114,11 @@ def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, s
         by_policy.setdefault(item["scoring"], []).append(item)
     rows: list[dict[str, Any]] = []
     for policy, group in sorted(by_policy.items()):
-        if policy in LOGLIK_POLICIES:
+        if policy == "judge" and judge is None:
+            # Nothing could score a response: skip decoding, the items are coverage-only (χ_model N/A).
+            log.warning("%d judge-scored item(s) and no judge configured: coverage only", len(group))
+            rows += [{"item_id": item["item_id"], "scoring": policy, "score": None} for item in group]
+        elif policy in LOGLIK_POLICIES:
             rows += score_loglik_items(model, tokenizer, group, system_prompt, batch_size)
         elif policy in GENERATION_POLICIES:
             rows += score_generation_items(model, tokenizer, group, system_prompt, generation_batch_size, max_new_tokens, judge)
@@ -123,6 +127,16 @@ def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, s
     position = {item["item_id"]: index for index, item in enumerate(items)}
     rows.sort(key=lambda row: position[row["item_id"]])
     return pl.from_arrow(table_from_rows(rows, SCORES))
+
+
+def run_import(items_path: str, scores_path: str, import_spec: dict[str, Any]) -> pl.DataFrame:
+    """Take per-item scores from an lm-evaluation-harness log or a plain table instead of running the model."""
+    from competency_gaps.import_scores import import_scores
+
+    scores = import_scores(import_spec, pl.read_parquet(items_path))
+    write_parquet(scores.to_arrow(), scores_path, SCORES)
+    log.info("imported scores for %d items from %s", scores.height, import_spec.get("table") or import_spec.get("lm_eval_samples"))
+    return scores
 
 
 def run_evaluate(model: Any, tokenizer: Any, items_path: str, scores_path: str, model_spec: dict[str, Any], bench_spec: dict[str, Any]) -> pl.DataFrame:

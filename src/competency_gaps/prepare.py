@@ -52,12 +52,16 @@ class PrepareReport:
 
 
 def source_rows(adapter: Adapter, spec: dict[str, Any]) -> Iterator[SourceRow]:
+    if spec.get("hub") is not None:
+        return adapter.hub_rows(spec["hub"])
     if spec.get("data_dir"):
         data_dir = Path(spec["data_dir"])
         if not data_dir.is_dir():
             raise BenchmarkDataError(f"data_dir {data_dir} of benchmark adapter {adapter.name!r} is not a folder")
         return adapter.local_rows(data_dir)
-    return adapter.hub_rows(spec["hub"])
+    if adapter.needs_data:
+        raise BenchmarkDataError(f"adapter {adapter.name!r} needs a data_dir or a hub source")
+    return adapter.local_rows(None)  # generated benchmarks (probes) read nothing
 
 
 def read_items(adapter: Adapter, spec: dict[str, Any], report: PrepareReport) -> list[Item]:

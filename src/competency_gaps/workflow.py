@@ -11,7 +11,13 @@ from typing import Any
 
 
 def _model_without_layers(config: dict[str, Any], model: str) -> dict[str, Any]:
-    return {key: value for key, value in config["models"][model].items() if key != "layers"}
+    """The model's settings minus its layers and imported scores (each job sees only its own of those)."""
+    return {key: value for key, value in config["models"][model].items() if key not in ("layers", "scores_from")}
+
+
+def imported_scores(config: dict[str, Any], model: str, benchmark: str) -> dict[str, Any] | None:
+    """Where (model, benchmark)'s per-item scores come from when they are imported instead of computed."""
+    return config["models"][model]["scores_from"].get(benchmark)
 
 
 def _layer_entry(config: dict[str, Any], model: str, layer: int | str) -> dict[str, Any]:
@@ -47,7 +53,7 @@ def job_spec(config: dict[str, Any], job: str, model: str | None = None, benchma
         return config["sae_corpus"]
     if job == "evaluate":
         return {"model": _model_without_layers(config, model), "benchmark": _benchmark(config, benchmark, EVALUATE_KEYS),
-                "runtime": _runtime(config)}
+                "import": imported_scores(config, model, benchmark), "runtime": _runtime(config)}
     if job == "sae":
         return {"model": model, "layer": int(layer), "sae": _layer_entry(config, model, layer)["sae"],
                 "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}

@@ -21,13 +21,22 @@ ADAPTERS: dict[str, str] = {
     "natural_questions": "competency_gaps.benchmarks.natural_questions:NaturalQuestions",
     "crows_pairs": "competency_gaps.benchmarks.crows_pairs:CrowsPairs",
     "vectara": "competency_gaps.benchmarks.vectara:Vectara",
+    "probe_arithmetic": "competency_gaps.benchmarks.probes:ArithmeticProbe",
+    "probe_palindrome": "competency_gaps.benchmarks.probes:PalindromeProbe",
+    "probe_dates": "competency_gaps.benchmarks.probes:DateProbe",
+    "probe_letter_count": "competency_gaps.benchmarks.probes:LetterCountProbe",
+    "generic": "competency_gaps.benchmarks.generic:Generic",
 }
+
+
+def adapter_class(name: str) -> type[Adapter]:
+    """The adapter class registered under `name` (its module is imported on first use)."""
+    if name not in ADAPTERS:
+        raise KeyError(f"unknown benchmark adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}")
+    module_name, class_name = ADAPTERS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def get_adapter(name: str, options: dict | None = None) -> Adapter:
     """Instantiate the adapter registered under `name`."""
-    if name not in ADAPTERS:
-        raise KeyError(f"unknown benchmark adapter {name!r}; known: {', '.join(sorted(ADAPTERS))}")
-    module_name, class_name = ADAPTERS[name].split(":")
-    adapter_class = getattr(importlib.import_module(module_name), class_name)
-    return adapter_class(options)
+    return adapter_class(name)(options)

@@ -84,6 +84,7 @@ class Adapter:
     name: ClassVar[str]
     category: ClassVar[str]
     description: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = True  # False for benchmarks the adapter generates itself (probes)
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = dict(options or {})

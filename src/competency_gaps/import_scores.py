@@ -10,7 +10,6 @@ which leaves its score null (coverage only). Scores must be numbers in [0, 1].
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -20,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from competency_gaps.benchmarks.base import read_jsonl
 from competency_gaps.tables import SCORES, table_from_rows
 
 log = logging.getLogger(__name__)
@@ -148,17 +148,10 @@ def optional_text(value: Any) -> str | None:
 
 def read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) per non-blank line; anything but a JSON object is an error."""
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ImportScoresError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ImportScoresError(f"{path}, line {number}: not a JSON object")
-            yield number, record
+    for row in read_jsonl(path):
+        if "__error__" in row.record:
+            raise ImportScoresError(f"{path}, line {row.line}: {row.record['__error__']}")
+        yield row.line, row.record
 
 
 def normalise_text(text: str) -> str:

@@ -74,6 +74,12 @@ def test_response_tokens_count_when_included(tiny_model, tiny_item):
     assert counted_text(tokenizer, encoded).replace(" ", "").endswith("Shehas8apples.")
 
 
+def test_configured_system_prompt_is_not_counted_as_content(tiny_model, tiny_item):
+    _, tokenizer = tiny_model
+    text = counted_text(tokenizer, encode_item(tokenizer, tiny_item, "content", system_prompt="Be terse."))
+    assert "Answer the question." in text and "Be terse" not in text
+
+
 def test_explicit_system_prompt_replaces_the_default(tiny_model, tiny_item):
     _, tokenizer = tiny_model
     encoded = encode_item(tokenizer, tiny_item, "fields", system_prompt="Be terse.")

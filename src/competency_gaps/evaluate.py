@@ -60,7 +60,7 @@ def score_loglik_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], 
     for item in items:
         prompt_ids = context_ids(tokenizer, prompt_text(tokenizer, item, system_prompt))
         contexts = item["choice_contexts"] or [None] * len(item["choices"])
-        for context, choice in zip(contexts, item["choices"]):
+        for context, choice in zip(contexts, item["choices"], strict=True):
             ctx = prompt_ids if context is None else context_ids(tokenizer, context)
             pairs.append((ctx, tokenizer(choice, add_special_tokens=False)["input_ids"]))
     token_logprobs = iter(continuation_logprobs(model, pairs, batch_size, tokenizer.pad_token_id))
@@ -99,7 +99,7 @@ def score_generation_items(model: Any, tokenizer: Any, items: list[dict[str, Any
                            batch_size: int, max_new_tokens: int, judge: str | None = None) -> list[dict[str, Any]]:
     prompts = [prompt_text(tokenizer, item, system_prompt) for item in items]
     rows = []
-    for item, response in zip(items, greedy_responses(model, tokenizer, prompts, batch_size, max_new_tokens)):
+    for item, response in zip(items, greedy_responses(model, tokenizer, prompts, batch_size, max_new_tokens), strict=True):
         scored = score_generation(item["scoring"], response, item, judge)
         rows.append({"item_id": item["item_id"], "scoring": item["scoring"], "score": scored.score,
                      "prediction": scored.prediction, "response": response})

@@ -110,7 +110,7 @@ def run_extract(model: Any, tokenizer: Any, sae: Any, layer: int, items_path: st
     responses = None
     if saliency_spec["include_response"]:
         scores = pl.read_parquet(scores_path)
-        responses = dict(zip(scores["item_id"].to_list(), scores["response"].to_list()))
+        responses = dict(zip(scores["item_id"].to_list(), scores["response"].to_list(), strict=True))
     saliency, tokens = extract_saliency(
         model, tokenizer, sae, layer, items, mode=saliency_spec["tokens"], system_prompt=model_spec.get("system_prompt"),
         max_length=model_spec["max_length"], context_policy=bench_spec["context_policy"],

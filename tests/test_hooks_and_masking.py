@@ -110,3 +110,26 @@ def test_batched_saliency_equals_per_item_mean_over_counted_tokens(tiny_model, t
         torch.testing.assert_close(peak[row], acts.max(0).values, rtol=1e-4, atol=1e-5)
         assert torch.equal(active[row], (acts > 0).sum(0).float())
     assert (mean > 0).any(), "a random SAE should fire on something"
+
+
+def test_loglik_batches_respect_the_token_budget_and_keep_every_item():
+    from competency_gaps.evaluate import length_batches
+
+    lengths = [1500, 30, 900, 30, 5000, 30, 30]
+    batches = length_batches(lengths, batch_size=3, max_tokens=2000)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(len(batch) <= 3 for batch in batches)
+    # Longest first; a batch's padded size (count × its longest) stays in budget unless it holds one item.
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2000 for b in batches)
+    assert batches[0] == [4]
+
+
+def test_loglik_scores_do_not_depend_on_batching(tiny_model):
+    from competency_gaps.evaluate import continuation_logprobs
+
+    model, tokenizer = tiny_model
+    pairs = [(tokenizer(t)["input_ids"], tokenizer(" apples")["input_ids"]) for t in ("Janet has", "How many", "The doctor and the nurse walked in")]
+    alone = [continuation_logprobs(model, [pair], 1, tokenizer.pad_token_id)[0] for pair in pairs]
+    together = continuation_logprobs(model, pairs, 8, tokenizer.pad_token_id)
+    for a, b in zip(alone, together, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)

@@ -34,24 +34,43 @@ def context_ids(tokenizer: Any, context: str) -> list[int]:
     return tokenizer(context, add_special_tokens=not _has_chat_template(tokenizer))["input_ids"]
 
 
+# Padded tokens per log-likelihood batch: the logits of a batch take tokens × vocabulary × 4 bytes
+# (4,096 × 49k ≈ 0.8 GB for SmolLM2), so long prompts go in smaller batches.
+MAX_BATCH_TOKENS = 4096
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices grouped longest first, at most `batch_size` per group and `max_tokens` padded tokens (one at least)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 @torch.inference_mode()
 def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[list[float]]:
     """Per-token log-probabilities of each continuation given its context (right-padded batches)."""
     device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
     results: list[list[float]] = [[] for _ in pairs]
-    for start in range(0, len(order), batch_size):
-        batch = [pairs[i] for i in order[start : start + batch_size]]
+    for indices in length_batches([len(c) + len(x) for c, x in pairs], batch_size):
+        batch = [pairs[i] for i in indices]
         length = max(len(c) + len(x) for c, x in batch)
         ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, (ctx, cont) in enumerate(batch):
             ids[row, : len(ctx) + len(cont)] = torch.tensor(ctx + cont)
             mask[row, : len(ctx) + len(cont)] = 1
-        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
+        logits_BLV = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, (ctx, cont) in enumerate(batch):
-            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
-            results[order[start + row]] = logprobs[row, positions, torch.tensor(cont)].tolist()
+            # Normalise only the rows that predict the continuation: long prompts × a 50k vocabulary
+            # would otherwise cost gigabytes.
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logits_BLV.device)
+            logprobs = torch.log_softmax(logits_BLV[row, positions].float(), -1).cpu()
+            results[indices[row]] = logprobs[torch.arange(len(cont)), torch.tensor(cont)].tolist()
     return results
 
 

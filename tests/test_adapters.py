@@ -291,3 +291,22 @@ def test_vectara_real_files():
     assert len(items) == 1006
     assert items["vectara-0000"].fields["source"].startswith("Paul Merson has restarted his row with Andros Townsend")
     assert not any("\uffe1" in item.fields["source"] for item in items.values())
+
+
+def test_hub_rows_reach_to_item_with_the_hub_label(monkeypatch):
+    """The hub path (no network): datasets.load_dataset is stood in for; records flow into the same to_item."""
+    import datasets
+
+    from competency_gaps.benchmarks import get_adapter
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split))
+        return [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = list(get_adapter("gsm8k").hub_rows({"split": "test"}))
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert (rows[0].file, rows[0].line) == ("hub:openai/gsm8k/main[test]", 1)
+    assert get_adapter("gsm8k").to_item(rows[0]).gold == "5"

@@ -39,9 +39,8 @@ class AGIEvalEnglish(Adapter):
     def hub_rows(self, hub: dict[str, Any]) -> Iterator[SourceRow]:
         # Best effort: a hub copy with one config per subset and the release's field names.
         for subset in self.subsets():
-            for label, index, record in hub_records({"path": "lighteval/agi_eval_en", "split": "test", **hub,
-                                                     "name": subset}):
-                yield SourceRow(label, index, {**record, "__subset__": subset})
+            for row in hub_records({"path": "lighteval/agi_eval_en", "split": "test", **hub, "name": subset}):
+                yield SourceRow(row.file, row.line, {**row.record, "__subset__": subset})
 
     def to_item(self, row: SourceRow) -> Item:
         subset = row.record.get("__subset__") or Path(row.file).stem

@@ -129,8 +129,8 @@ def read_jsonl(path: Path) -> Iterator[SourceRow]:
             yield SourceRow(str(path), number, record)
 
 
-def hub_records(hub: dict[str, Any]) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Records of a Hugging Face hub dataset (`path`, optional `name`, `split`, `revision`)."""
+def hub_records(hub: dict[str, Any]) -> Iterator[SourceRow]:
+    """Records of a Hugging Face hub dataset (`path`, optional `name`, `split`, `revision`), as SourceRows."""
     import datasets  # heavy; only when a hub source is used
 
     dataset = datasets.load_dataset(
@@ -138,4 +138,4 @@ def hub_records(hub: dict[str, Any]) -> Iterator[tuple[str, int, dict[str, Any]]
     )
     label = f"hub:{hub['path']}" + (f"/{hub['name']}" if hub.get("name") else "") + f"[{hub.get('split', 'test')}]"
     for index, record in enumerate(dataset):
-        yield label, index + 1, dict(record)
+        yield SourceRow(label, index + 1, dict(record))

@@ -36,8 +36,7 @@ class BBQ(Adapter):
         # heegyu/bbq: one config per category, split "test", the release's field names.
         names = [hub["name"]] if hub.get("name") else self.options.get("categories", CATEGORIES)
         for name in names:
-            for label, index, record in hub_records({"path": "heegyu/bbq", "split": "test", **hub, "name": name}):
-                yield SourceRow(label, index, record)
+            yield from hub_records({"path": "heegyu/bbq", "split": "test", **hub, "name": name})
 
     def to_item(self, row: SourceRow) -> Item:
         record = row.record

@@ -28,12 +28,13 @@ class CrowsPairs(Adapter):
         # they are mapped back to the release's strings.
         bias_types = ["race-color", "socioeconomic", "gender", "disability", "nationality", "sexual-orientation",
                       "physical-appearance", "religion", "age"]
-        for label, index, record in hub_records({"path": "nyu-mll/crows_pairs", "split": "test", **hub}):
+        for row in hub_records({"path": "nyu-mll/crows_pairs", "split": "test", **hub}):
+            record = row.record
             if isinstance(record.get("bias_type"), int):
                 record["bias_type"] = bias_types[record["bias_type"]]
             if isinstance(record.get("stereo_antistereo"), int):
                 record["stereo_antistereo"] = ["stereo", "antistereo"][record["stereo_antistereo"]]
-            yield SourceRow(label, index, record)
+            yield row
 
     def to_item(self, row: SourceRow) -> Item:
         more = require(row.record, "sent_more").strip()

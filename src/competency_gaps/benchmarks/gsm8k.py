@@ -19,8 +19,7 @@ class GSM8K(Adapter):
 
     def hub_rows(self, hub: dict[str, Any]) -> Iterator[SourceRow]:
         # openai/gsm8k ("main") has the same field names as the release file.
-        for label, index, record in hub_records({"path": "openai/gsm8k", "name": "main", **hub}):
-            yield SourceRow(label, index, record)
+        yield from hub_records({"path": "openai/gsm8k", "name": "main", **hub})
 
     def to_item(self, row: SourceRow) -> Item:
         question = require(row.record, "question")

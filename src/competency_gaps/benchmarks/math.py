@@ -62,8 +62,7 @@ class MATH(Adapter):
         # HuggingFaceH4/MATH-500 has the release's fields; hendrycks/competition_math (full) has
         # problem/level/type/solution and no unique_id, so its items are numbered by position.
         default = {"path": "HuggingFaceH4/MATH-500"} if self.split() == "math500" else {"path": "hendrycks/competition_math"}
-        for label, index, record in hub_records({**default, "split": "test", **hub}):
-            yield SourceRow(label, index, record)
+        yield from hub_records({**default, "split": "test", **hub})
 
     def to_item(self, row: SourceRow) -> Item:
         record = row.record

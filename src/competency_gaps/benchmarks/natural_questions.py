@@ -23,8 +23,7 @@ class NaturalQuestions(Adapter):
 
     def hub_rows(self, hub: dict[str, Any]) -> Iterator[SourceRow]:
         # google-research-datasets/nq_open "validation" is this file, with the same field names.
-        for label, index, record in hub_records({"path": "google-research-datasets/nq_open", "split": "validation", **hub}):
-            yield SourceRow(label, index, record)
+        yield from hub_records({"path": "google-research-datasets/nq_open", "split": "validation", **hub})
 
     def to_item(self, row: SourceRow) -> Item:
         question = require(row.record, "question").strip()

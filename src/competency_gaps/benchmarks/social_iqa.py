@@ -23,8 +23,7 @@ class SocialIQa(Adapter):
 
     def hub_rows(self, hub: dict[str, Any]) -> Iterator[SourceRow]:
         # allenai/social_i_qa "validation" has the release's fields plus `label` "1"/"2"/"3".
-        for label, index, record in hub_records({"path": "allenai/social_i_qa", "split": "validation", **hub}):
-            yield SourceRow(label, index, record)
+        yield from hub_records({"path": "allenai/social_i_qa", "split": "validation", **hub})
 
     def to_item(self, row: SourceRow) -> Item:
         context = require(row.record, "context")

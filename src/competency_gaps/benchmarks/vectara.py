@@ -26,10 +26,10 @@ class Vectara(Adapter):
     def hub_rows(self, hub: dict[str, Any]) -> Iterator[SourceRow]:
         # vectara/leaderboard_results repeats each source once per model: keep the first occurrence.
         seen: set[str] = set()
-        for label, index, record in hub_records({"path": "vectara/leaderboard_results", "split": "train", **hub}):
-            if record.get("source") not in seen:
-                seen.add(record.get("source"))
-                yield SourceRow(label, len(seen), record)
+        for row in hub_records({"path": "vectara/leaderboard_results", "split": "train", **hub}):
+            if row.record.get("source") not in seen:
+                seen.add(row.record.get("source"))
+                yield SourceRow(row.file, len(seen), row.record)
 
     def to_item(self, row: SourceRow) -> Item:
         # The GBK round trip upstream turned "£" into the full-width "￡" (SOURCE.md); undo it.

@@ -29,10 +29,7 @@ class WinoGrande(Adapter):
 
     def hub_rows(self, hub: dict[str, Any]) -> Iterator[SourceRow]:
         # allenai/winogrande (winogrande_xl, validation) has sentence/option1/option2/answer, no qID.
-        for label, index, record in hub_records(
-            {"path": "allenai/winogrande", "name": "winogrande_xl", "split": "validation", **hub}
-        ):
-            yield SourceRow(label, index, record)
+        yield from hub_records({"path": "allenai/winogrande", "name": "winogrande_xl", "split": "validation", **hub})
 
     def to_item(self, row: SourceRow) -> Item:
         sentence = require(row.record, "sentence").strip()

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from competency_gaps import scoring
-from competency_gaps.benchmarks.base import GENERATION_POLICIES
+from competency_gaps.benchmarks.base import GENERATION_POLICIES, SourceRow
+from competency_gaps.benchmarks.natural_questions import NaturalQuestions
 from competency_gaps.scoring import (
     JUDGES,
     extract_final_number,
@@ -43,6 +44,29 @@ def test_numeric_match_scores_dollars_and_commas():
     assert score_generation("numeric_match", "It costs $18.00.", {"gold": "18"}).score == 1.0
     assert score_generation("numeric_match", "Answer: 1,000", {"gold": "1000"}).score == 1.0
     assert score_generation("numeric_match", "I got 17 then fixed it: 19", {"gold": "18"}).score == 0.0
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("First 12, then 30, so 42", None),  # no marker: no last-number fallback
+    ("First 12, then 30. #### 42", "42"),
+    ("So the answer is 42 apples", "42"),
+    ("Answer: 1,234", "1234"),
+    ("Thus \\boxed{42}", "42"),
+])
+def test_extract_final_number_can_require_a_marker(response, expected):
+    assert extract_final_number(response, require_marker=True) == expected
+
+
+# A derivation stopped by the token limit whose last number happens to equal the gold.
+CUT_OFF_GSM8K = "Janet has 16 eggs. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9. Then she sells 9 * 2 = 18"
+
+
+def test_numeric_match_cut_off_needs_an_answer_marker():
+    item = {"gold": "18"}
+    assert score_generation("numeric_match", CUT_OFF_GSM8K, item).score == 1.0  # a complete answer may end on it
+    assert score_generation("numeric_match", CUT_OFF_GSM8K, item, cut_off=True) == scoring.Scored(0.0, None)
+    marked = CUT_OFF_GSM8K + " dollars.\n#### 18\nNow let us check: 9"
+    assert score_generation("numeric_match", marked, item, cut_off=True) == scoring.Scored(1.0, "18")
 
 
 # --- boxed_equiv ----------------------------------------------------------------------------------
@@ -98,6 +122,42 @@ def test_math_equivalent(prediction, gold, equal):
     assert math_equivalent(prediction, gold) is equal
 
 
+@pytest.mark.parametrize(("response", "expected"), [
+    ("First $a=2$, then we get $x=12$", None),  # no marker: no last-expression fallback
+    ("It takes 7 hours and 30 minutes", None),  # no marker: no last-number fallback
+    ("Thus $x = \\boxed{\\frac{1}{2}}$. Checking: $x=3$", "\\frac{1}{2}"),
+    ("The answer is \\dfrac{1}{2}. Then we check", "\\dfrac{1}{2}"),
+    ("Answer: $7$", "7"),
+    ("so the result is \\boxed{\\frac{1}{2", None),  # the box itself was cut off
+])
+def test_extract_math_answer_can_require_a_marker(response, expected):
+    assert extract_math_answer(response, require_marker=True) == expected
+
+
+def test_boxed_equiv_cut_off_needs_an_answer_marker():
+    item = {"gold": "\\frac{1}{2}"}
+    cut = "Let $p$ be the probability. Each of the two cases gives $\\frac{1}{4}$, so $p = \\frac{1}{2}$"
+    assert score_generation("boxed_equiv", cut, item).score == 1.0
+    assert score_generation("boxed_equiv", cut, item, cut_off=True) == scoring.Scored(0.0, None)
+    assert score_generation("boxed_equiv", cut + ", so \\boxed{\\frac{1}{2}}. Now", item, cut_off=True).score == 1.0
+
+
+@pytest.mark.parametrize(("policy", "response", "item"), [
+    ("yes_no", "Yes, because the premise", {"gold": "yes"}),
+    ("option_letter", "The answer is (C) because the", {"gold": "C"}),
+    ("short_answer_match", "Paris", {"gold": "Paris"}),
+    ("short_answer_contains", "It is Paris, which", {"gold": "Paris"}),
+])
+def test_cut_off_does_not_change_other_policies(policy, response, item):
+    assert score_generation(policy, response, item, cut_off=True) == score_generation(policy, response, item)
+    assert score_generation(policy, response, item, cut_off=True).score == 1.0
+
+
+def test_judge_ignores_cut_off(monkeypatch):
+    monkeypatch.setitem(JUDGES, "half", lambda response, item: 0.5)
+    assert score_generation("judge", "A summary that", {}, judge="half", cut_off=True).score == 0.5
+
+
 def test_boxed_equiv_scores():
     item = {"gold": "\\frac{1}{2}"}
     assert score_generation("boxed_equiv", "so $p = \\boxed{\\dfrac{1}{2}}$", item) == scoring.Scored(1.0, "\\dfrac{1}{2}")
@@ -122,12 +182,34 @@ def test_extract_short_answer():
     assert extract_short_answer("\n\n  Bobby Scott\n") == "Bobby Scott"
 
 
+@pytest.mark.parametrize(("response", "expected"), [
+    ("Dr. Seuss wrote it. He was American.", "Dr. Seuss wrote it"),
+    ("Mr. Rogers", "Mr. Rogers"),
+    ("Mrs. Doubtfire. A 1993 film.", "Mrs. Doubtfire"),
+    ("Ms. Marvel", "Ms. Marvel"),
+    ("St. Louis, Missouri. It lies on the Mississippi.", "St. Louis, Missouri"),
+    ("Sammy Davis Jr. sang it. It was a hit.", "Sammy Davis Jr. sang it"),
+    ("Ken Griffey Sr. was his father.", "Ken Griffey Sr. was his father"),
+    ("Roe vs. Wade. It was decided in 1973.", "Roe vs. Wade"),
+    ("A fruit, e.g. an apple. Or a pear.", "A fruit, e.g. an apple"),
+    ("The capital, i.e. Paris. It is large.", "The capital, i.e. Paris"),
+    ("The U.S. Senate. It has 100 members.", "The U.S. Senate"),
+    ("J. K. Rowling. She wrote Harry Potter.", "J. K. Rowling"),
+    ("Answer: 3.5 million people. Roughly.", "3.5 million people"),
+    ("In December 1972. It was the last landing.", "In December 1972"),
+    ("**Answer:** Paris! It is the capital.", "Paris"),
+])
+def test_extract_short_answer_keeps_abbreviations(response, expected):
+    assert extract_short_answer(response) == expected
+
+
 @pytest.mark.parametrize(("response", "score"), [
     ("December 1972", 1.0),
     ("december, 1972.", 1.0),
-    ("The last crewed landing was in December 1972.", 1.0),  # gold as whole words in the first sentence
-    ("Apollo 17.\nIt landed in December 1972.", 0.0),  # only the first sentence counts
-    ("In December 19720.", 0.0),  # whole words only
+    ("The answer is: December 1972.", 1.0),
+    ("The last crewed landing was in December 1972.", 0.0),  # exact match: a sentence is not the span
+    ("Apollo 17.\nIt landed in December 1972.", 0.0),
+    ("In December 19720.", 0.0),
     ("1972", 0.0),
     ("", 0.0),
 ])
@@ -135,8 +217,44 @@ def test_short_answer_match(response, score):
     assert score_generation("short_answer_match", response, NQ_ITEM).score == score
 
 
+def test_short_answer_match_is_exact_not_containment():
+    item = {"gold": json.dumps(["Paris"])}
+    assert score_generation("short_answer_match", "Not Paris, it is Lyon.", item) == scoring.Scored(0.0, "Not Paris, it is Lyon")
+    assert score_generation("short_answer_match", "Paris.", item).score == 1.0
+    assert score_generation("short_answer_match", "Dr. Seuss wrote it.", {"gold": "Dr. Seuss"}).score == 0.0
+    assert score_generation("short_answer_match", "Dr. Seuss.", {"gold": "Dr. Seuss"}).score == 1.0
+
+
+@pytest.mark.parametrize(("response", "score"), [
+    ("December 1972", 1.0),
+    ("The last crewed landing was in December 1972.", 1.0),  # gold as whole words in the first sentence
+    ("Not December 1972 but 1973.", 1.0),  # the documented weakness of containment
+    ("Apollo 17.\nIt landed in December 1972.", 0.0),  # only the first sentence counts
+    ("In December 19720.", 0.0),  # whole words only
+    ("", 0.0),
+])
+def test_short_answer_contains(response, score):
+    assert score_generation("short_answer_contains", response, NQ_ITEM).score == score
+
+
 def test_short_answer_match_accepts_a_plain_string_gold():
     assert score_generation("short_answer_match", "The answer is one.", {"gold": "one"}).score == 1.0
+    assert score_generation("short_answer_contains", "It is one.", {"gold": "one"}).score == 1.0
+
+
+NQ_ROW = SourceRow("NQ-open.dev.jsonl", 1, {"question": "who wrote the cat in the hat", "answer": ["Dr. Seuss"]})
+
+
+def test_natural_questions_match_option():
+    assert NaturalQuestions().to_item(NQ_ROW).scoring == "short_answer_match"
+    assert NaturalQuestions({"match": "exact"}).to_item(NQ_ROW).scoring == "short_answer_match"
+    assert NaturalQuestions({"match": "contains"}).scoring == "short_answer_contains"
+    with pytest.raises(ValueError, match="natural_questions.*'match'.*exact, contains.*'fuzzy'"):
+        NaturalQuestions({"match": "fuzzy"})
+
+
+def test_natural_questions_contains_items():
+    assert NaturalQuestions({"match": "contains"}).to_item(NQ_ROW).scoring == "short_answer_contains"
 
 
 # --- option_letter --------------------------------------------------------------------------------
@@ -148,17 +266,46 @@ def test_short_answer_match_accepts_a_plain_string_gold():
     ("B. Paris is the capital.", "B"),
     ("A good question. Weighing (A) against (B), the answer is B.", "B"),
     ("The correct answer is: **E**", "E"),
-    ("I would pick option d", "D"),
+    ("I would pick Option D", "D"),
     ("A", "A"),
     ("None of them fits.", None),
+    ("The answer is B because the passage says so.", "B"),
+    ("(C)", "C"),
+    ("D.", "D"),
+    ("Answer: A", "A"),
+    ("B", "B"),
+    ("The answer is a bit tricky to pin down.", None),  # lower-case "a" is a word, not a letter
+    ("My answer: e.g. the second one", None),
+    ("I would pick option d", None),  # letters are upper-case
+    ("Answer: A lot of people would say (B).", "B"),  # "A lot" is a word
+    ("Answer: A lot of people disagree.", None),
+    ("A good question. I think the second.", None),
+    ("I think (B) fits best.", "B"),  # "I think" is a word, not the letter I
 ])
 def test_extract_option_letter(response, letter):
     assert extract_option_letter(response) == letter
 
 
+def test_option_letters_come_from_the_number_of_choices():
+    assert extract_option_letter("The answer is F.") is None  # A-E by default
+    assert extract_option_letter("The answer is F.", n_choices=6) == "F"
+    assert extract_option_letter("Answer: D", n_choices=3) is None
+    assert extract_option_letter("Answer: I", n_choices=26) == "I"
+    assert extract_option_letter("Answer: I think it is (Q).", n_choices=26) == "Q"
+
+
 def test_option_letter_scores():
     assert score_generation("option_letter", "The answer is (C).", {"gold": "C"}).score == 1.0
     assert score_generation("option_letter", "Answer: B", {"gold": "C"}).score == 0.0
+    assert score_generation("option_letter", "The answer is a bit unclear.", {"gold": "A"}) == scoring.Scored(0.0, None)
+
+
+def test_option_letter_scores_a_26_choice_item():
+    item = {"gold": "Q", "choices": [f"choice {n}" for n in range(26)]}
+    assert score_generation("option_letter", "The answer is Q.", item) == scoring.Scored(1.0, "Q")
+    assert score_generation("option_letter", "(Q) fits best.", item).score == 1.0
+    assert score_generation("option_letter", "The answer is D.", {**item, "choices": ["x", "y", "z"]}).prediction is None
+    assert score_generation("option_letter", "The answer is D.", {**item, "choices": None}).prediction == "D"
 
 
 # --- yes_no ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 # Log-likelihood policies compare candidate continuations; generation policies decode greedily and
 # extract an answer from the response; "none" marks a coverage-only item (χ_model is N/A).
 LOGLIK_POLICIES = ("mc_loglik", "pair_loglik")
-GENERATION_POLICIES = ("numeric_match", "boxed_equiv", "short_answer_match", "option_letter", "yes_no", "judge")
+GENERATION_POLICIES = ("numeric_match", "boxed_equiv", "short_answer_match", "short_answer_contains", "option_letter", "yes_no", "judge")
 SCORING_POLICIES = LOGLIK_POLICIES + GENERATION_POLICIES + ("none",)
 
 CATEGORIES = ("Math", "Reasoning", "Factuality", "Ethics & Bias", "Probe", "Other")

@@ -9,10 +9,13 @@ response to the benchmark's answer extractor (competency_gaps.scoring).
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 import torch
+from jinja2.exceptions import TemplateError
 
 from competency_gaps.benchmarks.base import GENERATION_POLICIES, LOGLIK_POLICIES
 from competency_gaps.prompts import prompt_text
@@ -26,11 +29,28 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def start_of_text_id(tokenizer: Any) -> int:
+    """The token a document starts after, for scoring a sentence with no context (CrowS-Pairs).
+
+    `bos_token` is not it in general: ChatML tokenizers (SmolLM2-Instruct) set it to the role marker
+    `<|im_start|>`. In order: the special token the tokenizer itself prepends (Llama, Gemma BOS); else
+    `<|endoftext|>`, the GPT-2/SmolLM/Qwen document separator, when the vocabulary has it; else eos.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if full and full[0] != plain[0] and full[0] in tokenizer.all_special_ids:
+        return full[0]
+    if "<|endoftext|>" in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no BOS, <|endoftext|> or eos token to start a sentence from")
+    return tokenizer.eos_token_id
+
+
 def context_ids(tokenizer: Any, context: str) -> list[int]:
     """Token ids of a scoring context; an empty context is the start-of-text token alone."""
     if not context:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [start]
+        return [start_of_text_id(tokenizer)]
     return tokenizer(context, add_special_tokens=not _has_chat_template(tokenizer))["input_ids"]
 
 
@@ -74,6 +94,12 @@ def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], 
     return results
 
 
+def tied_best(totals: list[float]) -> list[int]:
+    """Indices of every option sharing the highest score (exact float equality)."""
+    best = max(totals)
+    return [index for index, total in enumerate(totals) if total == best]
+
+
 def score_loglik_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], system_prompt: str | None, batch_size: int) -> list[dict[str, Any]]:
     pairs: list[tuple[list[int], list[int]]] = []
     for item in items:
@@ -84,45 +110,128 @@ def score_loglik_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], 
             pairs.append((ctx, tokenizer(choice, add_special_tokens=False)["input_ids"]))
     token_logprobs = iter(continuation_logprobs(model, pairs, batch_size, tokenizer.pad_token_id))
     rows = []
+    tied_items = 0
     for item in items:
         per_choice = [next(token_logprobs) for _ in item["choices"]]
         # Multiple choice is length-normalised (options differ in length); a sentence pair is compared whole.
         totals = [sum(lp) / len(lp) if item["scoring"] == "mc_loglik" else sum(lp) for lp in per_choice]
-        chosen = max(range(len(totals)), key=totals.__getitem__)
+        tied = tied_best(totals)
+        tied_items += len(tied) > 1
+        # A tie is broken at random: p_i is the expected accuracy of that draw, not a win for option 0.
+        score = 1 / len(tied) if item["gold_index"] in tied else 0.0
         rows.append({
-            "item_id": item["item_id"], "scoring": item["scoring"], "score": float(chosen == item["gold_index"]),
-            "prediction": str(chosen), "response": item["choices"][chosen], "choice_logprobs": totals,
+            "item_id": item["item_id"], "scoring": item["scoring"], "score": score,
+            "prediction": ",".join(map(str, tied)),
+            # The first tied option's text stands in as the response (saliency may read it).
+            "response": item["choices"][tied[0]], "choice_logprobs": totals,
         })
+    if tied_items:
+        log.warning("%d item(s) with several options tied for the best score: scored 1/k if the gold is among the k", tied_items)
     return rows
 
 
+def _ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+# Assistant text that no template alters, to find what a template writes right after an answer.
+_ANSWER_MARKER = "ANSWERMARKER7x9"
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <end_of_turn>, <|end|>, …).
+
+    Read from the template itself: render an assistant answer, tokenize what follows it, and keep the
+    first token if it is a special/added token. None without a template or when none follows.
+    """
+    if not _has_chat_template(tokenizer):
+        return None
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ANSWER_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError as error:  # a template that refuses this conversation: fall back to the eos ids
+        log.warning("could not render an assistant turn to find the end-of-turn token: %s", error)
+        return None
+    if _ANSWER_MARKER not in text:
+        return None
+    after = tokenizer(text.split(_ANSWER_MARKER, 1)[1], add_special_tokens=False)["input_ids"]
+    if not after:
+        return None
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return after[0] if after[0] in special else None
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a response: `generate(eos_token_id=...)` replaces the model's own stop ids, so
+    they are united with the tokenizer's eos and the template's end-of-turn token (order kept, no duplicates)."""
+    generation_config = getattr(model, "generation_config", None)
+    candidates = [
+        *_ids(getattr(generation_config, "eos_token_id", None)),
+        *_ids(tokenizer.eos_token_id),
+        *_ids(end_of_turn_token_id(tokenizer)),
+    ]
+    return list(dict.fromkeys(candidates))
+
+
+def cut_off_rows(new_tokens: torch.Tensor, stop_ids: list[int], max_new_tokens: int) -> list[bool]:
+    """Per row: did decoding stop at max_new_tokens rather than at a stop token?
+
+    A row that finished early is padded after its stop token, so a row was cut off when it holds no stop
+    token and the batch ran the full max_new_tokens.
+    """
+    if new_tokens.shape[1] < max_new_tokens:
+        return [False] * new_tokens.shape[0]
+    stops = torch.tensor(stop_ids, dtype=new_tokens.dtype, device=new_tokens.device)
+    stopped = torch.isin(new_tokens, stops).any(dim=1)
+    return (~stopped).tolist()
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    cut_off: bool  # hit max_new_tokens before any stop token
+
+
 @torch.inference_mode()
-def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[Generation]:
     """Greedy completions, batched with left padding."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
-    stop_ids = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [])
-    responses: list[str] = []
+    stop_ids = stop_token_ids(model, tokenizer)
+    generations: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=not _has_chat_template(tokenizer)).to(device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
-        responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        log.info("generated %d / %d", len(responses), len(prompts))
-    return responses
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        generations += map(Generation, texts, cut_off_rows(new_tokens, stop_ids, max_new_tokens))
+        log.info("generated %d / %d", len(generations), len(prompts))
+    return generations
 
 
 def score_generation_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], system_prompt: str | None,
                            batch_size: int, max_new_tokens: int, judge: str | None = None) -> list[dict[str, Any]]:
     prompts = [prompt_text(tokenizer, item, system_prompt) for item in items]
     rows = []
-    for item, response in zip(items, greedy_responses(model, tokenizer, prompts, batch_size, max_new_tokens), strict=True):
-        scored = score_generation(item["scoring"], response, item, judge)
+    for item, generated in zip(items, greedy_responses(model, tokenizer, prompts, batch_size, max_new_tokens), strict=True):
+        scored = score_generation(item["scoring"], generated.text, item, judge, cut_off=generated.cut_off)
         rows.append({"item_id": item["item_id"], "scoring": item["scoring"], "score": scored.score,
-                     "prediction": scored.prediction, "response": response})
+                     "prediction": scored.prediction, "response": generated.text, "cut_off": generated.cut_off})
     return rows
+
+
+def log_cut_off(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Per benchmark, how many generated responses ran into max_new_tokens (their answers may be missing)."""
+    benchmark = {item["item_id"]: item.get("benchmark") or "?" for item in items}
+    generated = Counter(benchmark[row["item_id"]] for row in rows if row.get("cut_off") is not None)
+    cut_off = Counter(benchmark[row["item_id"]] for row in rows if row.get("cut_off"))
+    for name, total in sorted(generated.items()):
+        log.log(logging.WARNING if cut_off[name] else logging.INFO, "%s: %d / %d generated responses cut off at max_new_tokens (%.1f%%)",
+                name, cut_off[name], total, 100 * cut_off[name] / total)
 
 
 def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, system_prompt: str | None,
@@ -143,6 +252,7 @@ def evaluate_items(model: Any, tokenizer: Any, items: list[dict[str, Any]], *, s
             rows += score_generation_items(model, tokenizer, group, system_prompt, generation_batch_size, max_new_tokens, judge)
         else:  # "none": coverage only, χ_model is N/A for these items
             rows += [{"item_id": item["item_id"], "scoring": policy, "score": None} for item in group]
+    log_cut_off(items, rows)
     position = {item["item_id"]: index for index, item in enumerate(items)}
     rows.sort(key=lambda row: position[row["item_id"]])
     return pl.from_arrow(table_from_rows(rows, SCORES))
@@ -158,11 +268,13 @@ def run_import(items_path: str, scores_path: str, import_spec: dict[str, Any]) -
     return scores
 
 
-def run_evaluate(model: Any, tokenizer: Any, items_path: str, scores_path: str, model_spec: dict[str, Any], bench_spec: dict[str, Any]) -> pl.DataFrame:
+def run_evaluate(model: Any, tokenizer: Any, items_path: str, scores_path: str, model_spec: dict[str, Any],
+                 bench_spec: dict[str, Any], *, batch_size: int = 8, generation_batch_size: int = 8) -> pl.DataFrame:
+    """Score the items of one benchmark; batch sizes are throughput settings, not part of the job's spec."""
     items = pl.read_parquet(items_path).to_dicts()
     scores = evaluate_items(
-        model, tokenizer, items, system_prompt=model_spec.get("system_prompt"), batch_size=model_spec["batch_size"],
-        generation_batch_size=model_spec["generation_batch_size"], max_new_tokens=bench_spec["max_new_tokens"],
+        model, tokenizer, items, system_prompt=model_spec.get("system_prompt"), batch_size=batch_size,
+        generation_batch_size=generation_batch_size, max_new_tokens=bench_spec["max_new_tokens"],
         judge=bench_spec.get("judge"),
     )
     write_parquet(scores.to_arrow(), scores_path, SCORES)

@@ -266,7 +266,8 @@ def test_bootstrap_constant_score_gives_degenerate_interval():
 def test_bootstrap_matches_a_naive_loop():
     """The sparse-matmul replicates equal Σ w·s·p / Σ w·s computed item by item with the same draws."""
     saliency, items = random_frames(n_items=12)
-    options = GapOptions(n_bootstrap=40, seed=5, ci_level=0.9)
+    # min_ci_support=1: 12 items give concepts < 10 supporting items, and this checks the replicates' maths.
+    options = GapOptions(n_bootstrap=40, seed=5, ci_level=0.9, min_ci_support=1)
     table = concept_benchmark_table(saliency, items, 6, options)
     a_items = items.filter(pl.col("benchmark") == "A")
     counts = _resample_counts(a_items.height, options, "A")  # (items, n_boot), items in `items` order
@@ -296,7 +297,8 @@ def test_bootstrap_disabled_gives_null_intervals(per_benchmark):
 @pytest.mark.parametrize(
     "bad",
     [{"pooling": "median"}, {"ci_level": 1.0}, {"under_percentile": 50, "over_percentile": 10},
-     {"epsilon": -1.0}, {"n_bootstrap": -1}, {"min_support": 0}],
+     {"epsilon": -1.0}, {"n_bootstrap": -1}, {"min_support": 0}, {"min_ci_support": 0}, {"min_ci_support": 2.5},
+     {"seed": -1}],
 )
 def test_options_are_validated(bad):
     with pytest.raises(ValueError):
@@ -324,7 +326,86 @@ def test_summary_markdown_falls_back_when_no_concept_passes(per_benchmark):
     suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, NO_BOOT)  # min_support 50
     text = summary_markdown(suite, per_benchmark, thresholds)
     assert "No concept passes the support filter" in text
-    assert "falling back to all 3 concepts with support > 0" in text
+    assert "falling back to all 3 concepts with scored support > 0" in text
     worst = text.split("### Model gaps")[1].split("###")[0]
     # Lowest chi_model first: c0 0.6, c1 0.75, c2 0.833.
     assert worst.index("| 0 | 0.600") < worst.index("| 1 | 0.750") < worst.index("| 2 | 0.833")
+
+
+# ------------------------------------------------------------------------- scored support, CI support gate
+
+# C has no scorer (coverage only): c1 fires on c1 (1) and c2 (1), c2 fires on c1 (2).
+COVERAGE_ONLY_SALIENCY = SALIENCY_ROWS + [("C", "c1", 1, 1.0), ("C", "c2", 1, 1.0), ("C", "c1", 2, 2.0)]
+COVERAGE_ONLY_ITEMS = ITEM_ROWS + [("C", "c1", None), ("C", "c2", None)]
+
+
+def coverage_only_tables(options: GapOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
+    saliency, items = frames(COVERAGE_ONLY_SALIENCY, COVERAGE_ONLY_ITEMS)
+    table = concept_benchmark_table(saliency, items, K, options)
+    suite, _ = concept_suite_table(table, saliency, items, K, options)
+    return table, suite
+
+
+def test_scored_support_and_ess_ignore_unscored_items():
+    table, suite = coverage_only_tables(NO_BOOT)
+    # Per benchmark: C is coverage only, so nothing there is scored; A c1: a1 (1), a3 (1) -> ESS 2² / 2 = 2.
+    assert cell(table, "C", 1, "support") == 2 and cell(table, "C", 1, "scored_support") == 0
+    assert cell(table, "C", 1, "ess") == pytest.approx(2.0) and cell(table, "C", 1, "scored_ess") is None
+    assert cell(table, "A", 1, "scored_support") == 2 and cell(table, "A", 1, "scored_ess") == pytest.approx(2.0)
+    # Suite, coverage columns unchanged: c1 fires on 4 items in A and C (ESS 4² / 4 = 4).
+    assert suite["support"].to_list() == [4, 4, 3, 0]
+    assert suite["n_benchmarks_active"].to_list() == [2, 2, 3, 0]
+    assert suite_value(suite, 1, "ess") == pytest.approx(4.0)
+    # Scored: c1 only a1, a3 (A); c2 a3 (1, A) and b2 (2, B): ESS (1 + 2)² / (1 + 4) = 1.8.
+    assert suite["scored_support"].to_list() == [4, 2, 2, 0]
+    assert suite["n_benchmarks_scored"].to_list() == [2, 1, 2, 0]
+    assert suite_value(suite, 1, "scored_ess") == pytest.approx(2.0)
+    assert suite_value(suite, 2, "scored_ess") == pytest.approx(1.8)
+    assert suite_value(suite, 0, "scored_ess") == pytest.approx(25 / 7)  # all of c0's items are scored
+    assert suite_value(suite, 3, "scored_ess") is None
+
+
+def test_support_filter_counts_only_scored_items():
+    # On coverage c1 (2 benchmarks, 4 items) and c2 (3, 3) would pass; scored they have (1, 2) and (2, 2).
+    _, suite = coverage_only_tables(GapOptions(n_bootstrap=0, min_benchmarks=2, min_support=3))
+    assert suite["passes_support_filter"].to_list() == [True, False, False, False]
+
+
+def test_summary_ranking_shows_scored_support():
+    options = GapOptions(n_bootstrap=0, min_benchmarks=1, min_support=1)
+    table, suite = coverage_only_tables(options)
+    _, thresholds = concept_suite_table(table, *frames(COVERAGE_ONLY_SALIENCY, COVERAGE_ONLY_ITEMS), K, options)
+    text = summary_markdown(suite, table, thresholds)
+    ranking = text.split("## chi_model ranking")[1].split("## Benchmark gaps")[0]
+    assert "| concept | chi_model | 95% CI | scored support | scored benchmarks | scored ESS |" in ranking
+    # c1: chi_model 0.75, 2 scored items in 1 benchmark, scored ESS 2 (coverage would read 4 | 2 | 4.0).
+    assert "| 1 | 0.750 | [N/A, N/A] | 2 | 1 | 2.0 |" in ranking
+
+
+def ci_support_frames() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One benchmark of 10 scored items (scores alternate 0, 1) and 5 unscored ones. c0 fires on 1 scored item,
+    c1 on 9 scored items (and all 5 unscored: coverage support 14), c2 on all 10 scored items."""
+    items = [("A", f"s{i}", float(i % 2)) for i in range(10)] + [("A", f"u{i}", None) for i in range(5)]
+    saliency = [("A", "s0", 0, 1.0)]
+    saliency += [("A", f"s{i}", 1, 1.0 + i) for i in range(9)] + [("A", f"u{i}", 1, 1.0) for i in range(5)]
+    saliency += [("A", f"s{i}", 2, 1.0 + i) for i in range(10)]
+    return frames(saliency, items)
+
+
+def test_no_interval_below_min_ci_support():
+    saliency, items = ci_support_frames()
+    options = GapOptions(n_bootstrap=50)  # min_ci_support defaults to 10
+    table = concept_benchmark_table(saliency, items, 3, options)
+    suite, thresholds = concept_suite_table(table, saliency, items, 3, options)
+    assert options.min_ci_support == 10 and thresholds["min_ci_support"] == 10
+    for frame in (table, suite):
+        assert frame["scored_support"].to_list() == [1, 9, 10]
+        assert frame["chi_model"].null_count() == 0  # the estimate itself is always reported
+        assert frame["chi_model_lo"].to_list()[:2] == [None, None]  # 1 and 9 scored items: no interval
+        assert frame["chi_model_hi"].to_list()[:2] == [None, None]
+        lo, chi, hi = (frame[c][2] for c in ("chi_model_lo", "chi_model", "chi_model_hi"))
+        assert lo is not None and hi is not None and lo <= chi <= hi and lo < hi
+    # Lowering the option restores the intervals (c0's single item gives [0, 0], the reason for the gate).
+    table = concept_benchmark_table(saliency, items, 3, GapOptions(n_bootstrap=50, min_ci_support=1))
+    assert table["chi_model_lo"].null_count() == 0
+    assert (table["chi_model_lo"][0], table["chi_model_hi"][0]) == (0.0, 0.0)

@@ -34,15 +34,19 @@ class GapOptions:
     pooling: str = "pooled"
     """Suite chi_model: 'pooled' over all items of all benchmarks (paper) or 'mean' of per-benchmark values."""
     min_benchmarks: int = 5
-    """Support filter for rankings: the concept fires in at least this many benchmarks."""
+    """Support filter for rankings: the concept fires on a scored item in at least this many benchmarks."""
     min_support: int = 50
-    """Support filter for rankings: the concept fires on at least this many items in the suite."""
+    """Support filter for rankings: the concept fires on at least this many scored items in the suite."""
     n_bootstrap: int = 200
     """Bootstrap resamples of items for chi_model confidence intervals (0 disables them)."""
     ci_level: float = 0.95
     """Two-sided level of the percentile bootstrap intervals."""
+    min_ci_support: int = 10
+    """No interval (null bounds) when fewer scored items support the concept: a percentile bootstrap over a
+    handful of items is degenerate (one item gives [p, p])."""
     seed: int = 0
-    """Seed of the bootstrap; each benchmark derives its own stream from it and its name."""
+    """Seed of the bootstrap (the gap analysis's own, not the global seed); each benchmark derives its own
+    stream from it and its name."""
 
     def __post_init__(self) -> None:
         if not self.epsilon >= 0:
@@ -54,7 +58,7 @@ class GapOptions:
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"gaps.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        for name in ("min_benchmarks", "min_support"):
+        for name in ("min_benchmarks", "min_support", "min_ci_support"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"gaps.{name} must be an integer >= 1, got {value!r}")
@@ -63,7 +67,7 @@ class GapOptions:
         if not 0 < self.ci_level < 1:
             raise ValueError(f"gaps.ci_level must be in (0, 1), got {self.ci_level}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise ValueError(f"gaps.seed must be an integer >= 0, got {self.seed!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,35 +112,45 @@ def _saliency_rows(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int)
     return joined
 
 
+SUMS = ["support", "sum_saliency", "sum_saliency_sq", "scored_support", "scored_saliency", "scored_saliency_sq",
+        "weighted_score"]
+
+
 def _concept_sums(rows: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    """Per group: support, Σ s, Σ s², and over scored items Σ s and Σ s·p."""
+    """Per group: support, Σ s, Σ s² over all supporting items (coverage), and the same plus Σ s·p over the
+    scored ones (chi_model and its support: an unscored item says nothing about performance)."""
     scored = pl.col("score").is_not_null()
+    saliency = pl.col("saliency")
     return rows.group_by(by).agg(
         support=pl.len().cast(pl.Int64),
-        sum_saliency=pl.col("saliency").sum(),
-        sum_saliency_sq=(pl.col("saliency") ** 2).sum(),
-        scored_saliency=pl.col("saliency").filter(scored).sum(),
-        weighted_score=(pl.col("saliency") * pl.col("score")).filter(scored).sum(),
+        sum_saliency=saliency.sum(),
+        sum_saliency_sq=(saliency**2).sum(),
+        scored_support=scored.sum().cast(pl.Int64),
+        scored_saliency=saliency.filter(scored).sum(),
+        scored_saliency_sq=(saliency**2).filter(scored).sum(),
+        weighted_score=(saliency * pl.col("score")).filter(scored).sum(),
     )
 
 
 def _dense(sums: pl.DataFrame, grid: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     """The sums on every row of `grid` (concepts never seen get zeros)."""
-    zero = ["support", "sum_saliency", "sum_saliency_sq", "scored_saliency", "weighted_score"]
-    return grid.join(sums, on=by, how="left").with_columns(pl.col(c).fill_null(0) for c in zero)
+    return grid.join(sums, on=by, how="left").with_columns(pl.col(c).fill_null(0) for c in SUMS)
+
+
+def _ess(support: str, total: str, total_sq: str) -> pl.Expr:
+    """(Σ s)² / Σ s², null without support."""
+    return pl.when(pl.col(support) > 0).then(pl.col(total) ** 2 / pl.col(total_sq)).otherwise(None)
 
 
 def _estimates() -> list[pl.Expr]:
-    """chi_model (null, never NaN, where no scored item supports it) and ESS (null without support)."""
+    """chi_model (null, never NaN, where no scored item supports it), ESS and scored ESS."""
     return [
         pl.when(pl.col("scored_saliency") > 0)
         .then(pl.col("weighted_score") / pl.col("scored_saliency"))
         .otherwise(None)
         .alias("chi_model"),
-        pl.when(pl.col("support") > 0)
-        .then(pl.col("sum_saliency") ** 2 / pl.col("sum_saliency_sq"))
-        .otherwise(None)
-        .alias("ess"),
+        _ess("support", "sum_saliency", "sum_saliency_sq").alias("ess"),
+        _ess("scored_support", "scored_saliency", "scored_saliency_sq").alias("scored_ess"),
     ]
 
 
@@ -253,12 +267,14 @@ def _suite_ratios(replicates: dict[str, _Replicates], n_concepts: int, options: 
     return _ratio(total, count)
 
 
-def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[str]) -> pl.DataFrame:
-    """Join the interval columns (null where chi_model is null or the bootstrap is off)."""
+def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[str],
+                   options: GapOptions) -> pl.DataFrame:
+    """Join the interval columns (null where chi_model is null, the scored support is below min_ci_support,
+    or the bootstrap is off)."""
     if interval is None:
         return frame.with_columns(chi_model_lo=pl.lit(None, pl.Float64), chi_model_hi=pl.lit(None, pl.Float64))
     frame = frame.join(interval, on=on, how="left")
-    defined = pl.col("chi_model").is_not_null()
+    defined = pl.col("chi_model").is_not_null() & (pl.col("scored_support") >= options.min_ci_support)
     return frame.with_columns(
         pl.when(defined).then(pl.col("chi_model_lo")).alias("chi_model_lo"),
         pl.when(defined).then(pl.col("chi_model_hi")).alias("chi_model_hi"),
@@ -270,12 +286,13 @@ def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[
 
 
 CONCEPT_BENCHMARK_COLUMNS = [
-    "concept", "benchmark", "n_items", "support", "sum_saliency", "ess", "chi_bench", "missing",
-    "chi_model", "chi_model_lo", "chi_model_hi",
+    "concept", "benchmark", "n_items", "support", "sum_saliency", "ess", "scored_support", "scored_ess",
+    "chi_bench", "missing", "chi_model", "chi_model_lo", "chi_model_hi",
 ]
 SUITE_COLUMNS = [
     "concept", "chi_bench", "chi_model", "chi_model_lo", "chi_model_hi", "support", "n_benchmarks_active",
-    "sum_saliency", "ess", "classification", "passes_support_filter",
+    "sum_saliency", "ess", "scored_support", "n_benchmarks_scored", "scored_ess", "classification",
+    "passes_support_filter",
 ]
 
 
@@ -285,10 +302,11 @@ def concept_benchmark_table(
     """One row per (concept, benchmark), K × B rows, sorted by benchmark then concept.
 
     Columns: concept (Int32), benchmark, n_items (items of the benchmark), support (#items where s > 0),
-    sum_saliency (Σ_i s), ess ((Σ s)² / Σ s², null without support), chi_bench (Σ_i s · K / Σ_{i,c'} s; 0 when
-    the concept never fires in b; null when b has no saliency at all), missing (the concept never fires in b),
-    chi_model (Σ s·p / Σ s over scored items; null when no scored item supports it), chi_model_lo/hi (percentile
-    bootstrap over the scored items of b; null when chi_model is null or n_bootstrap == 0).
+    sum_saliency (Σ_i s), ess ((Σ s)² / Σ s², null without support), scored_support and scored_ess (the same
+    over items with a score), chi_bench (Σ_i s · K / Σ_{i,c'} s; 0 when the concept never fires in b; null when
+    b has no saliency at all), missing (the concept never fires in b), chi_model (Σ s·p / Σ s over scored
+    items; null when no scored item supports it), chi_model_lo/hi (percentile bootstrap over the scored items
+    of b; null when chi_model is null, scored_support < min_ci_support or n_bootstrap == 0).
     """
     items = _check_items(items)
     rows = _saliency_rows(saliency, items, n_concepts)
@@ -308,7 +326,7 @@ def concept_benchmark_table(
         for benchmark, rep in (_all_replicates(rows, items, options) if options.n_bootstrap > 0 else {}).items()
     ]
     interval = pl.concat(intervals) if intervals else None
-    table = _with_interval(table, interval, ["benchmark", "concept"])
+    table = _with_interval(table, interval, ["benchmark", "concept"], options)
     return table.select(CONCEPT_BENCHMARK_COLUMNS).sort("benchmark", "concept")
 
 
@@ -336,9 +354,11 @@ def concept_suite_table(
 
     Columns: concept, chi_bench (mean over benchmarks of chi_bench, benchmarks without saliency excluded),
     chi_model (pooled Σ_b Σ_i s·p / Σ_b Σ_i s over scored items, or with pooling 'mean' the mean of the non-null
-    per-benchmark values), chi_model_lo/hi (bootstrap, items resampled within each benchmark), support (items
-    where the concept fires, whole suite), n_benchmarks_active (benchmarks where it fires), sum_saliency, ess,
-    classification (missing | under | normal | over), passes_support_filter.
+    per-benchmark values), chi_model_lo/hi (bootstrap, items resampled within each benchmark; null below
+    min_ci_support scored items), support (items where the concept fires, whole suite), n_benchmarks_active
+    (benchmarks where it fires), sum_saliency, ess, scored_support, n_benchmarks_scored and scored_ess (the same
+    over scored items only), classification (missing | under | normal | over), passes_support_filter (on the
+    scored counts: coverage-only items cannot make a chi_model ranking look well supported).
     The dict holds the options and the chi_bench thresholds (null when no concept is covered).
     """
     items = _check_items(items)
@@ -346,11 +366,12 @@ def concept_suite_table(
     per_benchmark = concept_benchmark.group_by("concept").agg(
         chi_bench=pl.col("chi_bench").mean(),
         n_benchmarks_active=(pl.col("support") > 0).sum().cast(pl.Int64),
+        n_benchmarks_scored=(pl.col("scored_support") > 0).sum().cast(pl.Int64),
         mean_chi_model=pl.col("chi_model").mean(),
     )
     suite = _dense(_concept_sums(rows, ["concept"]), _concept_frame(n_concepts), ["concept"])
     suite = suite.join(per_benchmark.with_columns(pl.col("concept").cast(pl.Int32)), on="concept", how="left")
-    suite = suite.with_columns(*_estimates(), pl.col("n_benchmarks_active").fill_null(0))
+    suite = suite.with_columns(*_estimates(), pl.col("n_benchmarks_active", "n_benchmarks_scored").fill_null(0))
     if options.pooling == "mean":
         suite = suite.with_columns(chi_model=pl.col("mean_chi_model"))
 
@@ -358,13 +379,13 @@ def concept_suite_table(
     if options.n_bootstrap > 0:
         ratios = _suite_ratios(_all_replicates(rows, items, options), n_concepts, options)
         interval = _interval_frame(np.arange(n_concepts), ratios, options)
-    suite = _with_interval(suite.sort("concept"), interval, ["concept"])
+    suite = _with_interval(suite.sort("concept"), interval, ["concept"], options)
 
     classification, under, over = _classify(suite["chi_bench"], options)
     suite = suite.with_columns(
         classification,
-        passes_support_filter=(pl.col("n_benchmarks_active") >= options.min_benchmarks)
-        & (pl.col("support") >= options.min_support),
+        passes_support_filter=(pl.col("n_benchmarks_scored") >= options.min_benchmarks)
+        & (pl.col("scored_support") >= options.min_support),
     )
     thresholds = {
         "n_concepts": n_concepts,
@@ -378,6 +399,7 @@ def concept_suite_table(
         "min_support": options.min_support,
         "n_bootstrap": options.n_bootstrap,
         "ci_level": options.ci_level,
+        "min_ci_support": options.min_ci_support,
         "seed": options.seed,
     }
     return suite.select(SUITE_COLUMNS).sort("concept"), thresholds
@@ -440,9 +462,10 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _ranking_rows(frame: pl.DataFrame) -> list[list[str]]:
+    """chi_model rows with the scored counts: those are what chi_model rests on."""
     return [
         [str(r["concept"]), _fmt(r["chi_model"]), f"[{_fmt(r['chi_model_lo'])}, {_fmt(r['chi_model_hi'])}]",
-         str(r["support"]), str(r["n_benchmarks_active"]), _fmt(r["ess"], 1)]
+         str(r["scored_support"]), str(r["n_benchmarks_scored"]), _fmt(r["scored_ess"], 1)]
         for r in frame.iter_rows(named=True)
     ]
 
@@ -454,14 +477,17 @@ def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[
         return ["## chi_model ranking", "", "No concept has a chi_model (no scored items): no ranking."]
     pool = rated.filter(pl.col("passes_support_filter"))
     if pool.height:
-        note = (f"Among the {pool.height} concepts passing the support filter (active in ≥ "
-                f"{thresholds['min_benchmarks']} benchmarks with ≥ {thresholds['min_support']} supporting items).")
+        note = (f"Among the {pool.height} concepts passing the support filter (firing on scored items in ≥ "
+                f"{thresholds['min_benchmarks']} benchmarks, on ≥ {thresholds['min_support']} scored items).")
     else:
-        pool = rated.filter(pl.col("support") > 0)
+        pool = rated.filter(pl.col("scored_support") > 0)
         note = (f"**No concept passes the support filter** (≥ {thresholds['min_benchmarks']} benchmarks, ≥ "
-                f"{thresholds['min_support']} items); falling back to all {pool.height} concepts with support > 0 "
-                "and a chi_model. Treat these rankings as weak evidence.")
-    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "support", "benchmarks", "ESS"]
+                f"{thresholds['min_support']} scored items); falling back to all {pool.height} concepts with "
+                "scored support > 0 and a chi_model. Treat these rankings as weak evidence.")
+    if "min_ci_support" in thresholds:
+        note += f" No interval (N/A) below {thresholds['min_ci_support']} scored supporting items."
+    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "scored support",
+              "scored benchmarks", "scored ESS"]
     worst = pool.sort(["chi_model", "concept"]).head(top_n)
     best = pool.sort(["chi_model", "concept"], descending=[True, False]).head(top_n)
     return [

@@ -20,48 +20,113 @@ from competency_gaps.tables import write_frame, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-# Shard paths are hive-style (…/model=M/benchmark=B/layer=L/file.parquet); the benchmark comes from the path.
-HIVE_SCHEMA = {"model": pl.String, "benchmark": pl.String, "layer": pl.Int64}
+SKIP_REASONS = {"too_long": "n_skipped_too_long", "no_counted_tokens": "n_skipped_no_tokens"}
 
 
-def scan_shards(paths: list[str]) -> pl.LazyFrame:
-    return pl.scan_parquet(paths, hive_partitioning=True, hive_schema=HIVE_SCHEMA)
+def benchmark_of(path: str) -> str:
+    """The slug of the last `benchmark=<slug>` folder of a shard path. Only that segment is read: hive parsing
+    of the whole path would also pick up any `key=value` folder above the results (`/scratch/run=3/…`)."""
+    slugs = [part.split("=", 1)[1] for part in Path(path).parts[:-1] if part.startswith("benchmark=")]
+    if not slugs:
+        raise ValueError(f"shard path has no benchmark=<slug> folder: {path}")
+    return slugs[-1]
+
+
+def read_shard(path: str, columns: list[str]) -> pl.DataFrame:
+    """`columns` of one shard plus its benchmark (from the path) as a literal column."""
+    absent = [name for name in columns if name not in pl.read_parquet_schema(path)]
+    if absent:  # a shard written before the column existed: say which one, not a polars plan dump
+        raise ValueError(f"{path} lacks column(s) {absent}: it was written by an older version of the pipeline; "
+                         "delete it and rerun the stage that writes it")
+    frame = pl.read_parquet(path, columns=columns, hive_partitioning=False)
+    return frame.with_columns(benchmark=pl.lit(benchmark_of(path), pl.String))
+
+
+def read_shards(paths: list[str], columns: list[str]) -> pl.DataFrame:
+    return pl.concat(read_shard(path, columns) for path in paths)
+
+
+def _check_every_item_has_tokens(items: pl.DataFrame) -> None:
+    """Extraction writes one item_tokens row per item; an item without one means scores and extraction ran
+    on different item sets, and counting it either way would be silently wrong."""
+    missing = items.filter(pl.col("has_tokens").is_null())
+    if missing.height:
+        first = missing.row(0, named=True)
+        raise ValueError(f"{missing.height} scored item(s) have no item_tokens row, e.g. {first['benchmark']}/"
+                         f"{first['item_id']}: rerun extraction for that benchmark")
 
 
 def load_inputs(saliency_paths: list[str], token_paths: list[str], score_paths: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Saliency rows, and every evaluated item with its score and whether extraction kept (`extracted`) or
-    truncated it; items a `skip` context policy left out are not extracted and count in no χ."""
-    saliency = scan_shards(saliency_paths).select("benchmark", "item_id", "concept", "saliency").collect()
-    tokens = scan_shards(token_paths).select("benchmark", "item_id", "truncated").collect()
-    scores = (
-        pl.scan_parquet(score_paths, hive_partitioning=True, hive_schema={"model": pl.String, "benchmark": pl.String})
-        .select("benchmark", "item_id", "score")
-        .collect()
-    )
-    items = scores.join(tokens, on=["benchmark", "item_id"], how="left").with_columns(
-        pl.col("truncated").is_not_null().alias("extracted")
-    )
-    return saliency, items
+    """Saliency rows, and every evaluated item with its score, cut_off, truncated, skipped (null or the reason)
+    and `extracted` (skipped is null); skipped items have no saliency and count in no χ."""
+    saliency = read_shards(saliency_paths, ["item_id", "concept", "saliency"])
+    tokens = read_shards(token_paths, ["item_id", "truncated", "skipped"]).with_columns(has_tokens=pl.lit(True))
+    scores = read_shards(score_paths, ["item_id", "score", "cut_off"])
+    items = scores.join(tokens, on=["benchmark", "item_id"], how="left")
+    _check_every_item_has_tokens(items)
+    return saliency, items.drop("has_tokens").with_columns(extracted=pl.col("skipped").is_null())
 
 
 def benchmark_overview(concept_benchmark: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
-    """Per benchmark: missing %, mean score over scored items, and the context-policy counts."""
+    """Per benchmark handed to the reducer (also those with no extracted item: covered/missing % null there):
+    items evaluated and extracted, skips by reason, truncations, mean score over the analysed items, and the
+    share of generated responses cut off at max_new_tokens."""
+    extracted = pl.col("extracted")
     counts = items.group_by("benchmark").agg(
-        pl.col("score").filter("extracted").mean().alias("mean_score"),
-        pl.col("score").filter("extracted").is_not_null().sum().alias("n_scored"),
-        pl.col("truncated").sum().alias("n_truncated"),
-        (~pl.col("extracted")).sum().alias("n_skipped"),
+        n_items=pl.len().cast(pl.Int64),
+        n_extracted=extracted.sum().cast(pl.Int64),
+        n_skipped=(~extracted).sum().cast(pl.Int64),
+        **{column: (pl.col("skipped") == reason).sum().cast(pl.Int64) for reason, column in SKIP_REASONS.items()},
+        # Only items that were read (truncated) count here; a too-long skipped item is counted as skipped.
+        n_truncated=(pl.col("truncated") & extracted).sum().cast(pl.Int64),
+        mean_score=pl.col("score").filter(extracted).mean(),
+        n_scored=pl.col("score").filter(extracted).is_not_null().sum().cast(pl.Int64),
+        n_generated=pl.col("cut_off").is_not_null().sum().cast(pl.Int64),
+        n_cut_off=pl.col("cut_off").sum().cast(pl.Int64),
+    ).with_columns(
+        cut_off_share=pl.when(pl.col("n_generated") > 0).then(pl.col("n_cut_off") / pl.col("n_generated"))
     )
-    return missing_percent(concept_benchmark).join(counts, on="benchmark", how="left").sort("benchmark")
+    coverage = missing_percent(concept_benchmark).drop("n_items")  # n_items there counts extracted items only
+    return counts.join(coverage, on="benchmark", how="left").sort("benchmark")
 
 
 def context_note(overview: pl.DataFrame) -> str:
     """Say how many prompts were longer than max_length (truncated or skipped by the context policy)."""
-    affected = overview.filter((pl.col("n_truncated") > 0) | (pl.col("n_skipped") > 0))
+    affected = overview.filter((pl.col("n_truncated") > 0) | (pl.col("n_skipped_too_long") > 0))
     if affected.is_empty():
         return ""
-    parts = [f"{row['benchmark']}: {row['n_truncated']} truncated, {row['n_skipped']} skipped" for row in affected.iter_rows(named=True)]
+    parts = [f"{row['benchmark']}: {row['n_truncated']} truncated, {row['n_skipped_too_long']} skipped"
+             for row in affected.iter_rows(named=True)]
     return f"**Prompts longer than max_length** — {'; '.join(parts)}.\n\n"
+
+
+def no_tokens_note(overview: pl.DataFrame) -> str:
+    """Say which items were skipped because none of their own text survived masking."""
+    affected = overview.filter(pl.col("n_skipped_no_tokens") > 0)
+    if affected.is_empty():
+        return ""
+    parts = [f"{row['benchmark']}: {row['n_skipped_no_tokens']}" for row in affected.iter_rows(named=True)]
+    return f"**Items skipped with no counted tokens** (none of the item's own text survived masking) — {'; '.join(parts)}.\n\n"
+
+
+def all_skipped_note(overview: pl.DataFrame) -> str:
+    """Warn about benchmarks with no extracted item: they are absent from every χ table."""
+    lines = [
+        f"**Benchmark {row['benchmark']} had all {row['n_items']} items skipped ({row['n_skipped_too_long']} too "
+        f"long, {row['n_skipped_no_tokens']} with no counted tokens) and counts in no χ.**\n\n"
+        for row in overview.filter(pl.col("n_extracted") == 0).iter_rows(named=True)
+    ]
+    return "".join(lines)
+
+
+def cut_off_note(overview: pl.DataFrame) -> str:
+    """One line per benchmark whose generated responses hit max_new_tokens (a cut-off answer may score 0)."""
+    affected = overview.filter(pl.col("n_cut_off") > 0)
+    if affected.is_empty():
+        return ""
+    lines = [f"- {row['benchmark']}: {row['n_cut_off']} of {row['n_generated']} responses hit max_new_tokens"
+             for row in affected.iter_rows(named=True)]
+    return "**Responses cut off at max_new_tokens** (their scores may be too low):\n\n" + "\n".join(lines) + "\n\n"
 
 
 def coverage_only_note(items: pl.DataFrame) -> str:
@@ -74,8 +139,10 @@ def coverage_only_note(items: pl.DataFrame) -> str:
 
 
 def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: list[str], n_concepts: int,
-               gaps: dict[str, Any], seed: int, out_dir: Path, title: str) -> None:
-    options = GapOptions(**{**gaps, "seed": seed})
+               gaps: dict[str, Any], out_dir: Path, title: str) -> None:
+    """Everything the analysis depends on comes from `gaps` (its own seed included), so changing the global
+    seed does not touch these tables."""
+    options = GapOptions(**gaps)
     saliency, evaluated = load_inputs(saliency_paths, token_paths, score_paths)
     items = evaluated.filter("extracted").select("benchmark", "item_id", "score")
     per_benchmark = concept_benchmark_table(saliency, items, n_concepts, options)
@@ -86,6 +153,7 @@ def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: l
     write_frame(overview, out_dir / "benchmarks.parquet")
     write_frame(jaccard_overlap(per_benchmark), out_dir / "overlap.parquet")
     write_json(thresholds, out_dir / "thresholds.json")
-    notes = coverage_only_note(items) + context_note(overview)
+    notes = (all_skipped_note(overview) + coverage_only_note(items) + context_note(overview)
+             + no_tokens_note(overview) + cut_off_note(overview))
     write_text(f"# {title}\n\n{notes}" + summary_markdown(suite, per_benchmark, thresholds), out_dir / "summary.md")
     log.info("reduced %d benchmarks × %d concepts", per_benchmark["benchmark"].n_unique(), n_concepts)

@@ -45,6 +45,9 @@ SCORES = pa.schema(
         ("prediction", pa.string()),
         ("response", pa.string()),
         ("choice_logprobs", pa.list_(pa.float64())),
+        # Generated responses only: the decoder stopped at max_new_tokens rather than at an end-of-turn
+        # token (null for log-likelihood, imported and coverage-only items).
+        ("cut_off", pa.bool_()),
     ]
 )
 
@@ -61,9 +64,13 @@ SALIENCY = pa.schema(
 ITEM_TOKENS = pa.schema(
     [
         ("item_id", pa.string()),
-        ("counted_tokens", pa.int32()),  # T_i
-        ("total_tokens", pa.int32()),
+        ("counted_tokens", pa.int32()),  # T_i (0 for a skipped item)
+        ("total_tokens", pa.int32()),  # the whole prompt, before any truncation
+        ("read_tokens", pa.int32()),  # tokens the model read (≤ max_length; 0 for a skipped item)
         ("truncated", pa.bool_()),
+        # Why extraction left the item out (null: extracted): "too_long" (context_policy skip) or
+        # "no_counted_tokens" (nothing of the item's own text survived masking). Skipped items count in no χ.
+        ("skipped", pa.string()),
     ]
 )
 

@@ -42,6 +42,11 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def counted_pieces(row: dict) -> list[str]:
+    """The characters of a prepared row that count as the item's own text, span by span."""
+    return [row["messages"][s["message"]]["content"][s["start"]:s["end"]] for s in row["field_spans"]]
+
+
 # --- Social IQa ---------------------------------------------------------------------------------
 
 SIQA_ROW = {"context": "Tracy helped.", "question": "Why?", "answerA": "a", "answerB": "b", "answerC": "c"}
@@ -59,6 +64,22 @@ def test_social_iqa_real_files():
     assert item.choices == ["sympathetic", "like a person who was unable to help", "incredulous"]
     assert item.gold_index == 0
     assert item.fields["question"] == "How would you describe Sydney?"
+
+
+def test_social_iqa_option_letters_are_not_counted(tmp_path):
+    write_jsonl(tmp_path / "dev.jsonl", [SIQA_ROW])
+    (tmp_path / "dev-labels.lst").write_text("2\n", encoding="utf-8")
+    table, _ = prepare_benchmark("s", spec("social_iqa", tmp_path))
+    row = table.to_pylist()[0]
+    assert row["messages"][-1]["content"].endswith("Options:\nA. a\nB. b\nC. c")
+    assert counted_pieces(row) == ["Tracy helped.", "Why?", "a", "b", "c"]
+
+
+def test_social_iqa_labels_file_with_byte_order_mark(tmp_path):
+    write_jsonl(tmp_path / "dev.jsonl", [SIQA_ROW, SIQA_ROW])
+    (tmp_path / "dev-labels.lst").write_text("2\n3\n", encoding="utf-8-sig")
+    table, _ = prepare_benchmark("s", spec("social_iqa", tmp_path))
+    assert table.column("gold_index").to_pylist() == [1, 2]
 
 
 def test_social_iqa_missing_label_names_file_line_and_field(tmp_path):
@@ -179,6 +200,18 @@ def test_agieval_bad_label(tmp_path):
         prepare_benchmark("a", spec("agieval_en", tmp_path, options={"subsets": ["lsat-ar"]}))
 
 
+def test_agieval_counts_passage_question_and_option_texts_only(tmp_path):
+    row = {"passage": "Ann is taller than Bo.", "question": "Who is shorter?", "options": ["(A)Ann", "(B)Bo"],
+           "label": "B"}
+    write_jsonl(tmp_path / "lsat-ar.jsonl", [row, {**row, "passage": None}])
+    table, _ = prepare_benchmark("a", spec("agieval_en", tmp_path, options={"subsets": ["lsat-ar"]}))
+    with_passage, without = table.to_pylist()
+    prompt = with_passage["messages"][-1]["content"]
+    assert "Ann is taller than Bo.\n\nQuestion: Who is shorter?\nOptions:\nA. Ann\nB. Bo" in prompt
+    assert counted_pieces(with_passage) == ["Ann is taller than Bo.", "Who is shorter?", "Ann", "Bo"]
+    assert counted_pieces(without) == ["Who is shorter?", "Ann", "Bo"]
+
+
 # --- LogicBench ---------------------------------------------------------------------------------
 
 @needs_data
@@ -206,6 +239,15 @@ def test_logicbench_task_option_and_bad_answer(tmp_path):
     path.write_text(json.dumps({"type": "propositional_logic", "axiom": "modus_ponens", "samples": [sample_]}))
     table, report = prepare_benchmark("l", spec("logicbench", tmp_path, malformed="report", options={"tasks": ["BQA"]}))
     assert [(p.line, p.field) for p in report.malformed] == [(2, "answer")]
+    assert table.column("gold").to_pylist() == ["yes"]
+
+
+def test_logicbench_document_with_byte_order_mark(tmp_path):
+    sample_ = {"id": 1, "context": "If p then q. p.", "qa_pairs": [{"question": "q?", "answer": "yes"}]}
+    path = tmp_path / "BQA" / "propositional_logic" / "modus_ponens" / "data_instances.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"samples": [sample_]}), encoding="utf-8-sig")
+    table, _ = prepare_benchmark("l", spec("logicbench", tmp_path, options={"tasks": ["BQA"]}))
     assert table.column("gold").to_pylist() == ["yes"]
 
 

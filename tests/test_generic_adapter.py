@@ -154,3 +154,39 @@ def test_bad_options(tmp_path):
         get_adapter("generic", {"file": "x.jsonl", "scoring": "none", "columns": {"prompt": "p"}})
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         prepare_benchmark("x", spec(tmp_path, file="absent.jsonl", scoring="none"))
+
+
+def counted_pieces(row: dict) -> list[str]:
+    """The characters of a prepared row that count as the item's own text, span by span."""
+    return [row["messages"][s["message"]]["content"][s["start"]:s["end"]] for s in row["field_spans"]]
+
+
+def test_option_letters_and_options_header_are_not_counted(tmp_path):
+    write_jsonl(tmp_path / "mc.jsonl", MC_RECORDS)
+    table, _ = prepare_benchmark("mine", spec(tmp_path, file="mc.jsonl", columns=MC_COLUMNS, scoring="mc_loglik"))
+    rows = table.to_pylist()
+    check_mc(rows)  # the prompt text is unchanged
+    for row, record in zip(rows, MC_RECORDS, strict=True):
+        assert counted_pieces(row) == [record["text"], *record["options"]]
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    with path.open("w", encoding="utf-8-sig", newline="") as handle:  # Excel's "CSV UTF-8" writes a BOM
+        writer = csv.writer(handle)
+        writer.writerow(["qid", "text", "options", "label"])
+        writer.writerows([[r["qid"], r["text"], json.dumps(r["options"]), r["label"]] for r in MC_RECORDS])
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    columns = {"id": "qid", "question": "text", "choices": "options", "gold_index": "label"}
+    table, report = prepare_benchmark("bom", spec(tmp_path, file="bom.csv", columns=columns, scoring="mc_loglik"))
+    assert report.malformed == []
+    assert [row["item_id"] for row in table.to_pylist()] == ["q1", "q2", "q3"]
+
+
+def test_jsonl_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in MC_RECORDS), encoding="utf-8-sig")
+    columns = {"id": "qid", "question": "text", "choices": "options", "gold_index": "label"}
+    table, report = prepare_benchmark("bom", spec(tmp_path, file="bom.jsonl", columns=columns, scoring="mc_loglik"))
+    assert report.malformed == []
+    assert [row["item_id"] for row in table.to_pylist()] == ["q1", "q2", "q3"]

@@ -88,11 +88,92 @@ def test_explicit_system_prompt_replaces_the_default(tiny_model, tiny_item):
     assert counted_text(tokenizer, encoded).strip() == "How many apples does Janet have?"
 
 
-def test_truncation_keeps_the_last_tokens(tiny_model, tiny_item):
+def long_item() -> dict:
+    from competency_gaps.templates import render_prompt
+
+    question = "Janet has 3 apples and buys 5 more. " * 6 + "How many apples does Janet have?"
+    prompt = render_prompt({"user": "Answer the question.\n\nQuestion: {question}\nAnswer briefly."},
+                           {"question": question})
+    return {"item_id": "long-1", "messages": prompt.messages,
+            "field_spans": [{"message": m, "start": s, "end": e} for m, s, e in prompt.field_spans]}
+
+
+def prefix_and_suffix_lengths(counted: list[bool]) -> tuple[int, int]:
+    """Tokens before the first counted one, and after the last counted one."""
+    return counted.index(True), counted[::-1].index(True)
+
+
+@pytest.mark.parametrize("mode", ["fields", "content"])
+def test_truncation_keeps_prefix_and_suffix_and_cuts_the_items_text(tiny_model, mode):
     _, tokenizer = tiny_model
-    full = encode_item(tokenizer, tiny_item, "fields")
-    short = encode_item(tokenizer, tiny_item, "fields", max_length=10)
-    assert short.truncated and short.input_ids == full.input_ids[-10:] and short.counted == full.counted[-10:]
+    full = encode_item(tokenizer, long_item(), mode)
+    prefix, suffix = prefix_and_suffix_lengths(full.counted)
+    max_length = prefix + suffix + 5
+    short = encode_item(tokenizer, long_item(), mode, max_length=max_length)
+    assert short.truncated and len(short.input_ids) == max_length
+    # BOS, chat header, default system prompt and instruction stay in front; the assistant header at the end.
+    assert short.input_ids[:prefix] == full.input_ids[:prefix]
+    assert short.input_ids[-suffix:] == full.input_ids[-suffix:]
+    # The cut drops the earliest tokens of the item's text; its end (the question) survives.
+    assert short.input_ids[prefix:] == full.input_ids[-(max_length - prefix):]
+    assert short.counted == full.counted[:prefix] + full.counted[-(max_length - prefix):]
+    assert sum(short.counted) == 5 and counted_text(tokenizer, full).endswith(counted_text(tokenizer, short))
+    assert short.total_tokens == len(full.input_ids)
+
+
+def test_truncation_falls_back_to_the_last_tokens_when_prefix_and_suffix_do_not_fit(tiny_model):
+    _, tokenizer = tiny_model
+    full = encode_item(tokenizer, long_item(), "fields")
+    prefix, suffix = prefix_and_suffix_lengths(full.counted)
+    max_length = prefix + suffix - 1
+    short = encode_item(tokenizer, long_item(), "fields", max_length=max_length)
+    assert short.truncated and short.input_ids == full.input_ids[-max_length:]
+    assert short.counted == full.counted[-max_length:]
+
+
+def test_truncation_in_all_mode_keeps_the_first_token(tiny_model):
+    _, tokenizer = tiny_model
+    full = encode_item(tokenizer, long_item(), "all")
+    short = encode_item(tokenizer, long_item(), "all", max_length=10)
+    assert short.truncated and short.input_ids == full.input_ids[:1] + full.input_ids[-9:] and all(short.counted)
+    assert short.total_tokens == len(full.input_ids)
+
+
+def test_untruncated_prompt_is_unchanged(tiny_model):
+    _, tokenizer = tiny_model
+    full = encode_item(tokenizer, long_item(), "fields")
+    same = encode_item(tokenizer, long_item(), "fields", max_length=len(full.input_ids))
+    assert not same.truncated and same == full and same.total_tokens == len(full.input_ids)
+
+
+def item_with_system_message() -> dict:
+    """An item whose template brings its own system message; one field sits in it, one in the user turn."""
+    system, user = "You solve riddles. Context: Janet has 3 apples.", "Riddle: How many apples does Janet have?"
+    return {"item_id": "s-1", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "field_spans": [{"message": 0, "start": system.index("Janet"), "end": len(system)},
+                            {"message": 1, "start": user.index("How"), "end": len(user)}]}
+
+
+def test_configured_system_prompt_is_merged_with_the_templates_own(tiny_model):
+    from competency_gaps.prompts import prompt_text
+
+    _, tokenizer = tiny_model
+    item = item_with_system_message()
+    merged = "Be terse.\n\nYou solve riddles. Context: Janet has 3 apples."
+    assert merged in prompt_text(tokenizer, item, "Be terse.")
+    encoded = encode_item(tokenizer, item, "fields", system_prompt="Be terse.")
+    assert merged in tokenizer.decode(encoded.input_ids)
+    # The field spans still land on the item's text, past the configured prompt.
+    assert counted_text(tokenizer, encoded) == "Janet has 3 apples. How many apples does Janet have?"
+
+
+def test_merged_configured_system_prompt_does_not_count_as_content(tiny_model):
+    _, tokenizer = tiny_model
+    encoded = encode_item(tokenizer, item_with_system_message(), "content", system_prompt="Be terse.")
+    assert "Be terse." in tokenizer.decode(encoded.input_ids)
+    text = counted_text(tokenizer, encoded)
+    assert "You solve riddles. Context: Janet has 3 apples." in text and "Riddle: How many" in text
+    assert "Be terse" not in text and "system" not in text
 
 
 def test_batched_saliency_equals_per_item_mean_over_counted_tokens(tiny_model, tiny_item, random_sae_dirs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from pathlib import Path
 
@@ -121,3 +122,29 @@ def test_date_kinds_and_unstated_weekday():
                                      item.fields["question"]).groups()
         end = dt.date.fromisoformat(start) + dt.timedelta(days=int(offset))
         assert item.choices[item.gold_index] == end.strftime("%A")
+
+
+def prepared_rows(name: str, **options) -> list[dict]:
+    table, _ = prepare_benchmark(name, {"adapter": name, "data_dir": ".", "limit": None, "seed": 0,
+                                        "options": {"n": 20, **options}})
+    return table.to_pylist()
+
+
+def counted_pieces(row: dict) -> list[str]:
+    """The characters of a prepared row that count as the item's own text, span by span."""
+    return [row["messages"][s["message"]]["content"][s["start"]:s["end"]] for s in row["field_spans"]]
+
+
+def test_date_options_count_their_texts_not_their_letters():
+    for row in prepared_rows("probe_dates"):
+        assert "\nA. " in row["messages"][-1]["content"]
+        question = counted_pieces(row)[0]
+        assert question.endswith("?") and "\n" not in question
+        assert counted_pieces(row)[1:] == row["choices"]
+
+
+def test_palindrome_instruction_in_the_question_is_not_counted():
+    for row in prepared_rows("probe_palindrome"):
+        assert "a palindrome? Answer yes or no." in row["messages"][-1]["content"]
+        text = json.loads(row["metadata"])["text"]
+        assert counted_pieces(row) == [f"Is '{text}' a palindrome?"]

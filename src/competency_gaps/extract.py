@@ -67,28 +67,46 @@ def sparse_rows(item_ids: list[str], mean_BK: torch.Tensor, peak_BK: torch.Tenso
     }
 
 
+def skip_reason(prompt: EncodedPrompt, context_policy: str) -> str | None:
+    """Why an encoded item cannot be extracted (None: it can); see ITEM_TOKENS.skipped."""
+    if prompt.truncated and context_policy == "skip":
+        return "too_long"
+    if not any(prompt.counted):  # empty or whitespace-only fields, or all of its text cut off
+        return "no_counted_tokens"
+    return None
+
+
+def token_row(item_id: str, prompt: EncodedPrompt, skipped: str | None) -> dict[str, Any]:
+    """The item's ITEM_TOKENS row; a skipped item read nothing and counts nothing."""
+    read = 0 if skipped else len(prompt.input_ids)
+    return {"item_id": item_id, "counted_tokens": 0 if skipped else sum(prompt.counted),
+            "total_tokens": prompt.total_tokens, "read_tokens": read, "truncated": prompt.truncated,
+            "skipped": skipped}
+
+
 def extract_saliency(
     model: Any, tokenizer: Any, sae: Any, layer: int, items: list[dict[str, Any]], *, mode: str,
     system_prompt: str | None, max_length: int, context_policy: str, batch_size: int,
     responses: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Sparse saliency rows and per-item token counts for `items`."""
+    """Sparse saliency rows and per-item token counts for `items` (one token row per item, skipped ones too:
+    a skipped item gets no saliency rows and a warning, and the other items are still extracted)."""
     encoded: list[tuple[str, EncodedPrompt]] = []
     token_rows = []
     for item in items:
         response = responses.get(item["item_id"]) if responses else None
         prompt = encode_item(tokenizer, item, mode, system_prompt, response, max_length)
-        if prompt.truncated and context_policy == "skip":
-            log.warning("item %s longer than max_length=%d: skipped (context_policy: skip)", item["item_id"], max_length)
+        skipped = skip_reason(prompt, context_policy)
+        token_rows.append(token_row(item["item_id"], prompt, skipped))
+        if skipped:
+            log.warning("item %s skipped (%s): %d tokens, max_length=%d, context_policy=%s",
+                        item["item_id"], skipped, prompt.total_tokens, max_length, context_policy)
             continue
-        if not any(prompt.counted):
-            raise ValueError(f"item {item['item_id']}: no token counts towards saliency (empty fields?)")
         encoded.append((item["item_id"], prompt))
-        token_rows.append({"item_id": item["item_id"], "counted_tokens": sum(prompt.counted),
-                           "total_tokens": len(prompt.input_ids), "truncated": prompt.truncated})
-    truncated = sum(row["truncated"] for row in token_rows)
+    truncated = sum(row["truncated"] and not row["skipped"] for row in token_rows)
     if truncated:
-        log.warning("%d item(s) longer than max_length=%d were truncated to their last tokens", truncated, max_length)
+        log.warning("%d item(s) longer than max_length=%d were truncated inside their own text "
+                    "(prompt head and end kept)", truncated, max_length)
     # Similar lengths together: less padding.
     encoded.sort(key=lambda pair: len(pair[1].input_ids))
     columns: dict[str, list] = {name: [] for name in SALIENCY.names}
@@ -105,7 +123,8 @@ def extract_saliency(
 
 def run_extract(model: Any, tokenizer: Any, sae: Any, layer: int, items_path: str, scores_path: str | None,
                 saliency_path: str, tokens_path: str, model_spec: dict[str, Any], bench_spec: dict[str, Any],
-                saliency_spec: dict[str, Any]) -> None:
+                saliency_spec: dict[str, Any], *, batch_size: int = 8) -> None:
+    """Extract one benchmark's shard; `batch_size` is a throughput setting, not part of the job's spec."""
     items = pl.read_parquet(items_path).to_dicts()
     responses = None
     if saliency_spec["include_response"]:
@@ -114,9 +133,9 @@ def run_extract(model: Any, tokenizer: Any, sae: Any, layer: int, items_path: st
     saliency, tokens = extract_saliency(
         model, tokenizer, sae, layer, items, mode=saliency_spec["tokens"], system_prompt=model_spec.get("system_prompt"),
         max_length=model_spec["max_length"], context_policy=bench_spec["context_policy"],
-        batch_size=model_spec["batch_size"], responses=responses,
+        batch_size=batch_size, responses=responses,
     )
     write_parquet(saliency.to_arrow(), saliency_path, SALIENCY)
     write_parquet(tokens.to_arrow(), tokens_path, ITEM_TOKENS)
-    log.info("%d items, %d non-zero (item, concept) pairs, %d concepts fire", tokens.height, saliency.height,
-             saliency["concept"].n_unique())
+    log.info("%d items (%d skipped), %d non-zero (item, concept) pairs, %d concepts fire", tokens.height,
+             tokens["skipped"].is_not_null().sum(), saliency.height, saliency["concept"].n_unique())

@@ -12,6 +12,34 @@ import yaml
 TEMPLATES_FILE = Path(__file__).resolve().parents[2] / "resources" / "prompt_templates.yaml"
 
 
+class SpannedText(str):
+    """A field value in which only `spans` (start, end) are the item's own text.
+
+    Adapters build one when a value mixes item text with scaffolding (option letters, separators,
+    headers) so that only the item's text counts towards concept saliency. It prints as plain text.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str, spans: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> SpannedText:
+        value = super().__new__(cls, text)
+        value.spans = tuple((start, end) for start, end in spans if end > start)
+        return value
+
+    def __reduce__(self) -> tuple:  # str's default pickling would drop the spans
+        return SpannedText, (str(self), self.spans)
+
+    @classmethod
+    def from_pieces(cls, pieces: list[tuple[str, bool]]) -> SpannedText:
+        """Concatenate (text, is_item_text) pieces; the spans cover the item-text pieces."""
+        spans, cursor = [], 0
+        for text, is_item_text in pieces:
+            if is_item_text:
+                spans.append((cursor, cursor + len(text)))
+            cursor += len(text)
+        return cls("".join(text for text, _ in pieces), spans)
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
     """Chat messages plus the character spans (message index, start, end) that hold the item's own text."""
@@ -33,8 +61,16 @@ def template_for(name: str, path: Path = TEMPLATES_FILE) -> dict[str, str]:
     return templates[name]
 
 
+def value_spans(raw: str, value: str) -> list[tuple[int, int]]:
+    """The item-text spans within one substituted value: a SpannedText's own spans, else the whole value."""
+    if isinstance(raw, SpannedText) and str(raw) == value:  # a format spec that changed the text voids them
+        return list(raw.spans)
+    return [(0, len(value))] if value else []
+
+
 def fill_with_spans(template: str, fields: dict[str, str]) -> tuple[str, list[tuple[int, int]]]:
-    """Format `template` with `fields`, returning the text and the (start, end) span of each substituted field."""
+    """Format `template` with `fields`, returning the text and the (start, end) spans of the item's text in it
+    (each substituted field, or the inner spans of a SpannedText field)."""
     pieces: list[str] = []
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -49,8 +85,7 @@ def fill_with_spans(template: str, fields: dict[str, str]) -> tuple[str, list[tu
         if conversion:
             raise ValueError("conversions (!r, !s) are not supported in prompt templates")
         pieces.append(value)
-        if value:
-            spans.append((cursor, cursor + len(value)))
+        spans += [(cursor + start, cursor + end) for start, end in value_spans(fields[field_name], value)]
         cursor += len(value)
     return "".join(pieces), spans
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from competency_gaps.benchmarks.base import Adapter, Item, MalformedRow, SourceRow, hub_records, read_jsonl, require
 from competency_gaps.benchmarks.common import LETTERS, format_options, gold_from_letter
+from competency_gaps.templates import SpannedText
 
 SUBSETS = ["lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sat-en", "sat-en-without-passage",
            "aqua-rat", "gaokao-english"]
@@ -54,8 +55,9 @@ class AGIEvalEnglish(Adapter):
         passage = (row.record.get("passage") or "").strip()
         return Item(
             item_id=f"agieval_en-{subset}-{row.line - 1:05d}",
-            # The passage field carries its own separator so passage-less items show no empty header.
-            fields={"passage": f"{passage}\n\n" if passage else "", "question": question,
+            # The passage field carries its own separator (not counted) so passage-less items show no empty header.
+            fields={"passage": SpannedText.from_pieces([(passage, True), ("\n\n", False)]) if passage else "",
+                    "question": question,
                     "options": format_options(options)},
             scoring="mc_loglik",
             choices=options,

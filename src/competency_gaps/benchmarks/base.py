@@ -114,7 +114,7 @@ def require(record: dict[str, Any], key: str, kind: type | tuple[type, ...] = st
 
 def read_jsonl(path: Path) -> Iterator[SourceRow]:
     """Yield one SourceRow per non-blank line; a line that is not a JSON object is a malformed row."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: json rejects a leading byte-order mark
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue

@@ -9,13 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from competency_gaps.benchmarks.base import MalformedRow, SourceRow
+from competency_gaps.templates import SpannedText
 
 LETTERS = "ABCDE"
 
 
-def format_options(texts: list[str]) -> str:
-    """Options as "A. text" lines, the form every multiple-choice template shows."""
-    return "\n".join(f"{LETTERS[index]}. {text}" for index, text in enumerate(texts))
+def lettered_option_pieces(texts: list[str], letters: str = LETTERS) -> list[tuple[str, bool]]:
+    """"A. text" lines as (text, is_item_text) pieces: only the option texts are the item's own text."""
+    pieces: list[tuple[str, bool]] = []
+    for index, text in enumerate(texts):
+        pieces += [("\n" if index else "", False), (f"{letters[index]}. ", False), (text, True)]
+    return pieces
+
+
+def format_options(texts: list[str]) -> SpannedText:
+    """Options as "A. text" lines, the form every multiple-choice template shows; the letters and line
+    breaks are scaffolding, so only the option texts count towards saliency."""
+    return SpannedText.from_pieces(lettered_option_pieces(texts))
 
 
 def option_texts(record: dict[str, Any], keys: list[str]) -> list[str]:
@@ -31,7 +41,7 @@ def option_texts(record: dict[str, Any], keys: list[str]) -> list[str]:
 
 def read_label_lines(path: Path) -> list[str]:
     """One label per physical line (line i belongs to data line i); blank lines kept so numbering matches."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]  # -sig: drop a BOM
 
 
 def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "label") -> Iterator[SourceRow]:
@@ -54,8 +64,9 @@ def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "labe
 
 def read_csv_rows(path: Path) -> Iterator[SourceRow]:
     """CSV records (header row gives the keys); `line` is the physical line where the record ends
-    (quoted cells may span lines), and `__index__` the record's 0-based position among the data rows."""
-    with path.open(encoding="utf-8", newline="") as handle:
+    (quoted cells may span lines), and `__index__` the record's 0-based position among the data rows.
+    utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise become part of the first column name."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         for index, record in enumerate(reader):
             if None in record:  # more cells than header columns
@@ -67,7 +78,7 @@ def read_csv_rows(path: Path) -> Iterator[SourceRow]:
 def read_json_document(path: Path) -> dict[str, Any] | str:
     """A whole-file JSON object, or an error message for a malformed-row report."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: json rejects a leading BOM
     except json.JSONDecodeError as error:
         return f"invalid JSON: {error.msg}"
     return document if isinstance(document, dict) else "file is not a JSON object"

@@ -33,7 +33,8 @@ from competency_gaps.benchmarks.base import (
     read_jsonl,
     require,
 )
-from competency_gaps.benchmarks.common import read_csv_rows
+from competency_gaps.benchmarks.common import lettered_option_pieces, read_csv_rows
+from competency_gaps.templates import SpannedText
 
 ROLES = ("id", "question", "answer", "choices", "gold_index", "subset")
 ANSWER_OPTIONAL = ("judge", "none")
@@ -64,10 +65,11 @@ def read_rows(path: Path) -> Iterator[SourceRow]:
 
 
 def format_generic_options(choices: list[str]) -> str:
-    """The `options` field: empty without choices, else a lettered list under an "Options:" line."""
+    """The `options` field: empty without choices, else a lettered list under an "Options:" line, where
+    only the option texts count towards saliency (the header and letters are scaffolding)."""
     if not choices:
         return ""
-    return "\nOptions:\n" + "\n".join(f"{LETTERS[index]}. {text}" for index, text in enumerate(choices))
+    return SpannedText.from_pieces([("\nOptions:\n", False), *lettered_option_pieces(choices, LETTERS)])
 
 
 def as_text(value: Any, field: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from competency_gaps.benchmarks.base import Adapter, Item, MalformedRow, SourceRow, require
 from competency_gaps.benchmarks.common import format_options
+from competency_gaps.templates import SpannedText
 
 # Real palindromes and near-misses (a letter added, dropped or swapped). Which is which is decided
 # by s == s[::-1] at generation time, so a slip in these lists cannot produce a wrong gold.
@@ -238,7 +239,9 @@ class PalindromeProbe(Probe):
         answer = "yes" if text == text[::-1] else "no"
         return Item(
             item_id=self.item_id(row),
-            fields={"question": f"Is '{text}' a palindrome? Answer yes or no."},
+            # The answer-format instruction is the same on every item: only the question counts.
+            fields={"question": SpannedText.from_pieces([(f"Is '{text}' a palindrome?", True),
+                                                         (" Answer yes or no.", False)])},
             scoring="yes_no",
             gold=answer,
             subset=f"{source}-{answer}",

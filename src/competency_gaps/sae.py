@@ -75,7 +75,7 @@ def token_chunks(tokenizer: Any, texts: list[str], context_length: int) -> torch
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     n_rows = len(stream) // context_length
-    return torch.tensor(stream[: n_rows * context_length]).view(n_rows, context_length)
+    return torch.tensor(stream[: n_rows * context_length], dtype=torch.long).view(n_rows, context_length)
 
 
 def collect_activations(model: Any, layer: int, chunks_NL: torch.Tensor, n_vectors: int, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -96,6 +96,8 @@ def collect_activations(model: Any, layer: int, chunks_NL: torch.Tensor, n_vecto
 
 def batches_forever(acts_ND: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Shuffled training batches, reshuffled each epoch (sae-lens's DataProvider protocol)."""
+    if acts_ND.shape[0] < batch_size:  # no full batch: the loop below would spin forever yielding nothing
+        raise ValueError(f"{acts_ND.shape[0]} activation vectors are fewer than one batch (batch size {batch_size})")
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(acts_ND.shape[0], generator=generator)
@@ -129,6 +131,8 @@ def train_topk_sae(acts_ND: torch.Tensor, spec: dict[str, Any], layer: int, mode
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
+    if spec["training_tokens"] < spec["batch_size"]:  # zero steps: sae-lens's norm estimate divides by zero
+        raise ValueError(f"SAE training: training_tokens={spec['training_tokens']} is less than one batch (batch_size={spec['batch_size']})")
     torch.manual_seed(spec["seed"])
     sae_cfg = TopKTrainingSAEConfig(
         d_in=acts_ND.shape[1],

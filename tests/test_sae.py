@@ -1,0 +1,435 @@
+"""SAE stage: activation collection, the training data stream, evaluation, TopK training with sae-lens,
+fetching pretrained/local SAEs, and the layer/width checks. All offline, on CPU, in seconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from competency_gaps import sae as sae_module
+from competency_gaps.sae import (
+    batches_forever,
+    check_sae_fits,
+    collect_activations,
+    evaluate_sae,
+    fetch_sae,
+    hook_name,
+    layer_of_hook,
+    load_sae,
+    token_chunks,
+    train_sae_for_layer,
+    train_topk_sae,
+)
+from conftest import D_MODEL, D_SAE, N_LAYERS, save_random_sae
+
+CPU = torch.device("cpu")
+DOCS = ["Janet has 3 apples and buys 5 more.", "How many apples does she have?", "Answer: 8", "yes no true false"]
+
+
+# ---------------------------------------------------------------- token_chunks
+
+
+def test_token_chunks_joins_documents_with_eos_and_drops_the_remainder(tiny_model):
+    _, tokenizer = tiny_model
+    context_length = 7
+    stream: list[int] = []
+    for text in DOCS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.eos_token_id not in ids
+        stream += ids + [tokenizer.eos_token_id]
+    assert len(stream) % context_length != 0, "pick a length that leaves a remainder"
+
+    chunks = token_chunks(tokenizer, DOCS, context_length)
+
+    n_rows = len(stream) // context_length
+    assert chunks.shape == (n_rows, context_length)
+    assert chunks.dtype == torch.long
+    assert chunks.flatten().tolist() == stream[: n_rows * context_length]  # in order, remainder dropped
+    # every document but the ones cut off is followed by exactly one EOS
+    assert chunks.flatten().tolist().count(tokenizer.eos_token_id) == stream[: n_rows * context_length].count(tokenizer.eos_token_id)
+
+
+def test_token_chunks_of_a_corpus_shorter_than_one_row_is_empty_but_integer(tiny_model):
+    _, tokenizer = tiny_model
+    chunks = token_chunks(tokenizer, ["yes"], 64)
+    assert chunks.shape == (0, 64)
+    assert chunks.dtype == torch.long
+
+
+# ---------------------------------------------------------------- collect_activations
+
+
+def test_collect_activations_matches_hidden_states_without_position_zero(tiny_model):
+    model, tokenizer = tiny_model
+    layer, context_length = 1, 6
+    chunks = token_chunks(tokenizer, DOCS * 3, context_length)
+    n_vectors = 23  # not a multiple of the 5 vectors per row: the last row is cut
+    n_rows = -(-n_vectors // (context_length - 1))
+    assert chunks.shape[0] > n_rows, "more rows than needed, so the extra ones must be ignored"
+
+    acts = collect_activations(model, layer, chunks, n_vectors, batch_size=2, device=CPU)
+
+    with torch.no_grad():
+        hidden = model(input_ids=chunks[:n_rows], attention_mask=torch.ones_like(chunks[:n_rows]),
+                       output_hidden_states=True).hidden_states[layer + 1]
+    expected = hidden[:, 1:].reshape(-1, D_MODEL)[:n_vectors]
+    assert acts.shape == (n_vectors, D_MODEL)
+    assert acts.dtype == torch.float32
+    torch.testing.assert_close(acts, expected)
+
+
+def test_collect_activations_reads_the_requested_layer(tiny_model):
+    model, tokenizer = tiny_model
+    chunks = token_chunks(tokenizer, DOCS * 3, 6)
+    one, two = (collect_activations(model, layer, chunks, 10, 4, CPU) for layer in (1, 2))
+    assert not torch.allclose(one, two)
+
+
+def test_collect_activations_fails_clearly_when_the_corpus_is_too_small(tiny_model):
+    model, tokenizer = tiny_model
+    chunks = token_chunks(tokenizer, DOCS, 6)
+    available = chunks.shape[0] * 5
+    assert collect_activations(model, 1, chunks, available, 4, CPU).shape[0] == available  # exactly enough is fine
+    with pytest.raises(ValueError, match=rf"corpus too small: {available} tokens, {available + 1} needed"):
+        collect_activations(model, 1, chunks, available + 1, 4, CPU)
+
+
+# ---------------------------------------------------------------- batches_forever
+
+
+def ids_of(batch: torch.Tensor) -> list[int]:
+    return batch[:, 0].long().tolist()
+
+
+def take(stream, n: int) -> list[list[int]]:
+    return [ids_of(next(stream)) for _ in range(n)]
+
+
+def test_batches_forever_each_epoch_is_a_permutation():
+    acts = torch.arange(12, dtype=torch.float32).unsqueeze(1).repeat(1, 3)  # row i is all i
+    stream = batches_forever(acts, 4, seed=0)
+    epochs = [sum(take(stream, 3), []) for _ in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(12))  # every vector exactly once per epoch
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2], "reshuffled each epoch"
+    assert epochs[0] != list(range(12)), "shuffled, not in order"
+    batch = next(batches_forever(acts, 4, seed=0))
+    assert batch.shape == (4, 3) and torch.equal(batch[:, 0], batch[:, 2])  # whole rows
+
+
+def test_batches_forever_drops_the_partial_tail_batch():
+    acts = torch.arange(10, dtype=torch.float32).unsqueeze(1)
+    stream = batches_forever(acts, 4, seed=1)
+    seen: set[int] = set()
+    for _ in range(20):
+        epoch = take(stream, 2)  # 10 // 4 full batches per epoch
+        assert all(len(batch) == 4 for batch in epoch)
+        assert len(set(sum(epoch, []))) == 8  # no vector twice within an epoch
+        seen |= set(sum(epoch, []))
+    assert seen == set(range(10))  # the dropped tail differs between epochs
+
+
+def test_batches_forever_is_deterministic_under_its_seed():
+    acts = torch.arange(32, dtype=torch.float32).unsqueeze(1)
+    first, again, other = (take(batches_forever(acts, 8, seed), 12) for seed in (0, 0, 1))
+    assert first == again
+    assert first != other
+
+
+def test_batches_forever_rejects_fewer_vectors_than_one_batch():
+    # It used to loop forever without yielding (the trainer then hung on its first batch).
+    with pytest.raises(ValueError, match="3 activation vectors.*batch size 4"):
+        next(batches_forever(torch.zeros(3, 2), 4, seed=0))
+
+
+# ---------------------------------------------------------------- evaluate_sae
+
+
+class SplitSignSAE:
+    """A perfect autoencoder: latents relu(x) and relu(-x), decoded as their difference."""
+
+    def __init__(self, d_in: int, zero_decoder: bool = False):
+        self.cfg = SimpleNamespace(d_sae=2 * d_in)
+        self.zero_decoder = zero_decoder
+
+    def encode(self, x):
+        return torch.cat([x.relu(), (-x).relu()], dim=1)
+
+    def decode(self, f):
+        d = f.shape[1] // 2
+        return torch.zeros_like(f[:, :d]) if self.zero_decoder else f[:, :d] - f[:, d:]
+
+
+ACTS = torch.tensor([
+    [1.0, -2.0, 0.0],
+    [3.0, 0.0, 0.0],
+    [2.0, -1.0, 0.0],
+    [0.5, 4.0, 0.0],
+    [1.5, 0.0, 0.0],
+])
+# latents: +x0 +x1 +x2 -x0 -x1 -x2; fire counts per row: 2, 1, 2, 2, 1
+# latents that fire at least once: +x0, +x1, -x1  -> 3 of 6 alive
+
+
+@pytest.mark.parametrize("chunk", [4096, 2])
+def test_evaluate_sae_on_a_perfect_autoencoder(chunk):
+    result = evaluate_sae(SplitSignSAE(3), ACTS, chunk=chunk)
+    assert result["explained_variance"] == pytest.approx(1.0)
+    assert result["l0"] == pytest.approx(8 / 5)
+    assert result["dead_fraction"] == pytest.approx(3 / 6)
+    assert result["heldout_tokens"] == 5
+
+
+def test_evaluate_sae_with_a_zero_decoder():
+    acts = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    # squared error = sum x^2 = 10; variance about the mean (2, 0) = 1 + 1 = 2; EV = 1 - 10 / 2
+    result = evaluate_sae(SplitSignSAE(2, zero_decoder=True), acts, chunk=1)
+    assert result["explained_variance"] == pytest.approx(-4.0)
+    assert result["l0"] == pytest.approx(1.0)
+    assert result["dead_fraction"] == pytest.approx(3 / 4)
+
+
+def test_evaluate_sae_on_a_real_sae(random_sae_dirs):
+    sae = load_sae(random_sae_dirs[1])
+    acts = torch.randn(50, D_MODEL, generator=torch.Generator().manual_seed(0))
+    result = evaluate_sae(sae, acts, chunk=16)
+    with torch.no_grad():
+        features = sae.encode(acts)
+        error = (acts - sae.decode(features)).pow(2).sum()
+    assert result["explained_variance"] == pytest.approx(1 - (error / (acts - acts.mean(0)).pow(2).sum()).item(), rel=1e-5)
+    assert result["l0"] == pytest.approx((features > 0).sum().item() / 50)
+    assert result["dead_fraction"] == pytest.approx(1 - (features > 0).any(0).float().mean().item())
+
+
+# ---------------------------------------------------------------- train_topk_sae
+
+
+def sparse_synthetic_acts(n: int, d_in: int = 32, n_directions: int = 16, active: int = 3, seed: int = 0) -> torch.Tensor:
+    """Each vector a positive combination of `active` of a few random directions, plus a constant offset."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(n_directions, d_in, generator=g)
+    codes = torch.zeros(n, n_directions)
+    chosen = torch.stack([torch.randperm(n_directions, generator=g)[:active] for _ in range(n)])
+    codes.scatter_(1, chosen, torch.rand(n, active, generator=g) * 2 + 0.5)
+    return codes @ directions + 0.5
+
+
+TRAIN_SPEC = {"d_sae": 64, "k": 4, "training_tokens": 4000, "batch_size": 64, "lr": 3e-3, "heldout_tokens": 500, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def trained_synthetic():
+    acts = sparse_synthetic_acts(3000)
+    train, heldout = acts[:2500], acts[2500:]
+    return train_topk_sae(train, TRAIN_SPEC, 2, "tiny-model", CPU), heldout
+
+
+def test_train_topk_sae_learns_the_sparse_structure(trained_synthetic):
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    trained, heldout = trained_synthetic
+    result = evaluate_sae(trained, heldout)
+    torch.manual_seed(0)
+    fresh = evaluate_sae(TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=64, k=4)), heldout)
+    assert result["explained_variance"] > 0.3
+    assert result["explained_variance"] > fresh["explained_variance"] + 0.5
+    assert TRAIN_SPEC["k"] - 0.5 <= result["l0"] <= TRAIN_SPEC["k"]
+    assert result["dead_fraction"] < 0.5
+    assert trained.cfg.metadata.hook_name == "blocks.2.hook_resid_post" == hook_name(2)
+    assert trained.cfg.metadata.model_name == "tiny-model"
+    assert (trained.cfg.d_in, trained.cfg.d_sae, trained.cfg.k) == (32, 64, 4)
+
+
+def test_trained_sae_saves_and_loads_with_sae_lens(trained_synthetic, tmp_path):
+    from sae_lens import SAE
+
+    trained, heldout = trained_synthetic
+    trained.save_inference_model(tmp_path / "sae")
+    loaded = SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+    assert loaded.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    # The activation-norm scaling is folded into the weights: the inference SAE reads raw activations.
+    assert cfg["normalize_activations"] == "none"
+    assert evaluate_sae(loaded, heldout) == pytest.approx(evaluate_sae(trained, heldout))
+
+
+def test_train_topk_sae_rejects_a_batch_larger_than_the_training_budget():
+    # It used to die inside sae-lens with "ZeroDivisionError: float division by zero" (zero training steps).
+    spec = {**TRAIN_SPEC, "training_tokens": 1000, "batch_size": 2000}
+    with pytest.raises(ValueError, match=r"training_tokens=1000 is less than one batch \(batch_size=2000\)"):
+        train_topk_sae(torch.randn(1000, 32), spec, 2, "m", CPU)
+
+
+# ---------------------------------------------------------------- train_sae_for_layer
+
+
+LAYER_SPEC = {"d_sae": D_SAE, "k": 4, "training_tokens": 1000, "batch_size": 50, "lr": 3e-3, "heldout_tokens": 200, "seed": 3}
+CONTEXT_LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def corpus_parquet(tmp_path_factory) -> Path:
+    texts = [f"Janet has {i} apples and buys {i % 7} more. Answer: {i + i % 7}" for i in range(300)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.parquet"
+    pl.DataFrame({"text": texts}).write_parquet(path)
+    return path
+
+
+def run_layer_training(tiny_model, corpus_parquet, out_dir: Path, spec=LAYER_SPEC) -> dict:
+    model, tokenizer = tiny_model
+    return train_sae_for_layer(model, tokenizer, 1, spec, corpus_parquet, CONTEXT_LENGTH, "tiny", out_dir, CPU, batch_size=8)
+
+
+def test_train_sae_for_layer_writes_sae_and_heldout_summary(tiny_model, corpus_parquet, tmp_path):
+    out_dir = tmp_path / "sae"
+    summary = run_layer_training(tiny_model, corpus_parquet, out_dir)
+
+    assert {"cfg.json", "sae_weights.safetensors", "summary.json"} <= {p.name for p in out_dir.iterdir()}
+    written = json.loads((out_dir / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["heldout_tokens"] == LAYER_SPEC["heldout_tokens"]
+    assert written["training_tokens"] == LAYER_SPEC["training_tokens"]
+    assert written["corpus_documents"] == 300
+    assert (written["layer"], written["hook_name"], written["d_in"], written["d_sae"]) == (1, "blocks.1.hook_resid_post", D_MODEL, D_SAE)
+    assert written["source"] == {"train": LAYER_SPEC}
+    assert 0.0 < written["explained_variance"] <= 1.0  # 0.14 on this random tiny model; above the mean predictor
+    assert 0 < written["l0"] <= LAYER_SPEC["k"]
+    assert 0.0 <= written["dead_fraction"] < 1.0
+
+    sae = load_sae(out_dir)
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    check_sae_fits(sae, 1, D_MODEL, "trained")
+
+    # The summary is measured on the held-out tail of the (seeded) activation sample.
+    model, tokenizer = tiny_model
+    chunks = token_chunks(tokenizer, pl.read_parquet(corpus_parquet)["text"].to_list(), CONTEXT_LENGTH)
+    chunks = chunks[torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(LAYER_SPEC["seed"]))]
+    acts = collect_activations(model, 1, chunks, 1200, 8, CPU)
+    expected = evaluate_sae(sae, acts[-200:])
+    assert written["explained_variance"] == pytest.approx(expected["explained_variance"])
+    assert written["l0"] == pytest.approx(expected["l0"])
+
+
+def test_train_sae_for_layer_is_deterministic(tiny_model, corpus_parquet, tmp_path):
+    first = run_layer_training(tiny_model, corpus_parquet, tmp_path / "a")
+    torch.manual_seed(12345)  # global RNG state must not matter
+    second = run_layer_training(tiny_model, corpus_parquet, tmp_path / "b")
+    a, b = (load_file(tmp_path / name / "sae_weights.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert first == second
+    third = run_layer_training(tiny_model, corpus_parquet, tmp_path / "c", {**LAYER_SPEC, "seed": 4})
+    c = load_file(tmp_path / "c" / "sae_weights.safetensors")
+    assert not torch.equal(a["W_dec"], c["W_dec"])
+    assert third["heldout_tokens"] == first["heldout_tokens"]
+
+
+# ---------------------------------------------------------------- fetch_sae
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "sae_weights.safetensors")
+
+
+def test_fetch_sae_copies_a_local_sae(random_sae_dirs, tmp_path):
+    source = {"path": str(random_sae_dirs[2])}
+    out_dir = tmp_path / "out" / "sae"
+    fetch_sae(source, out_dir)
+
+    original, copied = weights(random_sae_dirs[2]), weights(out_dir)
+    assert original.keys() == copied.keys()
+    for key in original:
+        torch.testing.assert_close(copied[key], original[key])
+    assert load_sae(out_dir).cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary == {"source": source, "d_in": D_MODEL, "d_sae": D_SAE, "hook_name": "blocks.2.hook_resid_post"}
+
+
+def test_fetch_sae_from_the_registry_asks_for_release_and_id(monkeypatch, tmp_path):
+    from sae_lens import SAE
+
+    random_dir = save_random_sae(tmp_path / "random", layer=3, d_sae=48, seed=7)
+    calls = []
+
+    def fake_from_pretrained(*args, **kwargs):
+        calls.append((args, kwargs))
+        return SAE.load_from_disk(str(random_dir), device="cpu")
+
+    monkeypatch.setattr(SAE, "from_pretrained", fake_from_pretrained)
+    source = {"release": "some-release-res", "id": "layer_3/width_48/canonical"}
+    out_dir = tmp_path / "sae"
+    fetch_sae(source, out_dir)
+
+    assert len(calls) == 1
+    args, kwargs = calls[0]
+    assert args == ("some-release-res", "layer_3/width_48/canonical")
+    assert kwargs.get("device") == "cpu"
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary == {"source": source, "d_in": D_MODEL, "d_sae": 48, "hook_name": "blocks.3.hook_resid_post"}
+    for key, value in weights(random_dir).items():
+        torch.testing.assert_close(weights(out_dir)[key], value)
+    assert load_sae(out_dir).cfg.d_sae == 48
+
+
+# ---------------------------------------------------------------- layer_of_hook / check_sae_fits
+
+
+@pytest.mark.parametrize(("name", "layer"), [
+    ("blocks.3.hook_resid_post", 3),
+    ("blocks.12.hook_resid_post", 12),
+    ("blocks.3.hook_resid_pre", 2),  # resid_pre of L is the output of L-1
+    ("blocks.0.hook_resid_pre", -1),  # the embeddings: no decoder layer
+    ("model.blocks.5.hook_resid_post", 5),
+    ("blocks.3.hook_resid_mid", None),
+    ("blocks.3.hook_mlp_out", None),
+    ("blocks.3.hook_resid_post.hook_sae_acts_post", None),
+    ("model.layers.3", None),
+    ("", None),
+    (None, None),
+])
+def test_layer_of_hook(name, layer):
+    assert layer_of_hook(name) == layer
+
+
+def test_hook_name_round_trips():
+    assert all(layer_of_hook(hook_name(layer)) == layer for layer in range(N_LAYERS))
+
+
+def test_check_sae_fits_accepts_the_matching_layer(random_sae_dirs):
+    sae = load_sae(random_sae_dirs[2])
+    check_sae_fits(sae, 2, D_MODEL, "here")
+    sae.cfg.metadata.hook_name = "blocks.3.hook_resid_pre"  # the same residual stream, named from above
+    check_sae_fits(sae, 2, D_MODEL, "here")
+
+
+def test_check_sae_fits_rejects_another_width(random_sae_dirs):
+    sae = load_sae(random_sae_dirs[1])
+    with pytest.raises(ValueError, match=rf"^SAE in x: SAE width d_in={D_MODEL} does not match the model's residual width 48$"):
+        check_sae_fits(sae, 1, 48, "SAE in x")
+
+
+def test_check_sae_fits_rejects_another_layer(random_sae_dirs):
+    sae = load_sae(random_sae_dirs[1])
+    with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_post \(output of layer 1\), config says layer 2"):
+        check_sae_fits(sae, 2, D_MODEL, "where")
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    with pytest.raises(ValueError, match=r"output of layer 0\), config says layer 1"):
+        check_sae_fits(sae, 1, D_MODEL, "where")
+
+
+def test_check_sae_fits_warns_on_a_non_residual_hook(random_sae_dirs, caplog):
+    sae = load_sae(random_sae_dirs[1])
+    sae.cfg.metadata.hook_name = "blocks.1.hook_mlp_out"
+    with caplog.at_level(logging.WARNING, logger=sae_module.__name__):
+        check_sae_fits(sae, 3, D_MODEL, "where")
+    assert "not a residual-stream hook" in caplog.text and "layer 3" in caplog.text
+

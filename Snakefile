@@ -18,8 +18,8 @@ envvars:
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
-    benchmark="|".join(BENCHMARKS),
+    model=alternatives(MODELS),
+    benchmark=alternatives(BENCHMARKS),
     layer=r"\d+",
 
 

@@ -1,5 +1,8 @@
 rule prepare_benchmark:
     """Read one benchmark's release files (or hub copy) into the normalised items table."""
+    input:
+        # The templates and every data file are inputs: editing one reruns this benchmark.
+        unpack(benchmark_sources),
     output:
         item_table=f"{RESULTS}/benchmarks/benchmark={{benchmark}}/items.parquet",
         report=f"{RESULTS}/benchmarks/benchmark={{benchmark}}/prepare_report.json",
@@ -15,5 +18,5 @@ rule prepare_benchmark:
         mem_mb=2000,
         runtime=10,
     shell:
-        "competency-gaps prepare --benchmark {wildcards.benchmark} --spec {params.spec:q} "
+        "{CLI} prepare --benchmark {wildcards.benchmark} --spec {params.spec:q} "
         "--items {output.item_table} --report {output.report} 2> {log}"

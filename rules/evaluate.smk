@@ -14,11 +14,16 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/model={{model}}/benchmark={{benchmark}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/evaluate/model={{model}}/benchmark={{benchmark}}.tsv"
-    threads: workflow.cores
+    threads: model_threads()
     resources:
-        mem_mb=8000,
+        mem_mb=model_mem_mb,
         runtime=120,
-        gpu=lambda wc: 1 if config["device"] == "cuda" else 0,
+        gpu=1 if ON_GPU else 0,
+        # Batch sizes travel as resources, not params: they change speed, not results, and Snakemake
+        # reruns a job whose params change.
+        batch_size=lambda wc: throughput(config, wc.model)["batch_size"],
+        generation_batch_size=lambda wc: throughput(config, wc.model)["generation_batch_size"],
     shell:
-        "OMP_NUM_THREADS={threads} competency-gaps evaluate --model {wildcards.model} --benchmark {wildcards.benchmark} "
-        "--spec {params.spec:q} --manifest {input.manifest} --items {input.item_table} --out {output.scores} 2> {log}"
+        "OMP_NUM_THREADS={threads} {CLI} evaluate --model {wildcards.model} --benchmark {wildcards.benchmark} "
+        "--spec {params.spec:q} --batch-size {resources.batch_size} --generation-batch-size {resources.generation_batch_size} --manifest {input.manifest} --items {input.item_table} "
+        "--out {output.scores} 2> {log}"

@@ -1,9 +1,13 @@
 rule sae_corpus:
     """Seeded sample of offline text documents for SAE training (shared by every model)."""
+    input:
+        unpack(corpus_sources),  # extra local text files: editing one reruns the corpus
     output:
         corpus=f"{RESULTS}/sae_corpus/corpus.parquet",
     params:
         spec=lambda wc: spec_json(config, "corpus"),
+        # A new release of the corpus wheel reruns the corpus (its files live in site-packages).
+        package_version=package_version(config["sae_corpus"]["sae_probes_package"]),
     conda:
         "../envs/competency-gaps.yaml"
     log:
@@ -14,7 +18,7 @@ rule sae_corpus:
         mem_mb=4000,
         runtime=10,
     shell:
-        "competency-gaps corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
+        "{CLI} corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
 
 
 rule sae:
@@ -35,11 +39,12 @@ rule sae:
         f"{RESULTS}/logs/sae/model={{model}}/layer={{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/sae/model={{model}}/layer={{layer}}.tsv"
-    threads: workflow.cores
+    # Only training runs the model; copying a pretrained SAE needs one thread and no GPU.
+    threads: lambda wc: model_threads() if trains_sae(wc) else 1
     resources:
-        mem_mb=12000,
+        mem_mb=sae_mem_mb,
         runtime=240,
-        gpu=lambda wc: 1 if config["device"] == "cuda" else 0,
+        gpu=lambda wc: 1 if ON_GPU and trains_sae(wc) else 0,
     shell:
-        "OMP_NUM_THREADS={threads} competency-gaps sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
+        "OMP_NUM_THREADS={threads} {CLI} sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
         "{params.inputs} --out-dir {params.out_dir} 2> {log}"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -47,11 +51,19 @@ def write_config(workdir: Path, config: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def base_config(tiny_model_dir, random_sae_dirs) -> dict:
+def gsm8k_copy(tmp_path_factory) -> Path:
+    """GSM8K's data in a folder the tests may touch (../shared stays untouched)."""
+    folder = tmp_path_factory.mktemp("data") / "gsm8k"
+    shutil.copytree(SHARED_BENCHMARKS / "gsm8k", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_model_dir, random_sae_dirs, gsm8k_copy) -> dict:
     return {
         "models": {"tiny": {"source": {"path": str(tiny_model_dir)}, "batch_size": 4,
                             "layers": [{"layer": 1, "sae": {"path": str(random_sae_dirs[1])}}]}},
-        "benchmarks": BENCHMARKS,
+        "benchmarks": {**BENCHMARKS, "gsm8k": {**BENCHMARKS["gsm8k"], "data_dir": str(gsm8k_copy)}},
         "sae_corpus": {"sae_probes_package": None},
         "gaps": {"min_benchmarks": 1, "min_support": 1, "n_bootstrap": 30},
     }
@@ -116,6 +128,87 @@ def test_every_item_is_scored_in_range(finished_run):
 
 def test_rerun_is_a_no_op(finished_run):
     assert planned_jobs(finished_run) == {}
+
+
+@contextmanager
+def edited(workdir: Path, base_config: dict, change):
+    """Write a changed copy of the config for the duration of the block, then restore the base config."""
+    config = json.loads(json.dumps(base_config))
+    change(config)
+    write_config(workdir, config)
+    try:
+        yield
+    finally:
+        write_config(workdir, base_config)
+
+
+@contextmanager
+def appended(path: Path, text: str):
+    """Edit `path` (Snakemake compares checksums, so a mere touch is no edit), then restore it exactly."""
+    before, stat = path.read_bytes(), path.stat()
+    path.write_bytes(before + text.encode())
+    try:
+        yield
+    finally:
+        path.write_bytes(before)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+DOWNSTREAM_OF_ONE = {"prepare_benchmark": 1, "evaluate": 1, "extract": 1, "reduce_concepts": 1, "all": 1}
+
+
+def test_editing_the_prompt_templates_reruns_every_benchmark(finished_run):
+    from competency_gaps.templates import TEMPLATES_FILE
+
+    n = len(BENCHMARKS)
+    with appended(TEMPLATES_FILE, "\n# an edit\n"):
+        assert planned_jobs(finished_run) == {"prepare_benchmark": n, "evaluate": n, "extract": n, "reduce_concepts": 1, "all": 1}
+
+
+def test_editing_a_data_file_reruns_only_that_benchmark(finished_run, gsm8k_copy):
+    with appended(gsm8k_copy / "test.jsonl", "\n"):  # a blank line: the items stay the same, the file changed
+        assert planned_jobs(finished_run) == DOWNSTREAM_OF_ONE
+
+
+def test_throughput_settings_rerun_nothing(finished_run, base_config):
+    def faster(config):
+        config["models"]["tiny"].update(batch_size=2, generation_batch_size=3)
+        config["threads"] = 1
+
+    with edited(finished_run, base_config, faster):
+        assert planned_jobs(finished_run) == {}
+
+
+def test_the_gap_seed_reruns_only_the_reducer(finished_run, base_config):
+    with edited(finished_run, base_config, lambda config: config["gaps"].update(seed=5)):
+        assert planned_jobs(finished_run) == {"reduce_concepts": 1, "all": 1}
+
+
+def dry_run_jobs(workdir: Path, *args: str) -> dict[str, str]:
+    """Rule name -> the text of its first job block in a dry run."""
+    out = snakemake(workdir, "-n", *args).stdout
+    return {match.group(1): match.group(0) for match in re.finditer(r"^rule (\w+):\n(?:    .*\n)+", out, flags=re.M)}
+
+
+def test_gpu_resources_and_threads_follow_the_job(finished_run, base_config):
+    """cuda: model jobs ask for a GPU; copying a pretrained SAE asks for neither a GPU nor many threads."""
+    with edited(finished_run, base_config, lambda config: config.update(device="cuda", threads=2)):
+        jobs = dry_run_jobs(finished_run, "--forceall")
+    assert "gpu=1" in jobs["evaluate"] and "gpu=1" in jobs["extract"]
+    assert "gpu=0" in jobs["sae"] and "threads:" not in jobs["sae"]  # a dry run prints threads only when > 1
+    assert "threads: 2" in jobs["evaluate"]
+    assert re.search(r"mem_mb=\d+", jobs["evaluate"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
+                    reason="snakemake-executor-plugin-slurm is not installed")
+def test_the_slurm_profile_parses_without_a_core_count(finished_run):
+    """A cluster run has no --cores: the rules must not ask for workflow.cores (it raises there)."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(finished_run),
+               "--profile", str(REPO / "profiles" / "slurm")]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Nothing to be done" in run.stdout + run.stderr
 
 
 def test_adding_a_benchmark_schedules_only_its_jobs_and_the_reducer(finished_run, base_config):

@@ -15,33 +15,42 @@ import sys
 from pathlib import Path
 from typing import Any
 
-STAGES = ("prepare", "prepare_model", "corpus", "evaluate", "sae", "extract", "reduce")
+STAGES = ("prepare", "convert_gguf", "prepare_model", "corpus", "evaluate", "sae", "extract", "reduce")
+
+
+def _config_file_spec(args: argparse.Namespace, job: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job's slice and its throughput settings, read from --config (running a stage by hand)."""
+    from competency_gaps.config import load_config
+    from competency_gaps.workflow import job_spec, throughput
+
+    config = load_config(args.config)
+    model = getattr(args, "model", None)
+    spec = job_spec(config, job, model=model, benchmark=getattr(args, "benchmark", None), layer=getattr(args, "layer", None))
+    return spec["config"], throughput(config, model) if model else {}
 
 
 def _spec(args: argparse.Namespace, job: str) -> dict[str, Any]:
+    """The config slice of this job: from --spec (what the rules pass: {"version", "config"}) or --config."""
     if args.spec:
-        return json.loads(args.spec)
+        return json.loads(args.spec)["config"]
     if not args.config:
         raise SystemExit(f"{job}: give --spec JSON or --config FILE")
-    from competency_gaps.config import load_config
-    from competency_gaps.workflow import job_spec
-
-    config = load_config(args.config)
-    return job_spec(config, job, model=getattr(args, "model", None), benchmark=getattr(args, "benchmark", None),
-                    layer=getattr(args, "layer", None))
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
+    spec, speeds = _config_file_spec(args, job)
+    for key, value in speeds.items():  # flags given on the command line win over the config file
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return spec
 
 
 def _torch_runtime(runtime: dict[str, Any]):
     from competency_gaps.models import pick_device, pick_dtype
 
-    _seed_everything(runtime["seed"])
+    # Nothing a model job computes is random (greedy decoding, deterministic extraction; SAE training
+    # seeds itself from its own `seed`); the fixed seed only pins any library that samples anyway.
+    random.seed(0)
+    import torch
+
+    torch.manual_seed(0)
     device = pick_device(runtime["device"])
     return device, pick_dtype(runtime["dtype"], device)
 
@@ -52,10 +61,19 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     run_prepare(args.benchmark, _spec(args, "prepare"), Path(args.items), Path(args.report))
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> None:
+    from competency_gaps.models import convert_gguf
+
+    source = _spec(args, "convert_gguf")
+    if "gguf_package" not in source:
+        raise SystemExit(f"convert-gguf: model source {source} is not a gguf_package")
+    convert_gguf(source["gguf_package"], source.get("file"), Path(args.out_dir))
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     from competency_gaps.models import prepare_model
 
-    prepare_model(_spec(args, "prepare_model"), Path(args.manifest))
+    prepare_model(_spec(args, "prepare_model"), Path(args.manifest), Path(args.converted) if args.converted else None)
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
@@ -74,7 +92,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return
     device, dtype = _torch_runtime(spec["runtime"])
     manifest = read_manifest(args.manifest)
-    run_evaluate(load_model(manifest, device, dtype), load_tokenizer(manifest), args.items, args.out, spec["model"], spec["benchmark"])
+    run_evaluate(load_model(manifest, device, dtype), load_tokenizer(manifest), args.items, args.out, spec["model"], spec["benchmark"],
+                 batch_size=args.batch_size or 8, generation_batch_size=args.generation_batch_size or 8)
 
 
 def cmd_sae(args: argparse.Namespace) -> None:
@@ -107,7 +126,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     sae = load_sae(args.sae_dir, device)
     check_sae_fits(sae, layer, model.config.get_text_config().hidden_size, f"SAE in {args.sae_dir}")
     run_extract(model, load_tokenizer(manifest), sae, layer, args.items, args.scores, args.out, args.tokens,
-                spec["model"], spec["benchmark"], spec["saliency"])
+                spec["model"], spec["benchmark"], spec["saliency"], batch_size=args.batch_size or 8)
 
 
 def cmd_reduce(args: argparse.Namespace) -> None:
@@ -115,7 +134,7 @@ def cmd_reduce(args: argparse.Namespace) -> None:
 
     spec = _spec(args, "reduce")
     n_concepts = json.loads((Path(args.sae_dir) / "cfg.json").read_text())["d_sae"]
-    run_reduce(args.saliency, args.tokens, args.scores, n_concepts, spec["gaps"], spec["seed"], Path(args.out_dir), args.title)
+    run_reduce(args.saliency, args.tokens, args.scores, n_concepts, spec["gaps"], Path(args.out_dir), args.title)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,8 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--items", required=True, help="output items Parquet")
     c.add_argument("--report", required=True, help="output JSON: rows read, malformed rows (file, line, field), items kept")
 
-    c = stage("prepare_model", cmd_prepare_model, "write a model's manifest, converting a packaged GGUF to safetensors", "model")
+    c = stage("convert_gguf", cmd_convert_gguf, "de-quantise a packaged GGUF model into a safetensors folder", "model")
+    c.add_argument("--out-dir", required=True, help="the transformers folder to write (model + tokenizer)")
+
+    c = stage("prepare_model", cmd_prepare_model, "write a model's manifest (what from_pretrained loads; hub ids pinned to a commit)", "model")
     c.add_argument("--manifest", required=True)
+    c.add_argument("--converted", help="the folder convert-gguf wrote (gguf_package models)")
 
     c = stage("corpus", cmd_corpus, "sample the offline SAE-training text corpus")
     c.add_argument("--out", required=True)
@@ -146,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--manifest", required=True)
     c.add_argument("--items", required=True)
     c.add_argument("--out", required=True, help="output scores Parquet")
+    c.add_argument("--batch-size", type=int, help="prompts per log-likelihood forward pass (default: the model's batch_size, else 8)")
+    c.add_argument("--generation-batch-size", type=int, help="prompts decoded together (default: the model's generation_batch_size, else 8)")
 
     c = stage("sae", cmd_sae, "train, download or copy the SAE of one (model, layer)", "model", "layer")
     c.add_argument("--manifest", help="model manifest (needed to train)")
@@ -159,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scores", help="scores Parquet (needed with saliency.include_response)")
     c.add_argument("--out", required=True, help="output saliency shard (sparse long form)")
     c.add_argument("--tokens", required=True, help="output per-item token counts")
+    c.add_argument("--batch-size", type=int, help="prompts per forward pass (default: the model's batch_size, else 8)")
 
     c = stage("reduce", cmd_reduce, "concept × benchmark gap tables for one (model, layer)")
     c.add_argument("--sae-dir", required=True, help="SAE folder (its width K)")

@@ -32,6 +32,37 @@ class ConfigError(ValueError):
 class ModelShape:
     n_layers: int
     d_model: int
+    n_params: int | None = None  # exact for a GGUF (its tensor sizes), estimated from a config.json
+
+
+def estimate_parameters(data: dict[str, Any]) -> int | None:
+    """Parameters of a decoder-only transformer from its config.json (attention with grouped KV heads,
+    a gated MLP, embeddings tied or not); None when a needed field is absent. Within a few percent for
+    Llama/Gemma/Qwen/Mistral-style models, which is all memory requests need."""
+    try:
+        d, layers, vocab = int(data["hidden_size"]), int(data["num_hidden_layers"]), int(data["vocab_size"])
+        ffn = int(data.get("intermediate_size") or 4 * d)
+        heads = int(data.get("num_attention_heads") or 1)
+        kv_heads = int(data.get("num_key_value_heads") or heads)
+    except (KeyError, TypeError, ValueError):
+        return None
+    head_dim = int(data.get("head_dim") or d // heads)
+    attention = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2
+    embeddings = vocab * d * (1 if data.get("tie_word_embeddings", True) else 2)
+    return layers * (attention + 3 * d * ffn) + embeddings
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` becomes the device this machine has (cuda, else mps, else cpu); others pass through.
+    Resolved once when the workflow is parsed, so GPU resources are declared and every job agrees."""
+    if requested != "auto":
+        return requested
+    import torch  # only for `auto`: ~1 s at parse time
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
 def key_path(parts: Iterator[Any] | list[Any]) -> str:
@@ -101,7 +132,7 @@ def gguf_file(package: str, file: str | None = None) -> Path:
 
 def _shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
     data = data.get("text_config", data)
-    return ModelShape(int(data["num_hidden_layers"]), int(data["hidden_size"]))
+    return ModelShape(int(data["num_hidden_layers"]), int(data["hidden_size"]), estimate_parameters(data))
 
 
 @cache  # reading the GGUF header takes seconds; parse time asks once per model
@@ -114,7 +145,8 @@ def _shape_from_gguf(path: Path) -> ModelShape:
         return reader.fields[key].contents()
 
     arch = value("general.architecture")
-    return ModelShape(int(value(f"{arch}.block_count")), int(value(f"{arch}.embedding_length")))
+    n_params = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    return ModelShape(int(value(f"{arch}.block_count")), int(value(f"{arch}.embedding_length")), n_params)
 
 
 def model_shape(source: dict[str, Any]) -> ModelShape | None:

@@ -1,8 +1,9 @@
 """Model sources (packaged GGUF, Hugging Face hub id, local folder), conversion and loading.
 
 Each model gets a small manifest (results/models/model=<slug>/manifest.json) written by the
-`prepare_model` rule: it says which folder or hub id `from_pretrained` should read. A packaged GGUF is
-converted once into a safetensors folder there, because de-quantising it costs ~20 s per load.
+`prepare_model` rule: it says which folder or hub id (pinned to a commit) `from_pretrained` should read.
+A packaged GGUF is converted once (rule `convert_gguf`) into the safetensors folder hf/ beside it,
+because de-quantising it costs ~20 s per load.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def convert_gguf(package: str, file: str | None, out_dir: Path) -> Path:
-    """De-quantise a packaged GGUF into a transformers safetensors folder (model + tokenizer)."""
+    """De-quantise a packaged GGUF into a transformers safetensors folder (model + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_file(package, file)
@@ -57,21 +58,45 @@ def convert_gguf(package: str, file: str | None, out_dir: Path) -> Path:
     return out_dir
 
 
-def prepare_model(source: dict[str, Any], manifest_path: Path) -> dict[str, Any]:
-    """Write the manifest for one model source, converting a packaged GGUF first."""
+def pin_hub_revision(repo: str, revision: str | None, cache_dir: str | Path | None = None) -> str:
+    """The commit a hub branch/tag points to now, so every job loads the same snapshot: asked of the hub,
+    or, offline, read from the warm Hugging Face cache."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    try:
+        return HfApi().model_info(repo, revision=revision).sha
+    except Exception as error:  # offline, or no access: fall back to what the cache holds
+        cached = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # …/snapshots/<commit>/config.json
+        raise RuntimeError(f"cannot pin model {repo!r} at revision {revision or 'main'}: the hub is unreachable "
+                           f"({type(error).__name__}) and the Hugging Face cache has no snapshot of it") from error
+
+
+def prepare_model(source: dict[str, Any], manifest_path: Path, converted: Path | None = None) -> dict[str, Any]:
+    """Write the manifest for one model source. A converted GGUF folder (`converted`) is recorded relative
+    to the manifest, so a results folder can be moved; a hub id is pinned to a commit."""
     if "gguf_package" in source:
-        folder = convert_gguf(source["gguf_package"], source.get("file"), manifest_path.parent / "hf")
-        manifest = {"load_from": str(folder.resolve()), "revision": None, "source": source}
+        if converted is None:
+            raise ValueError("a gguf_package model needs its converted folder (--converted)")
+        manifest = {"load_from": os.path.relpath(converted, manifest_path.parent), "relative": True, "revision": None}
     elif "path" in source:
-        manifest = {"load_from": str(Path(source["path"]).resolve()), "revision": None, "source": source}
+        manifest = {"load_from": source["path"], "relative": False, "revision": None}
     else:
-        manifest = {"load_from": source["hub"], "revision": source.get("revision"), "source": source}
+        manifest = {"load_from": source["hub"], "relative": False,
+                    "revision": pin_hub_revision(source["hub"], source.get("revision"))}
+    manifest["source"] = source
     write_json(manifest, manifest_path)
     return manifest
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """The manifest, with a folder recorded relative to it made absolute."""
+    path = Path(path)
+    manifest = json.loads(path.read_text())
+    if manifest.get("relative"):
+        manifest["load_from"] = str((path.parent / manifest["load_from"]).resolve())
+    return manifest
 
 
 def load_tokenizer(manifest: dict[str, Any]):
@@ -84,10 +109,13 @@ def load_tokenizer(manifest: dict[str, Any]):
 
 
 def load_model(manifest: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """The causal LM in eval mode on `device`."""
+    """The causal LM in eval mode on `device`. On an accelerator the weights load straight onto it
+    (device_map), never all at once into host memory (16 GB for an 8B model)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(manifest["load_from"], revision=manifest.get("revision"), dtype=dtype)
+    placement = {} if device.type == "cpu" else {"device_map": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(manifest["load_from"], revision=manifest.get("revision"), dtype=dtype,
+                                                 low_cpu_mem_usage=True, **placement)
     return model.to(device).eval()
 
 

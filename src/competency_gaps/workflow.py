@@ -1,18 +1,44 @@
 """The config slice each job depends on, shared by the Snakemake rules (as params) and the CLI.
 
 Slices are narrow on purpose: Snakemake reruns a job when its params change, so evaluation must not
-see `layers` (adding a layer reruns no evaluation) and extraction sees only its own layer.
+see `layers` (adding a layer reruns no evaluation) and extraction sees only its own layer. Settings that
+change how fast a job runs but not what it writes (batch sizes, threads) are kept out of the slices and
+passed to the CLI as flags (`throughput`), so tuning them reruns nothing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+# The code version of each stage: bump a stage's number whenever a change to the package alters what
+# that stage writes (a scoring fix, a masking fix, a new column). It is part of the stage's params, so
+# upgrading the package reruns exactly the stages whose output changed, and everything downstream.
+STAGE_VERSIONS = {
+    "prepare": 2,  # 2: only the item's text counts (option letters, "Options:", AGIEval separator, palindrome instruction); BOM-tolerant readers
+    "convert_gguf": 1,
+    "prepare_model": 2,  # 2: manifest paths relative to the manifest; hub revisions pinned
+    "corpus": 1,
+    "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
+    "sae": 1,
+    "extract": 2,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated
+    "reduce": 2,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting
+}
 
-def _model_without_layers(config: dict[str, Any], model: str) -> dict[str, Any]:
-    """The model's settings minus its layers and imported scores (each job sees only its own of those)."""
-    return {key: value for key, value in config["models"][model].items() if key not in ("layers", "scores_from")}
+# Which model keys each stage's output depends on (batch sizes are throughput, not results).
+EVALUATE_MODEL_KEYS = ("system_prompt",)
+EXTRACT_MODEL_KEYS = ("system_prompt", "max_length")
+THROUGHPUT_KEYS = ("batch_size", "generation_batch_size")
+
+# Which benchmark keys each stage reads; the rest of the benchmark's config cannot rerun it.
+PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "options", "malformed")
+EVALUATE_KEYS = ("max_new_tokens", "judge")
+EXTRACT_KEYS = ("context_policy",)
+
+
+def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: mapping[key] for key in keys if key in mapping}
 
 
 def imported_scores(config: dict[str, Any], model: str, benchmark: str) -> dict[str, Any] | None:
@@ -27,44 +53,84 @@ def _layer_entry(config: dict[str, Any], model: str, layer: int | str) -> dict[s
     raise KeyError(f"layer {layer} is not configured for model {model!r}")
 
 
-# Which benchmark keys each stage reads; the rest of the benchmark's config cannot rerun it.
-PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "options", "malformed")
-EVALUATE_KEYS = ("max_new_tokens", "judge")
-EXTRACT_KEYS = ("context_policy",)
-
-
 def _benchmark(config: dict[str, Any], benchmark: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    spec = config["benchmarks"][benchmark]
-    return {key: spec[key] for key in keys if key in spec}
+    return _pick(config["benchmarks"][benchmark], keys)
 
 
 def _runtime(config: dict[str, Any]) -> dict[str, Any]:
-    return {"device": config["device"], "dtype": config["dtype"], "seed": config["seed"]}
+    """Device and dtype (`device: auto` is resolved when the workflow is parsed, see config.resolve_device)."""
+    return {"device": config["device"], "dtype": config["dtype"]}
 
 
-def job_spec(config: dict[str, Any], job: str, model: str | None = None, benchmark: str | None = None,
-             layer: int | str | None = None) -> dict[str, Any]:
-    """The part of `config` that job `job` (prepare, prepare_model, corpus, evaluate, sae, extract, reduce) reads."""
+def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str | None, layer: int | str | None) -> Any:
     if job == "prepare":
         return _benchmark(config, benchmark, PREPARE_KEYS)
-    if job == "prepare_model":
+    if job in ("prepare_model", "convert_gguf"):
         return config["models"][model]["source"]
     if job == "corpus":
         return config["sae_corpus"]
     if job == "evaluate":
-        return {"model": _model_without_layers(config, model), "benchmark": _benchmark(config, benchmark, EVALUATE_KEYS),
+        return {"model": _pick(config["models"][model], EVALUATE_MODEL_KEYS),
+                "benchmark": _benchmark(config, benchmark, EVALUATE_KEYS),
                 "import": imported_scores(config, model, benchmark), "runtime": _runtime(config)}
     if job == "sae":
         return {"model": model, "layer": int(layer), "sae": _layer_entry(config, model, layer)["sae"],
                 "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}
     if job == "extract":
-        return {"model": _model_without_layers(config, model), "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),
+        return {"model": _pick(config["models"][model], EXTRACT_MODEL_KEYS),
+                "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),
                 "layer": int(layer), "saliency": config["saliency"], "runtime": _runtime(config)}
     if job == "reduce":
-        return {"gaps": config["gaps"], "seed": config["seed"]}
+        return {"gaps": config["gaps"]}
     raise ValueError(f"unknown job {job!r}")
+
+
+def job_spec(config: dict[str, Any], job: str, model: str | None = None, benchmark: str | None = None,
+             layer: int | str | None = None) -> dict[str, Any]:
+    """The part of `config` that job `job` (prepare, prepare_model, corpus, evaluate, sae, extract, reduce)
+    reads, with the stage's code version: {"version": N, "config": slice}."""
+    return {"version": STAGE_VERSIONS[job], "config": _slice(config, job, model, benchmark, layer)}
 
 
 def spec_json(config: dict[str, Any], job: str, **wildcards: Any) -> str:
     """`job_spec` as canonical JSON (sorted keys), for Snakemake params."""
     return json.dumps(job_spec(config, job, **wildcards), sort_keys=True)
+
+
+def throughput(config: dict[str, Any], model: str) -> dict[str, int]:
+    """Batch sizes of `model`'s jobs: how fast, not what; passed as CLI flags, never as params."""
+    return _pick(config["models"][model], THROUGHPUT_KEYS)
+
+
+def alternatives(names: list[str]) -> str:
+    """A regex matching exactly one of `names` (for wildcard_constraints; '.' in a slug is literal)."""
+    return "|".join(re.escape(name) for name in names)
+
+
+# Memory requests (mem_mb) follow from the model's size. On CPU a job holds the weights plus room for
+# activations and logits (measured: SmolLM2-135M fp32, 538 MB of weights, peaked at 2.9 GB in AGIEval's
+# evaluation); on a GPU the weights load straight onto the device, so host memory stays small.
+UNKNOWN_MODEL_MB = 16000  # a hub model whose config is not cached yet
+
+
+def _weights_mb(n_params: int, device: str, dtype: str) -> float:
+    resolved = dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
+    return n_params * (4 if resolved == "float32" else 2) / 2**20
+
+
+def model_job_memory_mb(n_params: int | None, device: str, dtype: str) -> int:
+    """Host memory (MB) to request for a job that loads the model (evaluate, extract)."""
+    if n_params is None:
+        return UNKNOWN_MODEL_MB
+    weights = _weights_mb(n_params, device, dtype)
+    return int(2500 + (2.0 * weights if device == "cpu" else 0.1 * weights + 1500))
+
+
+def sae_job_memory_mb(n_params: int | None, d_model: int | None, train: dict[str, Any], device: str, dtype: str) -> int:
+    """Host memory (MB) for SAE training: the model job's, plus every training and held-out activation
+    vector in fp32 (collected in parts, then concatenated: twice)."""
+    base = model_job_memory_mb(n_params, device, dtype)
+    if d_model is None:
+        return base
+    vectors = train["training_tokens"] + train["heldout_tokens"]
+    return int(base + 2 * vectors * d_model * 4 / 2**20)

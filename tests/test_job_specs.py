@@ -1,0 +1,53 @@
+"""What each job's params hold: its config slice and code version, nothing that only changes speed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from competency_gaps import workflow
+from competency_gaps.config import validate_config
+from competency_gaps.workflow import alternatives, job_spec, spec_json, throughput
+
+
+@pytest.fixture()
+def config(tiny_model_dir, random_sae_dirs, tmp_path) -> dict:
+    return validate_config({
+        "models": {"tiny": {"source": {"path": str(tiny_model_dir)}, "batch_size": 3, "generation_batch_size": 5,
+                            "max_length": 64, "layers": [{"layer": 1, "sae": {"path": str(random_sae_dirs[1])}}]}},
+        "benchmarks": {"b": {"adapter": "probe_arithmetic", "options": {"n": 2}}},
+    })
+
+
+def test_every_stage_carries_its_code_version(config, monkeypatch):
+    for job, extra in [("prepare", {"benchmark": "b"}), ("evaluate", {"model": "tiny", "benchmark": "b"}),
+                       ("extract", {"model": "tiny", "benchmark": "b", "layer": 1}), ("reduce", {}),
+                       ("sae", {"model": "tiny", "layer": 1}), ("prepare_model", {"model": "tiny"}), ("corpus", {})]:
+        before = spec_json(config, job, **extra)
+        assert json.loads(before)["version"] == workflow.STAGE_VERSIONS[job]
+        # Bumping a stage's version changes its params, which is what makes Snakemake rerun it.
+        monkeypatch.setitem(workflow.STAGE_VERSIONS, job, workflow.STAGE_VERSIONS[job] + 1)
+        assert spec_json(config, job, **extra) != before
+
+
+def test_throughput_settings_are_not_in_any_spec(config):
+    evaluate = job_spec(config, "evaluate", model="tiny", benchmark="b")["config"]
+    extract = job_spec(config, "extract", model="tiny", benchmark="b", layer=1)["config"]
+    assert evaluate["model"] == {"system_prompt": None}  # evaluation reads the whole prompt: no max_length
+    assert extract["model"] == {"system_prompt": None, "max_length": 64}
+    assert throughput(config, "tiny") == {"batch_size": 3, "generation_batch_size": 5}
+
+
+def test_no_global_seed_reaches_a_model_job(config):
+    for job, extra in [("evaluate", {"model": "tiny", "benchmark": "b"}), ("sae", {"model": "tiny", "layer": 1}),
+                       ("extract", {"model": "tiny", "benchmark": "b", "layer": 1})]:
+        assert "seed" not in job_spec(config, job, **extra)["config"]["runtime"]
+    assert job_spec(config, "reduce")["config"]["gaps"]["seed"] == 0  # the gap analysis has its own
+
+
+def test_slug_alternatives_match_literally():
+    pattern = re.compile(f"^(?:{alternatives(['gsm8k.v2', 'bbq'])})$")
+    assert pattern.match("gsm8k.v2") and pattern.match("bbq")
+    assert not pattern.match("gsm8kXv2")  # '.' is a literal dot, not any character

@@ -323,12 +323,14 @@ def test_summary_markdown(per_benchmark):
 
 def test_summary_markdown_falls_back_when_no_concept_passes(per_benchmark):
     saliency, items = frames()
-    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, NO_BOOT)  # min_support 50
+    options = GapOptions(n_bootstrap=0, ranking="point")  # min_support 50
+    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, K, options)
     text = summary_markdown(suite, per_benchmark, thresholds)
     assert "No concept passes the support filter" in text
     assert "falling back to all 3 concepts with scored support > 0" in text
     worst = text.split("### Model gaps")[1].split("###")[0]
-    # Lowest chi_model first: c0 0.6, c1 0.75, c2 0.833.
+    assert worst.startswith(": lowest 3 by chi_model")
+    # Lowest chi_model first (gaps.ranking = point): c0 0.6, c1 0.75, c2 0.833.
     assert worst.index("| 0 | 0.600") < worst.index("| 1 | 0.750") < worst.index("| 2 | 0.833")
 
 
@@ -377,9 +379,12 @@ def test_summary_ranking_shows_scored_support():
     _, thresholds = concept_suite_table(table, *frames(COVERAGE_ONLY_SALIENCY, COVERAGE_ONLY_ITEMS), K, options)
     text = summary_markdown(suite, table, thresholds)
     ranking = text.split("## chi_model ranking")[1].split("## Benchmark gaps")[0]
-    assert "| concept | chi_model | 95% CI | scored support | scored benchmarks | scored ESS |" in ranking
-    # c1: chi_model 0.75, 2 scored items in 1 benchmark, scored ESS 2 (coverage would read 4 | 2 | 4.0).
-    assert "| 1 | 0.750 | [N/A, N/A] | 2 | 1 | 2.0 |" in ranking
+    header = "| concept | chi_model | 95% CI | shrunk | adjusted | scored support | scored benchmarks | scored ESS |"
+    assert header in ranking
+    # c1: chi_model 0.75, 2 scored items in 1 benchmark, scored ESS 2 (coverage would read 4 | 2 | 4.0). Its
+    # prior is A's mean 0.5 (adjusted 0.25); three rated concepts spread no more than noise: κ = KAPPA_MAX, so
+    # shrunk = prior.
+    assert "| 1 | 0.750 | [N/A, N/A] | 0.500 | 0.250 | 2 | 1 | 2.0 |" in ranking
 
 
 def ci_support_frames() -> tuple[pl.DataFrame, pl.DataFrame]:

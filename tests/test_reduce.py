@@ -186,3 +186,42 @@ def test_shard_from_an_older_pipeline_is_named_in_the_error(tmp_path):
     pl.DataFrame({"item_id": ["a1"], "counted_tokens": [5], "truncated": [False]}).write_parquet(a[1])  # no `skipped`
     with pytest.raises(ValueError, match=r"benchmark=a/layer=3/item_tokens.parquet lacks column\(s\) \['skipped'\]"):
         reduce(tmp_path / "concepts", a, n_concepts=1)
+
+
+def test_benchmark_prior_comes_from_the_extracted_scored_items(tmp_path):
+    # a: a1 1, a2 0, a3 1 -> p̄_a = 2/3 (a4 scored 0 but skipped: not analysed, not in p̄_a); b: 0, 0, 1 -> 1/3.
+    # Concept 0 fires on a1 (s 1), b1 (s 1), b3 (s 2): chi = (1 + 0 + 2) / 4 = 0.75, prior = (2/3 + 1/3 + 2/3) / 4
+    # = 5/12, adjusted = 1/3; per benchmark a: 1 − 2/3, b: 2/3 − 1/3.
+    a = write_benchmark(tmp_path, "a", {("a1", 0): 1.0, ("a2", 1): 1.0}, {"a1": 1.0, "a2": 0.0, "a3": 1.0, "a4": 0.0},
+                        skipped={"a4": "too_long"})
+    b = write_benchmark(tmp_path, "b", {("b1", 0): 1.0, ("b3", 0): 2.0}, {"b1": 0.0, "b2": 0.0, "b3": 1.0})
+    out = tmp_path / "concepts"
+    reduce(out, a, b, n_concepts=3, gaps={**GAPS, "ranking": "lower_bound", "shrinkage_strength": 3})
+    suite = pl.read_parquet(out / "concepts.parquet")
+    assert suite.columns[-3:] == ["chi_model_adjusted", "chi_model_prior", "chi_model_shrunk"]
+    c0 = suite.filter(pl.col("concept") == 0).row(0, named=True)
+    assert (c0["chi_model"], c0["chi_model_prior"], c0["chi_model_adjusted"]) == pytest.approx((0.75, 5 / 12, 1 / 3))
+    # κ = 3, n = scored ESS = 4² / (1 + 1 + 4) = 8/3: (8/3 · 0.75 + 3 · 5/12) / (8/3 + 3) = 39/68.
+    assert c0["chi_model_shrunk"] == pytest.approx(39 / 68)
+    assert suite.filter(pl.col("concept") == 2)["chi_model_shrunk"].to_list() == [None]
+    # Per benchmark, adjusted = chi_model − the mean score benchmarks.parquet reports.
+    table = pl.read_parquet(out / "concept_benchmark.parquet")
+    assert table.columns[-1] == "chi_model_adjusted"
+    means = pl.read_parquet(out / "benchmarks.parquet").select("benchmark", "mean_score")
+    assert means["mean_score"].to_list() == pytest.approx([2 / 3, 1 / 3])
+    check = table.join(means, on="benchmark").filter(pl.col("chi_model").is_not_null())
+    assert (check["chi_model_adjusted"] - (check["chi_model"] - check["mean_score"])).abs().max() < 1e-12
+    assert table.filter(pl.col("concept") == 0)["chi_model_adjusted"].to_list() == pytest.approx([1 / 3, 1 / 3])
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert (thresholds["ranking"], thresholds["shrinkage_strength"]) == ("lower_bound", 3.0)
+    assert "gaps.ranking = lower_bound" in (out / "summary.md").read_text()
+
+
+def test_reducer_without_ranking_options_shrinks_with_an_estimated_strength(tmp_path):
+    a = write_benchmark(tmp_path, "a", {("a1", 0): 1.0, ("a2", 0): 1.0, ("a2", 1): 1.0}, {"a1": 1.0, "a2": 0.0})
+    out = tmp_path / "concepts"
+    reduce(out, a, n_concepts=2)  # GAPS has neither key
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["ranking"] == "shrunk"
+    assert isinstance(thresholds["shrinkage_strength"], float) and thresholds["shrinkage_strength"] >= 0
+    assert "gaps.ranking = shrunk" in (out / "summary.md").read_text()

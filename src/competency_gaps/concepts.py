@@ -10,12 +10,25 @@ W (n_boot × n_items) are multiplied by the sparse saliency matrix, so a replica
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import torch
+
+from competency_gaps.rankings import (
+    RANKINGS,
+    adjusted_chi_model,
+    benchmark_means,
+    mean_prior,
+    pooled_prior,
+    rank_concepts,
+    ranking_description,
+    shrinkage_strength,
+    shrunk_chi_model,
+)
 
 CLASSES = ("missing", "under", "normal", "over")
 POOLINGS = ("pooled", "mean")
@@ -47,6 +60,11 @@ class GapOptions:
     seed: int = 0
     """Seed of the bootstrap (the gap analysis's own, not the global seed); each benchmark derives its own
     stream from it and its name."""
+    ranking: str = "shrunk"
+    """Order of every weakest/strongest list (rankings.py): 'shrunk' (ascending chi_model_shrunk), 'lower_bound'
+    (weakest by the CI upper bound, strongest by the lower bound, no interval last) or 'point' (plain chi_model)."""
+    shrinkage_strength: float | None = None
+    """κ of the shrinkage (n·chi + κ·prior) / (n + κ), in prior items; None estimates it by the method of moments."""
 
     def __post_init__(self) -> None:
         if not self.epsilon >= 0:
@@ -68,6 +86,12 @@ class GapOptions:
             raise ValueError(f"gaps.ci_level must be in (0, 1), got {self.ci_level}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"gaps.seed must be an integer >= 0, got {self.seed!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"gaps.ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        kappa = self.shrinkage_strength
+        if kappa is not None and (isinstance(kappa, bool) or not isinstance(kappa, int | float)
+                                  or not math.isfinite(kappa) or kappa <= 0):
+            raise ValueError(f"gaps.shrinkage_strength must be null (estimate) or a number > 0, got {kappa!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,12 +311,12 @@ def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[
 
 CONCEPT_BENCHMARK_COLUMNS = [
     "concept", "benchmark", "n_items", "support", "sum_saliency", "ess", "scored_support", "scored_ess",
-    "chi_bench", "missing", "chi_model", "chi_model_lo", "chi_model_hi",
+    "chi_bench", "missing", "chi_model", "chi_model_lo", "chi_model_hi", "chi_model_adjusted",
 ]
 SUITE_COLUMNS = [
     "concept", "chi_bench", "chi_model", "chi_model_lo", "chi_model_hi", "support", "n_benchmarks_active",
     "sum_saliency", "ess", "scored_support", "n_benchmarks_scored", "scored_ess", "classification",
-    "passes_support_filter",
+    "passes_support_filter", "chi_model_adjusted", "chi_model_prior", "chi_model_shrunk",
 ]
 
 
@@ -306,7 +330,8 @@ def concept_benchmark_table(
     over items with a score), chi_bench (Σ_i s · K / Σ_{i,c'} s; 0 when the concept never fires in b; null when
     b has no saliency at all), missing (the concept never fires in b), chi_model (Σ s·p / Σ s over scored
     items; null when no scored item supports it), chi_model_lo/hi (percentile bootstrap over the scored items
-    of b; null when chi_model is null, scored_support < min_ci_support or n_bootstrap == 0).
+    of b; null when chi_model is null, scored_support < min_ci_support or n_bootstrap == 0), chi_model_adjusted
+    (chi_model − p̄_b = Σ s (p − p̄_b) / Σ s, p̄_b the mean score of b's scored items; null with chi_model).
     """
     items = _check_items(items)
     rows = _saliency_rows(saliency, items, n_concepts)
@@ -327,6 +352,8 @@ def concept_benchmark_table(
     ]
     interval = pl.concat(intervals) if intervals else None
     table = _with_interval(table, interval, ["benchmark", "concept"], options)
+    table = table.join(benchmark_means(items), on="benchmark", how="left").with_columns(
+        adjusted_chi_model("chi_model", "benchmark_mean"))
     return table.select(CONCEPT_BENCHMARK_COLUMNS).sort("benchmark", "concept")
 
 
@@ -341,6 +368,23 @@ def _classify(chi_bench: pl.Series, options: GapOptions) -> tuple[pl.Series, flo
     over = float(np.percentile(covered, options.over_percentile))
     labels = np.where(missing, "missing", np.where(values < under, "under", np.where(values > over, "over", "normal")))
     return pl.Series("classification", labels.tolist()), under, over
+
+
+def _with_support_aware_estimates(suite: pl.DataFrame, rows: pl.DataFrame, items: pl.DataFrame,
+                                  concept_benchmark: pl.DataFrame, options: GapOptions
+                                  ) -> tuple[pl.DataFrame, float | None]:
+    """Prior, adjusted and shrunk chi_model (rankings.py), and the κ used."""
+    means = benchmark_means(items)
+    if options.pooling == "pooled":
+        prior = pooled_prior(rows, means)
+    else:
+        prior = mean_prior(concept_benchmark.with_columns(pl.col("concept").cast(pl.Int32)), means)
+    suite = suite.join(prior.with_columns(pl.col("concept").cast(pl.Int32)), on="concept", how="left")
+    # Prior and chi_model rest on the same scored items; keep 'null exactly where chi_model is' explicit.
+    suite = suite.with_columns(pl.when(pl.col("chi_model").is_not_null()).then(pl.col("chi_model_prior"))
+                               .alias("chi_model_prior"))
+    kappa = shrinkage_strength(suite, options.shrinkage_strength)
+    return suite.with_columns(adjusted_chi_model(), shrunk_chi_model(kappa)), kappa
 
 
 def concept_suite_table(
@@ -358,8 +402,13 @@ def concept_suite_table(
     min_ci_support scored items), support (items where the concept fires, whole suite), n_benchmarks_active
     (benchmarks where it fires), sum_saliency, ess, scored_support, n_benchmarks_scored and scored_ess (the same
     over scored items only), classification (missing | under | normal | over), passes_support_filter (on the
-    scored counts: coverage-only items cannot make a chi_model ranking look well supported).
-    The dict holds the options and the chi_bench thresholds (null when no concept is covered).
+    scored counts: coverage-only items cannot make a chi_model ranking look well supported), then (rankings.py)
+    chi_model_adjusted (chi_model − chi_model_prior: below 0, weaker than its benchmarks predict),
+    chi_model_prior (Σ s·p̄_b / Σ s over scored items, or with pooling 'mean' the mean p̄_b over the benchmarks
+    with a chi_model) and chi_model_shrunk ((n·chi_model + κ·prior) / (n + κ), n the scored ESS); all three
+    null where chi_model is.
+    The dict holds the options, the chi_bench thresholds (null when no concept is covered) and the κ used
+    (`shrinkage_strength`: the configured one or the estimate; null when no concept has a chi_model).
     """
     items = _check_items(items)
     rows = _saliency_rows(saliency, items, n_concepts)
@@ -380,6 +429,7 @@ def concept_suite_table(
         ratios = _suite_ratios(_all_replicates(rows, items, options), n_concepts, options)
         interval = _interval_frame(np.arange(n_concepts), ratios, options)
     suite = _with_interval(suite.sort("concept"), interval, ["concept"], options)
+    suite, kappa = _with_support_aware_estimates(suite, rows, items, concept_benchmark, options)
 
     classification, under, over = _classify(suite["chi_bench"], options)
     suite = suite.with_columns(
@@ -401,6 +451,8 @@ def concept_suite_table(
         "ci_level": options.ci_level,
         "min_ci_support": options.min_ci_support,
         "seed": options.seed,
+        "ranking": options.ranking,
+        "shrinkage_strength": kappa,
     }
     return suite.select(SUITE_COLUMNS).sort("concept"), thresholds
 
@@ -462,16 +514,40 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _ranking_rows(frame: pl.DataFrame) -> list[list[str]]:
-    """chi_model rows with the scored counts: those are what chi_model rests on."""
+    """The plain chi_model and its interval, the shrunk and benchmark-adjusted values, and the scored counts
+    they rest on."""
     return [
         [str(r["concept"]), _fmt(r["chi_model"]), f"[{_fmt(r['chi_model_lo'])}, {_fmt(r['chi_model_hi'])}]",
+         _fmt(r["chi_model_shrunk"]), _fmt(r["chi_model_adjusted"]),
          str(r["scored_support"]), str(r["n_benchmarks_scored"]), _fmt(r["scored_ess"], 1)]
         for r in frame.iter_rows(named=True)
     ]
 
 
+RANKING_TITLES = {
+    "shrunk": ("lowest {n} by shrunk chi_model", "highest {n} by shrunk chi_model"),
+    "lower_bound": ("lowest {n} by CI upper bound", "highest {n} by CI lower bound"),
+    "point": ("lowest {n} by chi_model", "highest {n} by chi_model"),
+}
+
+
+def _ranking_note(pool: pl.DataFrame, thresholds: dict) -> str:
+    """Which ranking ordered the lists, and (lower_bound) how many concepts lack the interval it needs."""
+    ranking = thresholds["ranking"]
+    note = ranking_description(ranking, thresholds.get("shrinkage_strength"))
+    if ranking == "lower_bound":
+        without = pool.filter(pl.col("chi_model_lo").is_null()).height
+        if without == pool.height:
+            note += (f" **But none of the {pool.height} ranked concepts has an interval** (n_bootstrap = 0 or "
+                     "too few scored items), so the lists fall back to the plain chi_model.")
+        elif without:
+            note += f" {without} of the {pool.height} ranked concepts have no interval."
+    return note + " shrunk = chi_model_shrunk; adjusted = chi_model_adjusted (chi_model − what its benchmarks predict)."
+
+
 def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[str]:
-    """Best and worst concepts by chi_model, among those passing the support filter (or a stated fallback)."""
+    """Weakest and strongest concepts by the configured ranking (gaps.ranking), among those passing the support
+    filter (or a stated fallback); every table shows the plain chi_model too."""
     rated = suite.filter(pl.col("chi_model").is_not_null())
     if rated.height == 0:
         return ["## chi_model ranking", "", "No concept has a chi_model (no scored items): no ranking."]
@@ -486,14 +562,16 @@ def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[
                 "scored support > 0 and a chi_model. Treat these rankings as weak evidence.")
     if "min_ci_support" in thresholds:
         note += f" No interval (N/A) below {thresholds['min_ci_support']} scored supporting items."
-    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "scored support",
-              "scored benchmarks", "scored ESS"]
-    worst = pool.sort(["chi_model", "concept"]).head(top_n)
-    best = pool.sort(["chi_model", "concept"], descending=[True, False]).head(top_n)
+    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "shrunk", "adjusted",
+              "scored support", "scored benchmarks", "scored ESS"]
+    ranking = thresholds["ranking"]
+    worst = rank_concepts(pool, ranking).head(top_n)
+    best = rank_concepts(pool, ranking, strongest=True).head(top_n)
+    worst_title, best_title = RANKING_TITLES[ranking]
     return [
-        "## chi_model ranking", "", note, "",
-        f"### Model gaps: lowest {worst.height} by chi_model", "", _markdown_table(header, _ranking_rows(worst)), "",
-        f"### Strengths: highest {best.height} by chi_model", "", _markdown_table(header, _ranking_rows(best)),
+        "## chi_model ranking", "", note, "", _ranking_note(pool, thresholds), "",
+        f"### Model gaps: {worst_title.format(n=worst.height)}", "", _markdown_table(header, _ranking_rows(worst)), "",
+        f"### Strengths: {best_title.format(n=best.height)}", "", _markdown_table(header, _ranking_rows(best)),
     ]
 
 

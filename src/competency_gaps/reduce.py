@@ -69,8 +69,9 @@ def load_inputs(saliency_paths: list[str], token_paths: list[str], score_paths: 
 
 def benchmark_overview(concept_benchmark: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     """Per benchmark handed to the reducer (also those with no extracted item: covered/missing % null there):
-    items evaluated and extracted, skips by reason, truncations, mean score over the analysed items, and the
-    share of generated responses cut off at max_new_tokens."""
+    items evaluated and extracted, skips by reason, truncations, mean score over the analysed items (p̄_b, the
+    benchmark prior behind chi_model_prior / chi_model_adjusted, computed from the same items by the gap
+    tables), and the share of generated responses cut off at max_new_tokens."""
     extracted = pl.col("extracted")
     counts = items.group_by("benchmark").agg(
         n_items=pl.len().cast(pl.Int64),
@@ -141,7 +142,8 @@ def coverage_only_note(items: pl.DataFrame) -> str:
 def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: list[str], n_concepts: int,
                gaps: dict[str, Any], out_dir: Path, title: str) -> None:
     """Everything the analysis depends on comes from `gaps` (its own seed included), so changing the global
-    seed does not touch these tables."""
+    seed does not touch these tables. The benchmark means p̄_b of the adjusted and shrunk chi_model come from
+    `items` (the extracted items with their scores), the same items every χ is computed on."""
     options = GapOptions(**gaps)
     saliency, evaluated = load_inputs(saliency_paths, token_paths, score_paths)
     items = evaluated.filter("extracted").select("benchmark", "item_id", "score")
@@ -156,4 +158,5 @@ def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: l
     notes = (all_skipped_note(overview) + coverage_only_note(items) + context_note(overview)
              + no_tokens_note(overview) + cut_off_note(overview))
     write_text(f"# {title}\n\n{notes}" + summary_markdown(suite, per_benchmark, thresholds), out_dir / "summary.md")
-    log.info("reduced %d benchmarks × %d concepts", per_benchmark["benchmark"].n_unique(), n_concepts)
+    log.info("reduced %d benchmarks × %d concepts; ranking %s, shrinkage strength κ = %s",
+             per_benchmark["benchmark"].n_unique(), n_concepts, thresholds["ranking"], thresholds["shrinkage_strength"])

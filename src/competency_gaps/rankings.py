@@ -1,0 +1,193 @@
+"""Support-aware rankings of concepts by chi_model: benchmark-adjusted and empirically shrunk estimates.
+
+The plain chi_model of a concept that fires on two items is 0 whenever the model fails both, so a point-estimate
+ranking fills its bottom with narrow concepts, and a concept that lives in a hard benchmark looks weak merely for
+that. Two estimators answer this (pure functions on polars frames; concepts.py wires them into the tables):
+
+Benchmark prior and adjustment. p̄_b is benchmark b's mean score over its scored items. A concept's prior is
+what its items' benchmarks predict, and its adjusted chi_model is how far it sits from that:
+
+    m_c          = Σ_i s_i^c p̄_{b(i)} / Σ_i s_i^c                 (scored items i)
+    adjusted_c   = Σ_i s_i^c (p_i − p̄_{b(i)}) / Σ_i s_i^c  =  chi_model_c − m_c
+
+0 reads "as good as its benchmarks predict", negative "weaker than its benchmarks". Per benchmark m = p̄_b.
+With pooling 'mean', chi_model_c is the mean of the per-benchmark values, and m_c (adjusted_c) the mean of p̄_b
+(of the per-benchmark adjustments) over the same benchmarks, so adjusted = chi_model − m holds there too.
+
+Empirical-Bayes shrinkage (beta-binomial). Treat chi_c as the mean of n_c Bernoulli-like draws (n_c: the scored
+effective sample size (Σ s)² / Σ s², which is exactly the count that gives a weighted mean of equal-variance
+draws its variance) with success rate θ_c, and θ_c ~ Beta(κ m_c, κ (1 − m_c)): mean m_c, variance
+τ_c² = m_c (1 − m_c) / (κ + 1). The posterior mean of θ_c is
+
+    shrunk_c = (n_c chi_c + κ m_c) / (n_c + κ)
+
+so a concept moves towards its prior in proportion to κ / (n_c + κ): two items barely move it off m_c, an ESS of
+hundreds leaves it near its own chi_c. κ ("prior items") is a config value or is estimated; see
+`estimate_shrinkage_strength`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+RANKINGS = ("shrunk", "lower_bound", "point")
+"""gaps.ranking: ascending chi_model_shrunk (default); confidence bounds (weakest by the upper bound, strongest by
+the lower bound, concepts without an interval last); the plain chi_model (the paper)."""
+
+KAPPA_MAX = 1e12
+"""κ used when the data show no between-concept spread beyond sampling noise (the estimate is +∞): every shrunk
+value is then its prior to ~1e-10. Finite so that thresholds.json stays valid JSON."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark prior and adjustment
+
+
+def benchmark_means(items: pl.DataFrame) -> pl.DataFrame:
+    """p̄_b = mean of p_i over the scored items of b (unscored items ignored).
+
+    items: benchmark, score (null: no scorer). Returns benchmark, benchmark_mean (Float64; null when b has no
+    scored item), one row per benchmark of `items`.
+    """
+    return items.group_by("benchmark").agg(benchmark_mean=pl.col("score").cast(pl.Float64).fill_nan(None).mean())
+
+
+def pooled_prior(rows: pl.DataFrame, means: pl.DataFrame) -> pl.DataFrame:
+    """m_c = Σ_i s_i^c p̄_{b(i)} / Σ_i s_i^c over scored items (the pooled prior).
+
+    rows: benchmark, concept, saliency (> 0), score (null: unscored, ignored); means: from `benchmark_means`.
+    Returns concept, chi_model_prior for the concepts with a scored supporting item.
+    """
+    scored = rows.filter(pl.col("score").is_not_null()).join(means, on="benchmark", how="left")
+    return scored.group_by("concept").agg(
+        chi_model_prior=(pl.col("saliency") * pl.col("benchmark_mean")).sum() / pl.col("saliency").sum()
+    )
+
+
+def mean_prior(concept_benchmark: pl.DataFrame, means: pl.DataFrame) -> pl.DataFrame:
+    """m_c = mean of p̄_b over the benchmarks where chi_model^(c,b) is defined (the prior for pooling 'mean').
+
+    concept_benchmark: concept, benchmark, chi_model. Returns concept, chi_model_prior for the concepts with
+    some per-benchmark chi_model.
+    """
+    rated = concept_benchmark.filter(pl.col("chi_model").is_not_null()).join(means, on="benchmark", how="left")
+    return rated.group_by("concept").agg(chi_model_prior=pl.col("benchmark_mean").mean())
+
+
+def adjusted_chi_model(chi: str = "chi_model", prior: str = "chi_model_prior") -> pl.Expr:
+    """chi_model_adjusted = chi − prior = Σ s (p − p̄_b) / Σ s; null where either is null."""
+    return (pl.col(chi) - pl.col(prior)).alias("chi_model_adjusted")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shrinkage
+
+
+def shrunk_chi_model(kappa: float | None) -> pl.Expr:
+    """chi_model_shrunk = (n chi + κ m) / (n + κ) from columns chi_model, chi_model_prior, scored_ess (n).
+
+    Null where chi_model is null, or when κ is None (no concept to estimate it from). κ = 0 gives chi_model.
+    """
+    if kappa is None:
+        return pl.lit(None, pl.Float64).alias("chi_model_shrunk")
+    n, chi, prior = pl.col("scored_ess"), pl.col("chi_model"), pl.col("chi_model_prior")
+    return ((n * chi + kappa * prior) / (n + kappa)).alias("chi_model_shrunk")
+
+
+def between_concept_variance(frame: pl.DataFrame) -> tuple[float | None, float]:
+    """Method-of-moments τ² and mean m(1 − m) over the concepts with chi_model, prior and scored_ess.
+
+    Under the beta-binomial model, E[θ(1 − θ)] = m(1 − m) − τ², so for one concept
+        E[(chi − m)²] = Var θ + E[θ(1 − θ)] / n = τ² (1 − 1/n) + m(1 − m) / n.
+    Averaging over concepts (a common τ²) and solving:
+        τ² = [mean (chi − m)² − mean m(1 − m)/n] / mean (1 − 1/n).
+    Returns (τ², mean m(1 − m)); τ² is None when no concept is rated and NaN when it is not identifiable (every
+    concept rests on n = 1 item: mean (1 − 1/n) = 0 and the spread is all noise).
+    """
+    rated = frame.filter(
+        pl.col("chi_model").is_not_null() & pl.col("chi_model_prior").is_not_null() & pl.col("scored_ess").is_not_null()
+    )
+    if rated.height == 0:
+        return None, 0.0
+    n = pl.max_horizontal(pl.col("scored_ess"), pl.lit(1.0))  # ESS >= 1; guard rounding just below it
+    prior = pl.col("chi_model_prior")
+    variance = prior * (1 - prior)
+    moments = rated.select(
+        deviation=((pl.col("chi_model") - prior) ** 2).mean(),
+        noise=(variance / n).mean(),
+        weight=(1 - 1 / n).mean(),
+        variance=variance.mean(),
+    ).row(0, named=True)
+    if not moments["weight"] > 0:
+        return math.nan, moments["variance"]
+    return (moments["deviation"] - moments["noise"]) / moments["weight"], moments["variance"]
+
+
+def estimate_shrinkage_strength(frame: pl.DataFrame) -> float | None:
+    """κ̂ = mean m(1 − m) / τ̂² − 1 (method of moments, see `between_concept_variance`), clamped to [0, KAPPA_MAX].
+
+    With θ ~ Beta(κ m, κ (1 − m)), Var θ = m(1 − m) / (κ + 1); solving for κ with a common τ² and the average
+    m(1 − m) gives the formula. Degenerate cases:
+    - no concept with chi_model: None (nothing to shrink);
+    - τ̂² ≤ 0 (the spread of chi around the priors is no more than sampling noise), every concept on n = 1
+      item (τ² not identifiable) or mean m(1 − m) = 0 (every benchmark at 0 or 1, so chi = m): κ = ∞, i.e.
+      KAPPA_MAX, and every shrunk value is its prior;
+    - τ̂² ≥ mean m(1 − m) (spread as large as Bernoulli allows): κ = 0, no shrinkage.
+    Non-binary scores in [0, 1] have within-item variance below θ(1 − θ), so the noise term is an upper bound
+    and κ̂ errs towards more shrinkage.
+    """
+    tau2, variance = between_concept_variance(frame)
+    if tau2 is None:
+        return None
+    if math.isnan(tau2) or not tau2 > 0 or not variance > 0:
+        return KAPPA_MAX
+    return float(min(max(variance / tau2 - 1.0, 0.0), KAPPA_MAX))
+
+
+def shrinkage_strength(frame: pl.DataFrame, fixed: float | None) -> float | None:
+    """κ to use: the configured one (gaps.shrinkage_strength) or, when it is None, the estimate."""
+    return float(fixed) if fixed is not None else estimate_shrinkage_strength(frame)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rankings
+
+
+def ranking_key(ranking: str, strongest: bool = False) -> str:
+    """The column a ranking orders by: chi_model_shrunk, chi_model, or for lower_bound chi_model_hi when looking
+    for the weakest concepts (confidently low) and chi_model_lo for the strongest (confidently high)."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"gaps.ranking must be one of {RANKINGS}, got {ranking!r}")
+    if ranking == "shrunk":
+        return "chi_model_shrunk"
+    if ranking == "lower_bound":
+        return "chi_model_lo" if strongest else "chi_model_hi"
+    return "chi_model"
+
+
+def rank_concepts(frame: pl.DataFrame, ranking: str, strongest: bool = False) -> pl.DataFrame:
+    """`frame` sorted weakest-first (ascending key) or, with strongest, strongest-first (descending key).
+
+    Rows where the key is null (e.g. no interval under lower_bound) come last; ties break by the plain
+    chi_model (same direction), then by concept index.
+    """
+    key = ranking_key(ranking, strongest)
+    columns = [key] if key == "chi_model" else [key, "chi_model"]
+    return frame.sort([*columns, "concept"], descending=[strongest] * len(columns) + [False], nulls_last=True)
+
+
+def ranking_description(ranking: str, kappa: float | None) -> str:
+    """One sentence for the summary: which ranking ordered the lists, and what it means."""
+    ranking_key(ranking)  # validates
+    if ranking == "shrunk":
+        strength = "not available" if kappa is None else f"{kappa:.4g}"
+        return (f"Lists ordered by shrunk chi_model (gaps.ranking = shrunk, κ = {strength} prior items): "
+                "(n·chi_model + κ·prior) / (n + κ), n the scored ESS, prior what the concept's benchmarks predict, "
+                "so narrow concepts move towards their benchmarks' mean.")
+    if ranking == "lower_bound":
+        return ("Lists ordered by the confidence bound (gaps.ranking = lower_bound): weakest by the interval's "
+                "upper end, strongest by its lower end; concepts without an interval come last.")
+    return ("Lists ordered by the plain chi_model (gaps.ranking = point, the paper's ranking): "
+            "narrow concepts with extreme point estimates can crowd the ends.")

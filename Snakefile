@@ -29,6 +29,8 @@ include: "rules/evaluate.smk"
 include: "rules/sae.smk"
 include: "rules/extract.smk"
 include: "rules/concepts.smk"
+include: "rules/robustness.smk"
+include: "rules/figures.smk"
 
 
 rule all:

@@ -134,9 +134,15 @@ def model_threads(wildcards=None):
 
 
 def all_targets():
+    per_layer = {
+        "concepts": ("concepts.parquet", "concept_benchmark.parquet", "summary.md"),
+        "robustness": ("stability.json", "validity.json"),
+        "figures": ("ranked_concepts.md", "example_cards.md"),
+    }
     return [
-        f"{RESULTS}/concepts/model={m}/layer={l}/{name}"
+        f"{RESULTS}/{folder}/model={m}/layer={l}/{name}"
         for m in MODELS
         for l in layers_of(m)
-        for name in ("concepts.parquet", "concept_benchmark.parquet", "summary.md")
+        for folder, names in per_layer.items()
+        for name in names
     ]

@@ -154,7 +154,10 @@ def appended(path: Path, text: str):
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-DOWNSTREAM_OF_ONE = {"prepare_benchmark": 1, "evaluate": 1, "extract": 1, "reduce_concepts": 1, "all": 1}
+# Every (model, layer) analysis reads all shards: a changed shard reruns the reducer, the robustness checks
+# and the figures.
+ANALYSES = {"reduce_concepts": 1, "robustness": 1, "figures": 1, "all": 1}
+DOWNSTREAM_OF_ONE = {"prepare_benchmark": 1, "evaluate": 1, "extract": 1, **ANALYSES}
 
 
 def test_editing_the_prompt_templates_reruns_every_benchmark(finished_run):
@@ -162,7 +165,7 @@ def test_editing_the_prompt_templates_reruns_every_benchmark(finished_run):
 
     n = len(BENCHMARKS)
     with appended(TEMPLATES_FILE, "\n# an edit\n"):
-        assert planned_jobs(finished_run) == {"prepare_benchmark": n, "evaluate": n, "extract": n, "reduce_concepts": 1, "all": 1}
+        assert planned_jobs(finished_run) == {"prepare_benchmark": n, "evaluate": n, "extract": n, **ANALYSES}
 
 
 def test_editing_a_data_file_reruns_only_that_benchmark(finished_run, gsm8k_copy):
@@ -181,7 +184,7 @@ def test_throughput_settings_rerun_nothing(finished_run, base_config):
 
 def test_the_gap_seed_reruns_only_the_reducer(finished_run, base_config):
     with edited(finished_run, base_config, lambda config: config["gaps"].update(seed=5)):
-        assert planned_jobs(finished_run) == {"reduce_concepts": 1, "all": 1}
+        assert planned_jobs(finished_run) == {"reduce_concepts": 1, "figures": 1, "all": 1}
 
 
 def dry_run_jobs(workdir: Path, *args: str) -> dict[str, str]:
@@ -216,9 +219,7 @@ def test_adding_a_benchmark_schedules_only_its_jobs_and_the_reducer(finished_run
     config["benchmarks"]["gsm8k_more"] = {**BENCHMARKS["gsm8k"], "limit": 2, "seed": 7}
     write_config(finished_run, config)
     try:
-        assert planned_jobs(finished_run) == {
-            "prepare_benchmark": 1, "evaluate": 1, "extract": 1, "reduce_concepts": 1, "all": 1,
-        }
+        assert planned_jobs(finished_run) == DOWNSTREAM_OF_ONE
     finally:
         write_config(finished_run, base_config)
 
@@ -228,7 +229,7 @@ def test_adding_a_layer_schedules_only_its_sae_extractions_and_reducer(finished_
     config["models"]["tiny"]["layers"].append({"layer": 2, "sae": {"path": str(random_sae_dirs[2])}})
     write_config(finished_run, config)
     try:
-        assert planned_jobs(finished_run) == {"sae": 1, "extract": len(BENCHMARKS), "reduce_concepts": 1, "all": 1}
+        assert planned_jobs(finished_run) == {"sae": 1, "extract": len(BENCHMARKS), **ANALYSES}
     finally:
         write_config(finished_run, base_config)
 
@@ -248,9 +249,25 @@ def test_imported_scores_reproduce_the_computed_chi_model(finished_run, base_con
     config["models"]["tiny"]["scores_from"] = {"gsm8k": {"lm_eval_samples": str(samples), "metric": "exact_match",
                                                          "match": "doc_id", "prefix": "gsm8k-"}}
     write_config(finished_run, config)
-    assert planned_jobs(finished_run) == {"evaluate": 1, "reduce_concepts": 1, "all": 1}
+    assert planned_jobs(finished_run) == {"evaluate": 1, **ANALYSES}
     snakemake(finished_run)
     imported = pl.read_parquet(results / "concepts/model=tiny/layer=1/concept_benchmark.parquet")
     assert imported["chi_model"].to_list() == pytest.approx(computed["chi_model"].to_list(), nan_ok=True)
     assert imported["chi_bench"].to_list() == pytest.approx(computed["chi_bench"].to_list())
     assert "imported scores" in (results / "logs/evaluate/model=tiny/benchmark=gsm8k.log").read_text()
+
+
+def test_figures_robustness_and_the_report(finished_run):
+    """The leaves of the DAG: every figure (PNG and SVG), the robustness tables, and `snakemake --report`."""
+    figures = finished_run / "results/figures/model=tiny/layer=1"
+    for stem in ("chi_bench_hist", "chi_bench_per_benchmark", "chi_model_per_benchmark", "chi_model_hist",
+                 "missing_percent", "jaccard_overlap", "chi_model_correlation"):
+        assert (figures / f"{stem}.png").stat().st_size > 0 and (figures / f"{stem}.svg").stat().st_size > 0
+    assert "#" in (figures / "ranked_concepts.md").read_text()
+    robustness = finished_run / "results/robustness/model=tiny/layer=1"
+    stability = json.loads((robustness / "stability.json").read_text())
+    assert stability["n_resamples"] == 100 and stability["paper"] == {"chi_bench_std": 0.025, "chi_model_std": 0.014}
+    assert set(json.loads((robustness / "validity.json").read_text())["directions"]) == {"A->B", "B->A"}
+    snakemake(finished_run, "--report", str(finished_run / "report.html"))
+    report = (finished_run / "report.html").read_text()
+    assert "chi_bench_hist.png" in report and "Gaps" in report

@@ -137,6 +137,23 @@ def cmd_reduce(args: argparse.Namespace) -> None:
     run_reduce(args.saliency, args.tokens, args.scores, n_concepts, spec["gaps"], Path(args.out_dir), args.title)
 
 
+def cmd_figures(args: argparse.Namespace) -> None:
+    from competency_gaps.figures import run_figures
+
+    run_figures(args.concept_benchmark, args.concepts, args.benchmarks, args.overlap, args.thresholds, args.items,
+                args.scores, args.saliency, Path(args.out_dir), args.title, labels_path=args.labels,
+                top_n=args.top, n_cards=args.cards, per_side=args.examples)
+
+
+def cmd_robustness(args: argparse.Namespace) -> None:
+    from competency_gaps.robustness import run_robustness
+
+    spec = _spec(args, "robustness")
+    n_concepts = json.loads((Path(args.sae_dir) / "cfg.json").read_text())["d_sae"]
+    run_robustness(args.saliency, args.tokens, args.scores, n_concepts, spec.get("robustness") or {},
+                   spec.get("gaps") or {}, Path(args.out_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="competency-gaps", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -193,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scores", nargs="+", required=True)
     c.add_argument("--out-dir", required=True)
     c.add_argument("--title", default="Competency gaps")
+
+    c = stage("robustness", cmd_robustness, "resampling stability and predictive validity of the gap tables for one (model, layer)")
+    c.add_argument("--sae-dir", required=True, help="SAE folder (its width K)")
+    c.add_argument("--saliency", nargs="+", required=True)
+    c.add_argument("--tokens", nargs="+", required=True)
+    c.add_argument("--scores", nargs="+", required=True)
+    c.add_argument("--out-dir", required=True, help="folder for stability.parquet/json and validity.parquet/json")
+
+    c = stage("figures", cmd_figures, "figures, ranked concept tables and example cards for one (model, layer)")
+    c.add_argument("--concept-benchmark", required=True, help="concept_benchmark.parquet of the reducer")
+    c.add_argument("--concepts", required=True, help="concepts.parquet of the reducer")
+    c.add_argument("--benchmarks", required=True, help="benchmarks.parquet of the reducer")
+    c.add_argument("--overlap", required=True, help="overlap.parquet of the reducer")
+    c.add_argument("--thresholds", help="thresholds.json of the reducer (χ_bench thresholds, support filter)")
+    c.add_argument("--items", nargs="+", required=True, help="items tables (benchmark categories, example prompts)")
+    c.add_argument("--scores", nargs="+", required=True, help="scores tables (example cards)")
+    c.add_argument("--saliency", nargs="+", required=True, help="saliency shards of this layer (example cards)")
+    c.add_argument("--out-dir", required=True)
+    c.add_argument("--title", default="", help="context line under every figure title (model, layer)")
+    c.add_argument("--labels", help="optional CSV/Parquet of concept labels (columns concept, label)")
+    c.add_argument("--top", type=int, default=25, help="concepts per ranked table")
+    c.add_argument("--cards", type=int, default=10, help="weakest concepts given an example card")
+    c.add_argument("--examples", type=int, default=2, help="lowest- and highest-scored items per concept and benchmark")
     return parser
 
 

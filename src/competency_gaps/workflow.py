@@ -23,7 +23,9 @@ STAGE_VERSIONS = {
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
     "sae": 1,
     "extract": 2,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated
-    "reduce": 2,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting
+    "reduce": 2,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings
+    "robustness": 1,
+    "figures": 1,
 }
 
 # Which model keys each stage's output depends on (batch sizes are throughput, not results).
@@ -82,6 +84,11 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
                 "layer": int(layer), "saliency": config["saliency"], "runtime": _runtime(config)}
     if job == "reduce":
         return {"gaps": config["gaps"]}
+    if job == "figures":
+        return {}
+    if job == "robustness":
+        return {"robustness": config["robustness"],
+                "gaps": _pick(config["gaps"], ("pooling", "min_benchmarks", "min_support"))}
     raise ValueError(f"unknown job {job!r}")
 
 

@@ -1,0 +1,272 @@
+"""Data shaping for the figures and ranked tables: small pure functions, no plotting and no file I/O.
+
+`figures.py` draws what these return. Everything that is arithmetic (percentiles, medians, the
+clustering order of the overlap heatmap, the cross-benchmark correlations, rankings, example picks) lives
+here so it can be tested on hand-made frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+# Benchmark categories in display order (adapters set one of these on every item; anything else is Other).
+CATEGORIES = ("Math", "Reasoning", "Factuality", "Ethics & Bias", "Probe", "Other")
+# Beside chi_model, the ranked tables show these when the reducer wrote them (shrinkage / adjustment).
+OPTIONAL_CHI_MODEL_COLUMNS = ("chi_model_adjusted", "chi_model_prior", "chi_model_shrunk")
+MIN_PAIR_CONCEPTS = 10
+"""A cross-benchmark correlation needs at least this many concepts with a chi_model in both benchmarks."""
+
+
+def concept_name(concept: int, labels: Mapping[int, str] | None = None) -> str:
+    """How a concept is shown everywhere: "#3121", or "#3121 <label>" once labels exist."""
+    label = (labels or {}).get(int(concept))
+    return f"#{int(concept)} {label}" if label else f"#{int(concept)}"
+
+
+def category_of(category: str | None) -> str:
+    return category if category in CATEGORIES else "Other"
+
+
+def benchmark_order(benchmarks: Iterable[str], categories: Mapping[str, str]) -> list[str]:
+    """Benchmarks grouped by category (CATEGORIES order), alphabetical within a category."""
+    return sorted(set(benchmarks), key=lambda b: (CATEGORIES.index(category_of(categories.get(b))), b))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributions
+
+
+def covered_chi_bench(concepts: pl.DataFrame) -> np.ndarray:
+    """Suite chi_bench of the concepts not missing from the whole suite."""
+    return concepts.filter(pl.col("classification") != "missing")["chi_bench"].drop_nulls().to_numpy()
+
+
+def rated_chi_model(concepts: pl.DataFrame) -> np.ndarray:
+    """Suite chi_model of every concept that has one (fires on at least one scored item)."""
+    return concepts["chi_model"].drop_nulls().to_numpy()
+
+
+def per_benchmark_values(concept_benchmark: pl.DataFrame, column: str, positive: bool = False) -> dict[str, np.ndarray]:
+    """benchmark -> the non-null values of `column` (only those > 0 with `positive`)."""
+    frame = concept_benchmark.filter(pl.col(column).is_not_null())
+    if positive:
+        frame = frame.filter(pl.col(column) > 0)
+    values = {b: np.array([], dtype=np.float64) for b in concept_benchmark["benchmark"].unique().to_list()}
+    for (benchmark,), group in frame.partition_by("benchmark", as_dict=True).items():
+        values[benchmark] = group[column].to_numpy().astype(np.float64)
+    return values
+
+
+def pooled_percentile(values: Mapping[str, np.ndarray], q: float) -> float | None:
+    """The q-th percentile of all values pooled over benchmarks (None when there are none)."""
+    pooled = np.concatenate([np.asarray(v, dtype=np.float64) for v in values.values()] or [np.array([])])
+    return float(np.percentile(pooled, q)) if pooled.size else None
+
+
+def clip_upper(values: np.ndarray, upper: float) -> np.ndarray:
+    """Values above `upper` set to `upper` (they land in the histogram's last bin)."""
+    return np.minimum(np.asarray(values, dtype=np.float64), upper)
+
+
+def median_or_none(values: np.ndarray) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.median(values)) if values.size else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Overlap and correlation matrices
+
+
+def overlap_matrix(overlap: pl.DataFrame, names: list[str]) -> np.ndarray:
+    """Jaccard matrix in the order `names` (NaN where undefined: both covered sets empty)."""
+    index = {name: i for i, name in enumerate(names)}
+    matrix = np.full((len(names), len(names)), np.nan)
+    for row in overlap.iter_rows(named=True):
+        if row["benchmark_a"] in index and row["benchmark_b"] in index and row["jaccard"] is not None:
+            matrix[index[row["benchmark_a"]], index[row["benchmark_b"]]] = row["jaccard"]
+    return matrix
+
+
+def cluster_order(similarity: np.ndarray, names: list[str]) -> list[str]:
+    """`names` in the leaf order of an average-linkage clustering on distance 1 − similarity (optimal leaf
+    ordering, so the most similar neighbours sit side by side). Undefined similarities count as 0."""
+    from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+    from scipy.spatial.distance import squareform
+
+    n = len(names)
+    if n <= 2:
+        return list(names)
+    distance = 1.0 - np.nan_to_num(np.asarray(similarity, dtype=np.float64), nan=0.0)
+    distance = np.clip((distance + distance.T) / 2, 0.0, None)
+    np.fill_diagonal(distance, 0.0)
+    condensed = squareform(distance, checks=False)
+    tree = optimal_leaf_ordering(linkage(condensed, method="average"), condensed)
+    return [names[i] for i in leaves_list(tree)]
+
+
+def chi_model_matrix(concept_benchmark: pl.DataFrame, benchmarks: list[str]) -> np.ndarray:
+    """(K, B) per-benchmark chi_model, columns in the order `benchmarks`, NaN where the concept has none."""
+    wide = (
+        concept_benchmark.select("concept", "benchmark", "chi_model")
+        .pivot(on="benchmark", index="concept", values="chi_model")
+        .sort("concept")
+    )
+    columns = [wide[b].cast(pl.Float64).fill_null(np.nan).to_numpy() if b in wide.columns
+               else np.full(wide.height, np.nan) for b in benchmarks]
+    return np.column_stack(columns) if columns else np.zeros((wide.height, 0))
+
+
+def pairwise_correlation(values: np.ndarray, min_n: int = MIN_PAIR_CONCEPTS) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r between the columns of `values` (K × B, NaN = no value), each pair over the rows finite in
+    both, and that row count n. r is NaN where n < min_n or a column is constant on those rows."""
+    values = np.asarray(values, dtype=np.float64)
+    n_cols = values.shape[1]
+    r = np.full((n_cols, n_cols), np.nan)
+    n = np.zeros((n_cols, n_cols), dtype=np.int64)
+    finite = np.isfinite(values)
+    for i in range(n_cols):
+        for j in range(i, n_cols):
+            both = finite[:, i] & finite[:, j]
+            n[i, j] = n[j, i] = int(both.sum())
+            if n[i, j] < min_n:
+                continue
+            x, y = values[both, i], values[both, j]
+            x, y = x - x.mean(), y - y.mean()
+            denominator = np.sqrt((x * x).sum() * (y * y).sum())
+            if denominator > 0:
+                r[i, j] = r[j, i] = float(np.clip((x * y).sum() / denominator, -1.0, 1.0))
+    return r, n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranked tables
+
+
+@dataclass(frozen=True)
+class Rankings:
+    """The ranked tables, and whether the chi_model rankings had to fall back (no concept passes the filter)."""
+
+    worst: pl.DataFrame
+    best: pl.DataFrame
+    under_covered: pl.DataFrame
+    missing: pl.DataFrame
+    filtered: bool
+    """True: worst/best are among concepts passing the support filter; False: the stated fallback (all
+    concepts with a chi_model and scored support > 0), as in summary.md."""
+    ranking: str = "point"
+    """The order actually used (gaps.ranking; 'point' when the column that ranking needs is absent)."""
+
+
+def _with_names(frame: pl.DataFrame, labels: Mapping[int, str] | None) -> pl.DataFrame:
+    names = [concept_name(c, labels) for c in frame["concept"].to_list()]
+    return frame.with_columns(name=pl.Series("name", names, dtype=pl.String))
+
+
+def _order(frame: pl.DataFrame, ranking: str, strongest: bool) -> pl.DataFrame:
+    """Weakest-first (or strongest-first) by the plain chi_model ('point', ties by concept id), or by
+    `rankings.rank_concepts` for the support-aware orders, so these lists match summary.md."""
+    if ranking == "point":
+        return frame.sort(["chi_model", "concept"], descending=[strongest, False])
+    from competency_gaps.rankings import rank_concepts
+
+    return rank_concepts(frame, ranking, strongest=strongest)
+
+
+def effective_ranking(concepts: pl.DataFrame, ranking: str | None) -> str:
+    """gaps.ranking when the table has the column it orders by, else 'point' (the plain chi_model)."""
+    needs = {"shrunk": ("chi_model_shrunk",), "lower_bound": ("chi_model_lo", "chi_model_hi")}
+    if ranking in needs and all(column in concepts.columns for column in needs[ranking]):
+        return ranking
+    return "point"
+
+
+def ranked_concepts(concepts: pl.DataFrame, n: int = 25, labels: Mapping[int, str] | None = None,
+                    ranking: str | None = "point") -> Rankings:
+    """Worst / best n concepts among those passing the support filter, by the plain chi_model (ranking
+    'point', ties by concept id) or the configured support-aware order (gaps.ranking from thresholds.json:
+    'shrunk', 'lower_bound'); the n covered concepts with the lowest chi_bench; every concept missing from
+    the whole suite."""
+    ranking = effective_ranking(concepts, ranking)
+    optional = [c for c in OPTIONAL_CHI_MODEL_COLUMNS if c in concepts.columns]
+    model_columns = ["rank", "concept", "name", "chi_model", "chi_model_lo", "chi_model_hi", *optional,
+                     "scored_support", "n_benchmarks_scored", "scored_ess", "support", "ess", "chi_bench",
+                     "passes_support_filter"]
+    rated = concepts.filter(pl.col("chi_model").is_not_null())
+    pool = rated.filter(pl.col("passes_support_filter"))
+    filtered = pool.height > 0
+    if not filtered:
+        pool = rated.filter(pl.col("scored_support") > 0)
+
+    def ranked(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+        frame = _with_names(frame.head(n), labels).with_row_index("rank", offset=1)
+        return frame.with_columns(pl.col("rank").cast(pl.Int64)).select(columns)
+
+    worst = ranked(_order(pool, ranking, strongest=False), model_columns)
+    best = ranked(_order(pool, ranking, strongest=True), model_columns)
+    covered = concepts.filter(pl.col("classification") != "missing").sort(["chi_bench", "concept"])
+    under = ranked(covered, ["rank", "concept", "name", "chi_bench", "classification", "support",
+                             "n_benchmarks_active", "ess", "chi_model"])
+    missing = _with_names(concepts.filter(pl.col("classification") == "missing").sort("concept"), labels)
+    missing = missing.select("concept", "name", "chi_bench", "support")
+    return Rankings(worst, best, under, missing, filtered, ranking)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Example cards
+
+
+def select_examples(saliency: pl.DataFrame, scores: pl.DataFrame, concepts: list[int], per_side: int = 2) -> pl.DataFrame:
+    """Per concept and benchmark, the lowest- and highest-scored items where the concept fires.
+
+    saliency: benchmark, item_id, concept, saliency (> 0 rows); scores: benchmark, item_id, score (null: no
+    scorer; such items are never examples). Worst: score ascending, then saliency descending (the items that
+    evoke the concept most), then item id; best: score descending, same tie-breaks, never repeating an item
+    already shown as worst (a concept firing on fewer than 2·per_side items shows each once).
+    Returns concept, benchmark, side ("worst" | "best"), rank (1..), item_id, score, saliency.
+    """
+    wanted = saliency.filter(pl.col("concept").is_in(list(concepts)) & (pl.col("saliency") > 0))
+    rows = wanted.select(
+        pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String), pl.col("concept").cast(pl.Int64),
+        pl.col("saliency").cast(pl.Float64),
+    ).join(scores.select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String),
+                         pl.col("score").cast(pl.Float64).fill_nan(None)),
+           on=["benchmark", "item_id"], how="inner").filter(pl.col("score").is_not_null())
+    keys = ["concept", "benchmark"]
+    worst = (rows.sort([*keys, "score", "saliency", "item_id"], descending=[False, False, False, True, False])
+             .group_by(keys, maintain_order=True).head(per_side))
+    rest = rows.join(worst.select(*keys, "item_id"), on=[*keys, "item_id"], how="anti")
+    best = (rest.sort([*keys, "score", "saliency", "item_id"], descending=[False, False, True, True, False])
+            .group_by(keys, maintain_order=True).head(per_side))
+
+    def ranked(frame: pl.DataFrame, side: str) -> pl.DataFrame:
+        return frame.with_columns(
+            side=pl.lit(side), rank=(pl.int_range(pl.len()).over(keys) + 1).cast(pl.Int64))
+
+    columns = ["concept", "benchmark", "side", "rank", "item_id", "score", "saliency"]
+    out = pl.concat([ranked(worst, "worst").select(columns), ranked(best, "best").select(columns)])
+    order = {c: i for i, c in enumerate(concepts)}
+    return (out.with_columns(_order=pl.col("concept").replace_strict(order, return_dtype=pl.Int64),
+                             _side=(pl.col("side") == "best").cast(pl.Int8))
+            .sort("_order", "benchmark", "_side", "rank").drop("_order", "_side"))
+
+
+def prompt_text(messages: list[dict] | None) -> str:
+    """The prompt as the model saw it, without the chat template: the messages' contents (the last user
+    message, with any system message before it)."""
+    if not messages:
+        return ""
+    parts = [m["content"] for m in messages if m.get("role") == "system" and m.get("content")]
+    users = [m["content"] for m in messages if m.get("role") == "user" and m.get("content") is not None]
+    return "\n\n".join(parts + users[-1:]) if users else "\n\n".join(m.get("content") or "" for m in messages)
+
+
+def gold_text(gold: str | None, choices: list[str] | None, gold_index: int | None) -> str | None:
+    if gold is not None:
+        return gold
+    if choices and gold_index is not None and 0 <= gold_index < len(choices):
+        return choices[gold_index]
+    return None

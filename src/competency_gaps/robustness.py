@@ -1,0 +1,576 @@
+"""Robustness of the concept tables (docs/METHOD.md, "Analyses the paper reports (and what we add)").
+
+1. Resampling stability (the paper's): R runs, each keeping a seeded random `keep_fraction` of every
+   benchmark's items; per concept the suite chi_bench and chi_model are recomputed on the kept items, and
+   their spread over the runs is reported (paper, Llama + Goodfire SAE: mean std 0.025 for chi_bench,
+   0.014 for chi_model). A run is a 0/1 weight per item, so all runs of a benchmark are one sparse matmul
+   (concepts × items) · (items × runs), as in the bootstrap of concepts.py.
+2. Predictive validity (beyond the paper): the scored items of every benchmark are split in two seeded
+   halves. On the training half, the weakest `weak_fraction` of concepts by pooled chi_model (among those
+   with at least `min_support` supporting items there) are the "weak" concepts. On the held-out half, an
+   item is *dominated* by weak concepts when the weak concepts' share of its total saliency,
+   Σ_{c weak} s_i^c / Σ_c s_i^c, is in the top quartile (`dominated_quantile`) of the held-out items' shares
+   (and > 0). Effect = mean score of dominated items − mean score of the others; the benchmark-adjusted
+   effect = mean over dominated items of (p_i − mean score of i's benchmark in the held-out half), so a
+   gap list that merely points at hard benchmarks shows no adjusted effect. The one-sided p-value (effect < 0)
+   comes from permuting the dominated labels within benchmarks; it serves both effects (see
+   `stratified_permutation_test`). Both directions are run (A→B and B→A).
+3. `plant_gap`: scores with every item where a chosen concept fires set to 0 (for end-to-end tests).
+
+Everything is pure except `run_robustness`, which reads the reducer's shards and writes the tables.
+Randomness: every step draws from its own stream, seeded by (seed, benchmark name, step), so one
+benchmark's draws do not change when another benchmark is added.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from competency_gaps.concepts import GapOptions, _check_items
+
+log = logging.getLogger(__name__)
+
+PAPER_STD = {"chi_bench_std": 0.025, "chi_model_std": 0.014}
+"""Mean per-concept std over 100 resamples dropping 20 % (paper, Llama-3.1-8B-Instruct, Goodfire SAE l19)."""
+
+_RESAMPLE, _SPLIT, _PERMUTE = 1, 2, 3  # stream tags of the random steps
+_CHUNK_ELEMENTS = 1 << 21  # concepts × runs per chunk of the resampling: bounds memory for wide SAEs
+_TIE = 1e-10  # a permuted effect this close to the observed one counts as "as extreme"
+
+DIRECTIONS = (("A->B", 0, 1), ("B->A", 1, 0))  # (name, training half, held-out half)
+
+STABILITY_COLUMNS = [
+    "concept", "chi_bench", "chi_bench_mean", "chi_bench_std", "n_runs_chi_bench", "chi_model", "chi_model_mean",
+    "chi_model_std", "n_runs_chi_model", "scored_support", "n_benchmarks_scored", "passes_support_filter",
+]
+TEST_COLUMNS = [
+    "scope", "n_heldout", "n_dominated", "mean_score_dominated", "mean_score_rest", "effect", "p_value",
+    "adjusted_effect",
+]
+VALIDITY_COLUMNS = [
+    "direction", *TEST_COLUMNS, "n_eligible_concepts", "n_weak_concepts", "weak_chi_threshold", "share_threshold",
+    "n_no_saliency",
+]
+_TEST_SCHEMA = {"scope": pl.String, "n_heldout": pl.Int64, "n_dominated": pl.Int64,
+                "mean_score_dominated": pl.Float64, "mean_score_rest": pl.Float64, "effect": pl.Float64,
+                "p_value": pl.Float64, "adjusted_effect": pl.Float64}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RobustnessOptions:
+    """Options of the robustness analyses (config key `robustness`)."""
+
+    n_resamples: int = 100
+    """Resampling runs (the paper: 100)."""
+    keep_fraction: float = 0.8
+    """Share of every benchmark's items each run keeps (the paper drops 20 %); rounded to the nearest count,
+    at least one item."""
+    n_permutations: int = 1000
+    """Permutations of the dominated labels (within benchmarks) for the validity p-values."""
+    weak_fraction: float = 0.1
+    """The weakest share of eligible concepts (by training-half chi_model) taken as weak: a decile."""
+    dominated_quantile: float = 0.75
+    """A held-out item is dominated when its weak-saliency share is at or above this quantile (top quartile)."""
+    min_support: int = 5
+    """A concept is eligible to be weak when it fires on at least this many scored training-half items."""
+    seed: int = 0
+    """Seed of the resamples, the half split and the permutations (each benchmark has its own streams)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_resamples", "n_permutations", "min_support"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"robustness.{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"robustness.seed must be an integer >= 0, got {self.seed!r}")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"robustness.keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if not 0 < self.weak_fraction <= 1:
+            raise ValueError(f"robustness.weak_fraction must be in (0, 1], got {self.weak_fraction}")
+        if not 0 <= self.dominated_quantile < 1:
+            raise ValueError(f"robustness.dominated_quantile must be in [0, 1), got {self.dominated_quantile}")
+
+
+def _stream(seed: int, name: str, tag: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), tag, *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs as arrays
+
+
+@dataclass
+class _Suite:
+    """Items sorted by (benchmark, item_id); saliency as COO arrays sorted by item."""
+
+    n_concepts: int
+    benchmarks: list[str]
+    bounds: np.ndarray  # (B + 1,) benchmark b's items are bounds[b]:bounds[b + 1]
+    item_benchmark: np.ndarray  # (n_items,) benchmark index
+    scores: np.ndarray  # (n_items,) float64, NaN when unscored
+    item: np.ndarray  # (nnz,) int64
+    concept: np.ndarray  # (nnz,) int64
+    saliency: np.ndarray  # (nnz,) float64 > 0
+    row_bounds: np.ndarray  # (B + 1,) benchmark b's saliency rows are row_bounds[b]:row_bounds[b + 1]
+
+    @property
+    def scored(self) -> np.ndarray:
+        return ~np.isnan(self.scores)
+
+
+def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _Suite:
+    """Validated as concepts.py validates (same rules), but on integer item indices: the string-keyed checks
+    there cost several times the saliency table's size in memory."""
+    if n_concepts < 1:
+        raise ValueError(f"n_concepts must be >= 1, got {n_concepts}")
+    items = _check_items(items).sort("benchmark", "item_id")
+    if items.height == 0:
+        raise ValueError("items: no items to analyse")
+    indexed = items.with_row_index("item").select("benchmark", "item_id", pl.col("item").cast(pl.Int64))
+    rows = saliency.select(
+        pl.col("benchmark").cast(pl.String),
+        pl.col("item_id").cast(pl.String),
+        pl.col("concept").cast(pl.Int64),
+        pl.col("saliency").cast(pl.Float64),
+    )
+    if rows.select((pl.col("saliency") < 0).any() | pl.col("saliency").is_nan().any()).item():
+        raise ValueError("saliency: values must be >= 0 and not NaN")
+    if rows.select(((pl.col("concept") < 0) | (pl.col("concept") >= n_concepts)).any()).item():
+        raise ValueError(f"saliency: concept indices must lie in 0..{n_concepts - 1}")
+    rows = rows.join(indexed, on=["benchmark", "item_id"], how="left")
+    unknown = rows.filter(pl.col("item").is_null())
+    if unknown.height:
+        first = unknown.row(0, named=True)
+        raise ValueError(f"saliency: {unknown.height} rows for items missing from `items`, e.g. {first}")
+    rows = rows.select("item", "concept", "saliency").sort("item", "concept")
+    item, concept = rows["item"].to_numpy(), rows["concept"].to_numpy()
+    if np.any((item[1:] == item[:-1]) & (concept[1:] == concept[:-1])):
+        raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
+    positive = rows["saliency"].to_numpy() > 0  # a stored 0 means the same as an absent pair
+    names, item_benchmark = np.unique(items["benchmark"].to_numpy().astype(str), return_inverse=True)
+    bounds = np.searchsorted(item_benchmark, np.arange(len(names) + 1))
+    item = item[positive]
+    return _Suite(
+        n_concepts=n_concepts,
+        benchmarks=names.tolist(),
+        bounds=bounds,
+        item_benchmark=item_benchmark,
+        scores=items["score"].to_numpy().astype(np.float64),  # null -> NaN
+        item=item,
+        concept=concept[positive],
+        saliency=rows["saliency"].to_numpy()[positive],  # a copy (boolean index): writable, as torch wants
+        row_bounds=np.searchsorted(item, bounds),
+    )
+
+
+def _support(suite: _Suite) -> tuple[np.ndarray, np.ndarray]:
+    """Per concept: scored supporting items, and benchmarks with a scored supporting item."""
+    k = suite.n_concepts
+    support, n_benchmarks = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+    for b in range(len(suite.benchmarks)):
+        rows = slice(suite.row_bounds[b], suite.row_bounds[b + 1])
+        own = np.bincount(suite.concept[rows][suite.scored[suite.item[rows]]], minlength=k)
+        support += own
+        n_benchmarks += own > 0
+    return support, n_benchmarks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resampling stability
+
+
+def keep_masks(benchmark: str, n_items: int, n_resamples: int, keep_fraction: float, seed: int) -> np.ndarray:
+    """(n_items, n_resamples) bool: the items of `benchmark` (in item_id order) each run keeps; every run
+    keeps round(keep_fraction · n_items) of them (at least one), drawn without replacement."""
+    n_keep = max(1, int(math.floor(keep_fraction * n_items + 0.5)))
+    rng = _stream(seed, benchmark, _RESAMPLE)
+    order = np.argsort(rng.random((n_resamples, n_items)), axis=1)
+    masks = np.zeros((n_resamples, n_items), dtype=bool)
+    np.put_along_axis(masks, order[:, :n_keep], True, axis=1)
+    return np.ascontiguousarray(masks.T)
+
+
+def _matrices(suite: _Suite) -> list[torch.Tensor]:
+    """Per benchmark, its saliency as a sparse (concepts × items of the benchmark) matrix."""
+    out = []
+    for b in range(len(suite.benchmarks)):
+        rows = slice(suite.row_bounds[b], suite.row_bounds[b + 1])
+        concept, item = suite.concept[rows], suite.item[rows] - suite.bounds[b]
+        # Sorted, duplicate-free (checked on input) indices are already coalesced; coalesce() would re-sort.
+        order = np.lexsort((item, concept))
+        indices = torch.from_numpy(np.stack([concept[order], item[order]]))
+        shape = (suite.n_concepts, int(suite.bounds[b + 1] - suite.bounds[b]))
+        out.append(torch.sparse_coo_tensor(indices, torch.from_numpy(suite.saliency[rows][order]), shape,
+                                           is_coalesced=True, check_invariants=False))
+    return out
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    out = np.full(np.broadcast_shapes(numerator.shape, denominator.shape), np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _runs(suite: _Suite, matrices: list[torch.Tensor], weights: list[np.ndarray],
+          pooling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Suite chi_bench and chi_model (concepts × runs, NaN where undefined) with item weights per benchmark
+    ((n_b, runs), 0/1), exactly as concepts.py computes them on the weighted items."""
+    k, runs = suite.n_concepts, weights[0].shape[1]
+    bench_sum, bench_n = np.zeros((k, runs)), np.zeros(runs)
+    numerator, denominator = np.zeros((k, runs)), np.zeros((k, runs))  # pooled sums, or mean's sum and count
+    for b, (matrix, w) in enumerate(zip(matrices, weights)):
+        scores = suite.scores[suite.bounds[b]:suite.bounds[b + 1], None]
+        scored = ~np.isnan(scores)
+        stacked = np.concatenate([w, w * scored, w * np.where(scored, scores, 0.0)], axis=1)
+        product = torch.sparse.mm(matrix, torch.from_numpy(stacked)).numpy()
+        sums, scored_sums, weighted = product[:, :runs], product[:, runs:2 * runs], product[:, 2 * runs:]
+        total = sums.sum(axis=0)
+        scale = np.zeros(runs)  # chi_bench of b is null in a run where b has no saliency (its sums are 0 there)
+        np.divide(k, total, out=scale, where=total > 0)
+        bench_sum += sums * scale
+        bench_n += total > 0
+        if pooling == "pooled":
+            numerator += weighted
+            denominator += scored_sums
+        else:
+            ratio = _ratio(weighted, scored_sums)
+            numerator += np.nan_to_num(ratio)
+            denominator += ~np.isnan(ratio)
+    return _ratio(bench_sum, bench_n[None, :]), _ratio(numerator, denominator)
+
+
+class _Moments:
+    """Count, mean and population std per concept over runs (NaN skipped), accumulated chunk by chunk as
+    sums of deviations from the full-data value: they stay small, so no cancellation."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.shift = np.nan_to_num(reference)
+        self.n = np.zeros(len(reference), dtype=np.int64)
+        self.s1 = np.zeros(len(reference))
+        self.s2 = np.zeros(len(reference))
+
+    def add(self, values: np.ndarray) -> None:
+        valid = ~np.isnan(values)
+        deviation = np.where(valid, values - self.shift[:, None], 0.0)
+        self.n += valid.sum(axis=1)
+        self.s1 += deviation.sum(axis=1)
+        self.s2 += (deviation**2).sum(axis=1)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        n = np.where(self.n > 0, self.n, 1)
+        mean = self.s1 / n
+        std = np.sqrt(np.maximum(self.s2 / n - mean**2, 0.0))
+        undefined = self.n == 0
+        return np.where(undefined, np.nan, self.shift + mean), np.where(undefined, np.nan, std)
+
+
+def _stats(values: np.ndarray) -> dict[str, float | int | None]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return {"mean": None, "median": None, "n": 0}
+    return {"mean": float(values.mean()), "median": float(np.median(values)), "n": int(values.size)}
+
+
+def _stability(suite: _Suite, options: RobustnessOptions, gaps: GapOptions) -> tuple[pl.DataFrame, dict]:
+    k = suite.n_concepts
+    matrices = _matrices(suite)
+    sizes = np.diff(suite.bounds)
+    reference_bench, reference_model = _runs(suite, matrices, [np.ones((n, 1)) for n in sizes], gaps.pooling)
+    masks = [keep_masks(name, int(n), options.n_resamples, options.keep_fraction, options.seed)
+             for name, n in zip(suite.benchmarks, sizes)]
+    bench, model = _Moments(reference_bench[:, 0]), _Moments(reference_model[:, 0])
+    chunk = max(1, _CHUNK_ELEMENTS // k)
+    for start in range(0, options.n_resamples, chunk):
+        weights = [m[:, start:start + chunk].astype(np.float64) for m in masks]
+        chi_bench, chi_model = _runs(suite, matrices, weights, gaps.pooling)
+        bench.add(chi_bench)
+        model.add(chi_model)
+    support, n_benchmarks = _support(suite)
+    bench_mean, bench_std = bench.mean_std()
+    model_mean, model_std = model.mean_std()
+    table = pl.DataFrame({
+        "concept": np.arange(k, dtype=np.int32),
+        "chi_bench": reference_bench[:, 0], "chi_bench_mean": bench_mean, "chi_bench_std": bench_std,
+        "n_runs_chi_bench": bench.n,
+        "chi_model": reference_model[:, 0], "chi_model_mean": model_mean, "chi_model_std": model_std,
+        "n_runs_chi_model": model.n,
+        "scored_support": support, "n_benchmarks_scored": n_benchmarks,
+        "passes_support_filter": (n_benchmarks >= gaps.min_benchmarks) & (support >= gaps.min_support),
+    }).with_columns(pl.col(pl.Float64).fill_nan(None)).select(STABILITY_COLUMNS)
+
+    passes = table["passes_support_filter"].to_numpy()
+    covered = np.nan_to_num(reference_bench[:, 0]) > 0
+    filtered_bench, filtered_model = _stats(bench_std[passes]), _stats(model_std[passes])
+    covered_bench, defined_model = _stats(bench_std[covered]), _stats(model_std)
+    summary = {
+        "n_concepts": k,
+        "benchmarks": suite.benchmarks,
+        "n_resamples": options.n_resamples,
+        "keep_fraction": options.keep_fraction,
+        "seed": options.seed,
+        "pooling": gaps.pooling,
+        "std": "population std (ddof 0) over the runs where the value is defined",
+        "support_filter": {"min_benchmarks": gaps.min_benchmarks, "min_support": gaps.min_support},
+        "chi_bench_std": {
+            **{f"{key}_filtered": value for key, value in filtered_bench.items()},
+            **{f"{key}_covered": value for key, value in covered_bench.items()},
+        },
+        "chi_model_std": {
+            **{f"{key}_filtered": value for key, value in filtered_model.items()},
+            **{f"{key}_defined": value for key, value in defined_model.items()},
+        },
+        "paper": dict(PAPER_STD),
+    }
+    return table, summary
+
+
+def resampling_stability(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int, options: RobustnessOptions,
+                         gaps: GapOptions) -> tuple[pl.DataFrame, dict]:
+    """One row per concept (K rows, sorted) and a JSON-ready summary.
+
+    Columns: concept; chi_bench and chi_model on all items (as concepts.py: suite chi_bench = mean over
+    benchmarks with saliency, chi_model pooled or mean per `gaps.pooling`); chi_bench_mean/std and
+    chi_model_mean/std over the runs (population std, runs where the value is undefined skipped: chi_model
+    when no kept scored item supports the concept; null when no run defines it); n_runs_chi_bench and
+    n_runs_chi_model (runs that define it); scored_support, n_benchmarks_scored and passes_support_filter
+    (the reducer's filter, from `gaps`). The summary gives mean/median/count of each std over the concepts
+    passing the filter, over all covered concepts (chi_bench > 0; a missing concept is constantly 0) and over
+    all concepts with a chi_model std, beside the paper's values.
+    """
+    return _stability(_prepare(saliency, items, n_concepts), options, gaps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Predictive validity
+
+
+def _split(n_items: int, benchmark: str, seed: int) -> np.ndarray:
+    """(n_items,) 0 (half A) or 1 (half B): a seeded half (rounded down) goes to A."""
+    half = np.ones(n_items, dtype=np.int8)
+    half[_stream(seed, benchmark, _SPLIT).permutation(n_items)[: n_items // 2]] = 0
+    return half
+
+
+def _halves(suite: _Suite, seed: int) -> np.ndarray:
+    """(n_items,) half of every scored item (-1: unscored, in no half)."""
+    half = np.full(len(suite.scores), -1, dtype=np.int8)
+    for b, name in enumerate(suite.benchmarks):
+        index = np.arange(suite.bounds[b], suite.bounds[b + 1])
+        index = index[suite.scored[index]]
+        half[index] = _split(len(index), name, seed)
+    return half
+
+
+def split_halves(items: pl.DataFrame, seed: int) -> pl.DataFrame:
+    """benchmark, item_id, half (0 = A, 1 = B) of every scored item: per benchmark a seeded split of its
+    scored items (in item_id order), A holding the smaller half when the count is odd."""
+    scored = _check_items(items).filter(pl.col("score").is_not_null()).sort("benchmark", "item_id")
+    parts = [frame.select("benchmark", "item_id").with_columns(half=pl.Series(_split(frame.height, key[0], seed)))
+             for key, frame in scored.partition_by("benchmark", as_dict=True, maintain_order=True).items()]
+    empty = pl.DataFrame(schema={"benchmark": pl.String, "item_id": pl.String, "half": pl.Int8})
+    return pl.concat(parts) if parts else empty
+
+
+def _test_row(scope: str, n: int, n_dominated: int, total: float, observed: float, permuted: np.ndarray,
+              observed_residual: float, permuted_residual: np.ndarray) -> dict:
+    """Effects from the dominated items' score sum and residual sum; the one-sided permutation p-value
+    (1 + #{permuted effect <= observed}) / (1 + n_permutations), never 0."""
+    row = {"scope": scope, "n_heldout": n, "n_dominated": n_dominated, "mean_score_dominated": None,
+           "mean_score_rest": None, "effect": None, "p_value": None, "adjusted_effect": None}
+    if n_dominated == 0 or n_dominated == n:
+        return row
+
+    def effect(dominated_sum):
+        return dominated_sum / n_dominated - (total - dominated_sum) / (n - n_dominated)
+
+    observed_effect = effect(observed)
+    return row | {
+        "mean_score_dominated": observed / n_dominated,
+        "mean_score_rest": (total - observed) / (n - n_dominated),
+        "effect": observed_effect,
+        "p_value": float((1 + np.sum(effect(permuted) <= observed_effect + _TIE)) / (1 + len(permuted))),
+        "adjusted_effect": observed_residual / n_dominated,
+    }
+
+
+def stratified_permutation_test(scores: np.ndarray, dominated: np.ndarray, strata: np.ndarray, n_permutations: int,
+                                seed: int, stream: int = 0) -> pl.DataFrame:
+    """Does being dominated go with lower scores? One row for the whole set (scope 'suite') and one per
+    stratum (benchmark), sorted by name after the suite row.
+
+    effect = mean score of dominated − mean score of the rest; adjusted_effect = mean over the dominated of
+    (score − its stratum's mean score). The p-value is one-sided (effect < 0) from `n_permutations` random
+    permutations of the dominated labels within each stratum (each stratum its own seeded stream; `stream`
+    separates independent tests on the same strata); a stratum's own row uses its own permutations.
+    Permuting within strata keeps every stratum's dominated count, so both effects are increasing affine
+    functions of the dominated items' score sum: one p-value serves both, and it is already adjusted for
+    the strata (a hard stratum with many dominated items does not make it small).
+    Effects and p-value are null when no item, or every item, is dominated.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    dominated = np.asarray(dominated, dtype=bool)
+    names, codes = np.unique(np.asarray(strata).astype(str), return_inverse=True)
+    counts = np.bincount(codes, minlength=len(names))
+    residuals = scores - (np.bincount(codes, scores, minlength=len(names)) / np.maximum(counts, 1))[codes]
+    suite_sum, suite_residual = np.zeros(n_permutations), np.zeros(n_permutations)
+    rows = []
+    for k, name in enumerate(names):
+        own = codes == k
+        values, residual, labels = scores[own], residuals[own], dominated[own]
+        permuted = _stream(seed, str(name), _PERMUTE, stream).permuted(
+            np.broadcast_to(labels, (n_permutations, labels.size)), axis=1).astype(np.float64)
+        permuted_sum, permuted_residual = permuted @ values, permuted @ residual
+        suite_sum += permuted_sum
+        suite_residual += permuted_residual
+        rows.append(_test_row(str(name), int(own.sum()), int(labels.sum()), float(values.sum()),
+                              float(values[labels].sum()), permuted_sum, float(residual[labels].sum()),
+                              permuted_residual))
+    suite = _test_row("suite", len(scores), int(dominated.sum()), float(scores.sum()), float(scores[dominated].sum()),
+                      suite_sum, float(residuals[dominated].sum()), suite_residual)
+    return pl.DataFrame([suite, *rows], schema=_TEST_SCHEMA, orient="row")
+
+
+def _direction(suite: _Suite, half: np.ndarray, name: str, train: int, test: int, stream: int,
+               options: RobustnessOptions) -> pl.DataFrame:
+    k = suite.n_concepts
+    in_train = half[suite.item] == train
+    weights = np.where(in_train, suite.saliency, 0.0)
+    scores = np.nan_to_num(suite.scores)
+    denominator = np.bincount(suite.concept, weights, minlength=k)
+    numerator = np.bincount(suite.concept, weights * scores[suite.item], minlength=k)
+    eligible = np.flatnonzero(np.bincount(suite.concept[in_train], minlength=k) >= options.min_support)
+    chi = numerator[eligible] / denominator[eligible]
+    n_weak = math.ceil(options.weak_fraction * len(eligible) - 1e-9) if len(eligible) else 0
+    weakest = np.lexsort((eligible, chi))[:n_weak]  # by chi_model, ties by concept index
+    weak = np.zeros(k, dtype=bool)
+    weak[eligible[weakest]] = True
+
+    n_items = len(suite.scores)
+    total = np.bincount(suite.item, suite.saliency, minlength=n_items)
+    weak_saliency = np.bincount(suite.item, np.where(weak[suite.concept], suite.saliency, 0.0), minlength=n_items)
+    candidates = half == test
+    heldout = np.flatnonzero(candidates & (total > 0))
+    share = weak_saliency[heldout] / total[heldout]
+    threshold = float(np.quantile(share, options.dominated_quantile)) if len(heldout) and n_weak else None
+    dominated = (share >= threshold) & (share > 0) if threshold is not None else np.zeros(len(heldout), bool)
+    strata = np.asarray(suite.benchmarks, dtype=object)[suite.item_benchmark[heldout]].astype(str)
+    result = stratified_permutation_test(scores[heldout], dominated, strata, options.n_permutations, options.seed,
+                                         stream)
+    return result.with_columns(
+        direction=pl.lit(name),
+        n_eligible_concepts=pl.lit(len(eligible), pl.Int64),
+        n_weak_concepts=pl.lit(n_weak, pl.Int64),
+        weak_chi_threshold=pl.lit(float(chi[weakest[-1]]) if n_weak else None, pl.Float64),
+        share_threshold=pl.lit(threshold, pl.Float64),
+        n_no_saliency=pl.lit(int(candidates.sum()) - len(heldout), pl.Int64),
+    ).select(VALIDITY_COLUMNS)
+
+
+DOMINANCE = ("a held-out item is dominated by weak concepts when the weak concepts' share of its total saliency "
+             "is >= the dominated_quantile of the held-out items' shares, and > 0")
+WEAK = ("weak concepts: the weakest ceil(weak_fraction * eligible) concepts by pooled chi_model on the training half "
+        "(ties by concept index), eligible when firing on >= min_support scored training items")
+
+
+def _validity(suite: _Suite, options: RobustnessOptions) -> tuple[pl.DataFrame, dict]:
+    half = _halves(suite, options.seed)
+    table = pl.concat([_direction(suite, half, name, train, test, stream, options)
+                       for stream, (name, train, test) in enumerate(DIRECTIONS)])
+    directions = {
+        row["direction"]: {key: value for key, value in row.items() if key not in ("direction", "scope")}
+        for row in table.filter(pl.col("scope") == "suite").iter_rows(named=True)
+    }
+    summary = {
+        "options": asdict(options),
+        "benchmarks": suite.benchmarks,
+        "dominance": DOMINANCE,
+        "weak": WEAK,
+        "effect": "mean score of dominated held-out items - mean score of the other held-out items",
+        "adjusted_effect": "mean over dominated held-out items of (score - its benchmark's mean held-out score)",
+        "p_value": ("one-sided (effect < 0), permutations of the dominated labels within benchmarks; the same "
+                    "for the adjusted effect (both are increasing in the dominated items' score sum when "
+                    "every benchmark keeps its dominated count)"),
+        "directions": directions,
+    }
+    return table, summary
+
+
+def predictive_validity(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int,
+                        options: RobustnessOptions) -> tuple[pl.DataFrame, dict]:
+    """Do the chi_model gaps of one half of the items predict lower scores on the other half?
+
+    Rows: per direction (A->B: weak concepts from half A, tested on half B; B->A the reverse), the suite
+    row and one per benchmark (`stratified_permutation_test`'s columns), with n_eligible_concepts,
+    n_weak_concepts, weak_chi_threshold (the highest training chi_model among the weak concepts),
+    share_threshold (the weak-share quantile) and n_no_saliency (held-out items left out: no saliency).
+    Only scored items take part. The summary holds the options, the definitions and the suite rows.
+    """
+    return _validity(_prepare(saliency, items, n_concepts), options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planted gap
+
+
+def plant_gap(items: pl.DataFrame, saliency: pl.DataFrame, concept: int, value: float = 0.0) -> pl.DataFrame:
+    """`items` (same rows, order and columns) with the score of every scored item on which `concept` fires
+    (saliency > 0) set to `value`; unscored (null) items stay unscored, so coverage-only benchmarks remain so."""
+    fires = (
+        saliency.filter((pl.col("concept") == concept) & (pl.col("saliency") > 0))
+        .select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String))
+        .unique()
+        .with_columns(_fires=pl.lit(True))
+    )
+    planted = (
+        items.with_row_index("_row")
+        .join(fires, on=["benchmark", "item_id"], how="left")
+        .sort("_row")
+        .with_columns(
+            pl.when(pl.col("_fires").fill_null(False) & pl.col("score").is_not_null())
+            .then(pl.lit(value, pl.Float64))
+            .otherwise(pl.col("score"))
+            .cast(items.schema["score"])
+            .alias("score")
+        )
+    )
+    return planted.select(items.columns)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# I/O
+
+
+def run_robustness(saliency_paths: list[str], token_paths: list[str], score_paths: list[str], n_concepts: int,
+                   robustness: dict[str, Any], gaps: dict[str, Any], out_dir: Path) -> None:
+    """Read the shards as the reducer does (extracted items only) and write stability.parquet/json and
+    validity.parquet/json to `out_dir`. `gaps` supplies pooling and the support filter (any GapOptions keys)."""
+    from competency_gaps.reduce import load_inputs
+    from competency_gaps.tables import write_frame, write_json
+
+    options = RobustnessOptions(**robustness)
+    gap_options = GapOptions(**gaps)
+    saliency, evaluated = load_inputs(saliency_paths, token_paths, score_paths)
+    items = evaluated.filter("extracted").select("benchmark", "item_id", "score")
+    suite = _prepare(saliency, items, n_concepts)
+    stability, stability_summary = _stability(suite, options, gap_options)
+    validity, validity_summary = _validity(suite, options)
+    out_dir = Path(out_dir)
+    write_frame(stability, out_dir / "stability.parquet")
+    write_json(stability_summary, out_dir / "stability.json")
+    write_frame(validity, out_dir / "validity.parquet")
+    write_json(validity_summary, out_dir / "validity.json")
+    log.info("robustness: %d concepts, %d benchmarks, %d resamples, %d permutations", n_concepts,
+             len(suite.benchmarks), options.n_resamples, options.n_permutations)

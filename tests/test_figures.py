@@ -1,0 +1,381 @@
+"""Figures, ranked tables and example cards: the data shaping against hand-made values, and every figure
+rendered (PNG + SVG) from small synthetic reducer tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from competency_gaps.cli import main
+from competency_gaps.figure_data import (
+    benchmark_order,
+    chi_model_matrix,
+    clip_upper,
+    cluster_order,
+    concept_name,
+    median_or_none,
+    overlap_matrix,
+    pairwise_correlation,
+    per_benchmark_values,
+    pooled_percentile,
+    prompt_text,
+    ranked_concepts,
+    select_examples,
+)
+from competency_gaps.figures import (
+    FIGURES,
+    TABLES,
+    plot_chi_bench_grid,
+    plot_chi_bench_hist,
+    plot_chi_model_grid,
+    plot_chi_model_hist,
+    plot_correlation_heatmap,
+    plot_missing_percent,
+    plot_overlap_heatmap,
+)
+from competency_gaps.reduce import run_reduce
+from competency_gaps.tables import ITEMS, SALIENCY, SCORES, table_from_rows, write_parquet
+
+K = 40
+BENCHMARKS = {"arith": "Math", "logic": "Reasoning", "facts": "Factuality", "bias": "Ethics & Bias", "probe_x": "Probe"}
+GAPS = {"epsilon": 0.0, "under_percentile": 5, "over_percentile": 99, "pooling": "pooled", "min_benchmarks": 2,
+        "min_support": 5, "n_bootstrap": 20, "ci_level": 0.95, "min_ci_support": 5, "seed": 0}
+
+
+def write_shards(root: Path, benchmark: str, category: str, saliency: dict, scores: dict) -> dict[str, str]:
+    """items, scores and saliency (+ item_tokens) of one benchmark under the pipeline's result paths."""
+    items = [{"item_id": i, "benchmark": benchmark, "category": category,
+              "messages": [{"role": "user", "content": f"Question {i} of {benchmark}?"}], "gold": f"gold-{i}"}
+             for i in scores]
+    paths = {
+        "items": root / f"benchmarks/benchmark={benchmark}/items.parquet",
+        "scores": root / f"evaluate/model=m/benchmark={benchmark}/scores.parquet",
+        "saliency": root / f"extract/model=m/benchmark={benchmark}/layer=3/saliency.parquet",
+        "tokens": root / f"extract/model=m/benchmark={benchmark}/layer=3/item_tokens.parquet",
+    }
+    write_parquet(table_from_rows(items, ITEMS), paths["items"], ITEMS)
+    score_rows = [{"item_id": i, "scoring": "x", "score": p, "prediction": f"pred-{i}", "response": f"Response to {i}."}
+                  for i, p in scores.items()]
+    write_parquet(table_from_rows(score_rows, SCORES), paths["scores"], SCORES)
+    rows = [{"item_id": i, "concept": c, "saliency": s, "max_activation": s, "active_tokens": 1}
+            for (i, c), s in saliency.items()]
+    write_parquet(table_from_rows(rows, SALIENCY), paths["saliency"], SALIENCY)
+    from competency_gaps.tables import ITEM_TOKENS
+
+    tokens = [{"item_id": i, "counted_tokens": 5, "total_tokens": 9, "read_tokens": 9, "truncated": False,
+               "skipped": None} for i in scores]
+    write_parquet(table_from_rows(tokens, ITEM_TOKENS), paths["tokens"], ITEM_TOKENS)
+    return {key: str(path) for key, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Five benchmarks × 30 items over K = 40 concepts (the last one never fires), reduced by the pipeline;
+    'facts' is coverage only (no scores)."""
+    root = tmp_path_factory.mktemp("results")
+    rng = np.random.default_rng(0)
+    shards = {}
+    for b, (benchmark, category) in enumerate(BENCHMARKS.items()):
+        n_items = 30
+        scores = {f"{benchmark}-{i:02d}": (None if benchmark == "facts" else float(rng.integers(0, 2)))
+                  for i in range(n_items)}
+        saliency = {}
+        for item in scores:
+            for concept in rng.choice(K - 1 - b, size=8, replace=False):  # later benchmarks cover fewer concepts
+                saliency[(item, int(concept))] = float(rng.gamma(2.0, 0.5)) + 0.01
+        shards[benchmark] = write_shards(root, benchmark, category, saliency, scores)
+    out = root / "concepts/model=m/layer=3"
+    run_reduce([s["saliency"] for s in shards.values()], [s["tokens"] for s in shards.values()],
+               [s["scores"] for s in shards.values()], n_concepts=K, gaps=GAPS, out_dir=out, title="t")
+    return {"root": root, "out": out, "shards": shards, "categories": BENCHMARKS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data shaping
+
+
+def test_concept_name_uses_ids_until_labels_exist():
+    assert concept_name(3121) == "#3121"
+    assert concept_name(3121, {3121: "arithmetic carries"}) == "#3121 arithmetic carries"
+    assert concept_name(7, {3121: "x"}) == "#7"
+
+
+def test_benchmark_order_groups_by_category():
+    categories = {"z_math": "Math", "a_probe": "Probe", "b_reason": "Reasoning", "a_reason": "Reasoning", "odd": "Weird"}
+    assert benchmark_order(categories, categories) == ["z_math", "a_reason", "b_reason", "a_probe", "odd"]
+
+
+def test_percentile_clip_and_median():
+    values = {"a": np.array([1.0, 2.0]), "b": np.array([3.0, 4.0, 100.0])}
+    assert pooled_percentile(values, 50) == pytest.approx(3.0)
+    assert clip_upper(values["b"], 3.5).tolist() == [3.0, 3.5, 3.5]
+    assert median_or_none(np.array([])) is None
+    assert median_or_none(np.array([0.2, 0.9, 0.4])) == pytest.approx(0.4)
+    assert pooled_percentile({"a": np.array([])}, 95) is None
+
+
+def test_per_benchmark_values_keep_positive_non_null():
+    table = pl.DataFrame({"concept": [0, 1, 2, 0, 1, 2], "benchmark": ["a"] * 3 + ["b"] * 3,
+                          "chi_bench": [0.0, 2.0, 1.0, 0.0, 0.0, 0.0], "chi_model": [None, 0.5, 0.25, None, None, None]})
+    assert sorted(per_benchmark_values(table, "chi_bench", positive=True)["a"].tolist()) == [1.0, 2.0]
+    assert per_benchmark_values(table, "chi_bench", positive=True)["b"].size == 0
+    assert per_benchmark_values(table, "chi_model")["b"].size == 0
+
+
+def test_cluster_order_puts_identical_benchmarks_next_to_each_other():
+    # a and c cover exactly the same concepts; b and d are unlike them and each other.
+    covered = {"a": {0, 1, 2, 3}, "b": {4, 5, 6}, "c": {0, 1, 2, 3}, "d": {3, 7, 8, 9}, "e": {5, 9}}
+    names = sorted(covered)
+    rows = [{"benchmark_a": x, "benchmark_b": y, "jaccard": len(covered[x] & covered[y]) / len(covered[x] | covered[y])}
+            for x in names for y in names]
+    order = cluster_order(overlap_matrix(pl.DataFrame(rows), names), names)
+    assert sorted(order) == names
+    assert abs(order.index("a") - order.index("c")) == 1
+    assert cluster_order(np.eye(2), ["x", "y"]) == ["x", "y"]
+
+
+def test_overlap_matrix_follows_the_given_order():
+    overlap = pl.DataFrame({"benchmark_a": ["a", "a", "b", "b"], "benchmark_b": ["a", "b", "a", "b"],
+                            "jaccard": [1.0, 0.25, 0.25, None]})
+    matrix = overlap_matrix(overlap, ["b", "a"])
+    assert np.isnan(matrix[0, 0]) and matrix[0, 1] == 0.25 and matrix[1, 1] == 1.0
+
+
+def test_correlation_matches_numpy_on_rows_present_in_both():
+    rng = np.random.default_rng(1)
+    values = rng.random((60, 4))
+    values[:, 1] = values[:, 0] * 0.5 + rng.random(60) * 0.2  # correlated with column 0
+    values[rng.random((60, 4)) < 0.25] = np.nan
+    r, n = pairwise_correlation(values, min_n=10)
+    for i in range(4):
+        for j in range(4):
+            both = ~np.isnan(values[:, i]) & ~np.isnan(values[:, j])
+            assert n[i, j] == both.sum()
+            assert r[i, j] == pytest.approx(np.corrcoef(values[both, i], values[both, j])[0, 1])
+    assert r[0, 1] > 0.5
+
+
+def test_correlation_is_blank_below_ten_shared_concepts():
+    values = np.full((30, 3), np.nan)
+    values[:, 0] = np.arange(30.0)
+    values[:9, 1] = np.arange(9.0) ** 2  # 9 concepts shared with column 0
+    values[:10, 2] = -np.arange(10.0)  # 10 shared with column 0
+    r, n = pairwise_correlation(values, min_n=10)
+    assert n[0, 1] == 9 and np.isnan(r[0, 1]) and np.isnan(r[1, 0])
+    assert n[0, 2] == 10 and r[0, 2] == pytest.approx(-1.0)
+    assert n[1, 2] == 9 and np.isnan(r[1, 2])
+    constant = np.column_stack([np.arange(12.0), np.ones(12)])
+    assert np.isnan(pairwise_correlation(constant)[0][0, 1])  # no variation: undefined, not 0
+
+
+def test_chi_model_matrix_has_nan_for_null():
+    table = pl.DataFrame({"concept": [0, 1, 0, 1], "benchmark": ["a", "a", "b", "b"], "chi_model": [0.5, None, 0.25, 1.0]})
+    matrix = chi_model_matrix(table, ["b", "a", "missing"])
+    assert matrix.shape == (2, 3)
+    assert matrix[0, :2].tolist() == [0.25, 0.5] and np.isnan(matrix[1, 1]) and np.isnan(matrix[:, 2]).all()
+
+
+def concepts_frame(**extra) -> pl.DataFrame:
+    base = {
+        "concept": [0, 1, 2, 3, 4, 5, 6],
+        "chi_bench": [0.0, 0.5, 1.0, 2.0, 0.1, 0.0, 3.0],
+        "chi_model": [None, 0.2, 0.9, 0.2, 0.6, None, 0.1],
+        "chi_model_lo": [None, 0.1, 0.8, 0.1, 0.5, None, None],
+        "chi_model_hi": [None, 0.3, 1.0, 0.3, 0.7, None, None],
+        "support": [0, 50, 60, 70, 80, 0, 5],
+        "n_benchmarks_active": [0, 3, 3, 3, 3, 0, 1],
+        "scored_support": [0, 50, 60, 70, 80, 0, 5],
+        "n_benchmarks_scored": [0, 3, 3, 3, 3, 0, 1],
+        "sum_saliency": [0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+        "ess": [None, 10.0, 11.0, 12.0, 13.0, None, 2.0],
+        "scored_ess": [None, 10.0, 11.0, 12.0, 13.0, None, 2.0],
+        "classification": ["missing", "normal", "normal", "over", "under", "missing", "over"],
+        "passes_support_filter": [False, True, True, True, True, False, False],
+    }
+    return pl.DataFrame({**base, **extra})
+
+
+def test_ranked_tables_order_and_content():
+    rankings = ranked_concepts(concepts_frame(), n=3, labels={2: "dates"})
+    assert rankings.filtered
+    # Concept 6 has the lowest chi_model but fails the support filter; ties (0.2) broken by concept id.
+    assert rankings.worst["concept"].to_list() == [1, 3, 4]
+    assert rankings.worst["rank"].to_list() == [1, 2, 3]
+    assert rankings.best["concept"].to_list() == [2, 4, 1]
+    assert rankings.best["name"][0] == "#2 dates"
+    assert {"chi_model_lo", "chi_model_hi", "scored_support", "scored_ess", "support", "ess"} <= set(rankings.worst.columns)
+    assert "chi_model_shrunk" not in rankings.worst.columns
+    assert rankings.under_covered["concept"].to_list() == [4, 1, 2]  # lowest chi_bench among covered
+    assert rankings.missing["concept"].to_list() == [0, 5]
+    assert rankings.missing["name"].to_list() == ["#0", "#5"]
+
+
+def test_ranked_tables_show_shrunk_and_adjusted_when_present_and_fall_back_without_filter():
+    frame = concepts_frame(chi_model_shrunk=[None, 0.3, 0.8, 0.25, 0.55, None, 0.4],
+                           chi_model_adjusted=[None, 0.1, 0.9, 0.2, 0.6, None, 0.1])
+    rankings = ranked_concepts(frame, n=25)
+    assert {"chi_model_shrunk", "chi_model_adjusted"} <= set(rankings.worst.columns)
+    assert rankings.worst["concept"].to_list() == [1, 3, 4, 2]  # still ranked by chi_model
+    fallback = ranked_concepts(frame.with_columns(passes_support_filter=pl.lit(False)), n=25)
+    assert not fallback.filtered and fallback.worst["concept"].to_list() == [6, 1, 3, 4, 2]
+
+
+def test_ranked_tables_follow_the_configured_ranking_when_its_column_exists():
+    frame = concepts_frame(chi_model_shrunk=[None, 0.3, 0.8, 0.25, 0.55, None, 0.4])
+    shrunk = ranked_concepts(frame, n=25, ranking="shrunk")
+    assert shrunk.ranking == "shrunk"
+    assert shrunk.worst["concept"].to_list() == [3, 1, 4, 2]
+    assert shrunk.best["concept"].to_list() == [2, 4, 1, 3]
+    # Without the column (an older reducer) the plain chi_model orders the lists, and says so.
+    assert ranked_concepts(concepts_frame(), n=25, ranking="shrunk").ranking == "point"
+    bounded = ranked_concepts(frame, n=25, ranking="lower_bound")
+    assert bounded.worst["concept"].to_list() == [1, 3, 4, 2]  # by the upper end: 0.3, 0.3 (tie: chi 0.2, id), 0.7, 1.0
+
+
+def test_select_examples_picks_lowest_and_highest_scored_items():
+    saliency = pl.DataFrame({
+        "benchmark": ["a"] * 6 + ["b"] * 2,
+        "item_id": ["a1", "a2", "a3", "a4", "a5", "a1", "b1", "b2"],
+        "concept": [7, 7, 7, 7, 7, 8, 7, 7],
+        "saliency": [0.1, 0.9, 0.5, 0.3, 0.2, 1.0, 0.4, 0.4],
+    })
+    scores = pl.DataFrame({"benchmark": ["a"] * 5 + ["b"] * 2, "item_id": ["a1", "a2", "a3", "a4", "a5", "b1", "b2"],
+                           "score": [0.0, 0.0, 1.0, 1.0, None, 0.5, 0.5]})
+    picked = select_examples(saliency, scores, [7], per_side=1)
+    a = picked.filter(pl.col("benchmark") == "a")
+    # Worst: score 0, the higher saliency first (a2); best: score 1, higher saliency (a3). a5 has no score.
+    assert a.filter(pl.col("side") == "worst")["item_id"].to_list() == ["a2"]
+    assert a.filter(pl.col("side") == "best")["item_id"].to_list() == ["a3"]
+    both = select_examples(saliency, scores, [7], per_side=2).filter(pl.col("benchmark") == "a")
+    assert both.filter(pl.col("side") == "worst")["item_id"].to_list() == ["a2", "a1"]
+    assert both.filter(pl.col("side") == "best")["item_id"].to_list() == ["a3", "a4"]
+    assert both["rank"].to_list() == [1, 2, 1, 2]
+    # Two items only: each shown once (tie on score and saliency broken by id).
+    b = select_examples(saliency, scores, [7], per_side=2).filter(pl.col("benchmark") == "b")
+    assert b["item_id"].to_list() == ["b1", "b2"] and b["side"].to_list() == ["worst", "worst"]
+    assert select_examples(saliency, scores, [8], per_side=1)["item_id"].to_list() == ["a1"]
+
+
+def test_prompt_text_keeps_system_and_last_user_message():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert prompt_text(messages) == "Be brief.\n\n2+2?"
+    assert prompt_text(None) == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _figure_calls(results: dict) -> dict:
+    out = results["out"]
+    cb = pl.read_parquet(out / "concept_benchmark.parquet")
+    concepts = pl.read_parquet(out / "concepts.parquet")
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    categories = results["categories"]
+    return {
+        "chi_bench_hist": lambda stem: plot_chi_bench_hist(concepts, stem, thresholds, "model m, layer 3"),
+        "chi_bench_per_benchmark": lambda stem: plot_chi_bench_grid(cb, categories, stem, "ctx"),
+        "chi_model_per_benchmark": lambda stem: plot_chi_model_grid(cb, categories, stem, "ctx"),
+        "chi_model_hist": lambda stem: plot_chi_model_hist(concepts, stem, "ctx"),
+        "missing_percent": lambda stem: plot_missing_percent(pl.read_parquet(out / "benchmarks.parquet"), categories,
+                                                             stem, K, "ctx"),
+        "jaccard_overlap": lambda stem: plot_overlap_heatmap(pl.read_parquet(out / "overlap.parquet"), categories, stem),
+        "chi_model_correlation": lambda stem: plot_correlation_heatmap(cb, categories, stem, min_n=5),
+    }
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_each_figure_writes_png_and_svg(results, tmp_path, name):
+    paths = _figure_calls(results)[name](tmp_path / name)
+    assert [p.name for p in paths] == [f"{name}.png", f"{name}.svg"]
+    for path in paths:
+        assert path.stat().st_size > 1000
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in paths[1].read_text()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_figures_survive_degenerate_tables(tmp_path):
+    """One benchmark, nothing scored, nothing covered: figures still render (with a note), no crash."""
+    cb = pl.DataFrame({"concept": [0, 1], "benchmark": ["a", "a"], "chi_bench": [None, None],
+                       "chi_model": [None, None], "support": [0, 0], "scored_support": [0, 0]},
+                      schema_overrides={"chi_bench": pl.Float64, "chi_model": pl.Float64})
+    concepts = concepts_frame().head(1)
+    plot_chi_bench_grid(cb, {}, tmp_path / "g")
+    plot_chi_model_grid(cb, {}, tmp_path / "m")
+    plot_chi_model_hist(concepts, tmp_path / "h")
+    plot_chi_bench_hist(concepts, tmp_path / "b")
+    plot_correlation_heatmap(cb, {}, tmp_path / "c")
+    benchmarks = pl.DataFrame({"benchmark": ["a"], "covered": [None], "missing_percent": [None]},
+                              schema_overrides={"covered": pl.Int64, "missing_percent": pl.Float64})
+    plot_missing_percent(benchmarks, {}, tmp_path / "p", 2)
+    assert len(list(tmp_path.glob("*.png"))) == 6
+
+
+def test_cli_writes_every_figure_table_and_card(results, tmp_path):
+    shards, out = results["shards"], results["out"]
+    target = tmp_path / "figures"
+    main(["figures", "--concept-benchmark", str(out / "concept_benchmark.parquet"),
+          "--concepts", str(out / "concepts.parquet"), "--benchmarks", str(out / "benchmarks.parquet"),
+          "--overlap", str(out / "overlap.parquet"), "--thresholds", str(out / "thresholds.json"),
+          "--items", *[s["items"] for s in shards.values()], "--scores", *[s["scores"] for s in shards.values()],
+          "--saliency", *[s["saliency"] for s in shards.values()], "--out-dir", str(target),
+          "--title", "model m, layer 3", "--cards", "3", "--examples", "1"])
+    for name in FIGURES:
+        assert (target / f"{name}.png").stat().st_size > 0 and (target / f"{name}.svg").stat().st_size > 0
+    for name in TABLES:
+        assert (target / name).stat().st_size > 0
+
+    concepts = pl.read_parquet(out / "concepts.parquet")
+    pool = concepts.filter(pl.col("passes_support_filter") & pl.col("chi_model").is_not_null())
+    ranking = json.loads((out / "thresholds.json").read_text()).get("ranking", "point")
+    # The lists follow gaps.ranking as summary.md does: shrunk chi_model (ties by chi_model) or the plain one.
+    order = ["chi_model_shrunk", "chi_model", "concept"] if ranking == "shrunk" else ["chi_model", "concept"]
+    expected_worst = pool.sort(order)["concept"].head(25).to_list()
+    assert pl.read_csv(target / "worst_concepts.csv")["concept"].to_list() == expected_worst
+    missing = pl.read_csv(target / "missing_concepts.csv")["concept"].to_list()
+    assert K - 1 in missing  # never fires anywhere
+
+    cards = (target / "example_cards.md").read_text()
+    assert cards.count("\n## ") == 3
+    weakest = expected_worst[0]
+    assert f"## 1. #{weakest} —" in cards
+    # The first card shows, per scored benchmark, exactly the items select_examples picks from the shards.
+    first_card = cards.split("\n## 2.")[0]
+    for benchmark in ("arith", "logic", "bias", "probe_x"):
+        saliency = pl.read_parquet(shards[benchmark]["saliency"]).with_columns(benchmark=pl.lit(benchmark))
+        scores = pl.read_parquet(shards[benchmark]["scores"]).with_columns(benchmark=pl.lit(benchmark))
+        pick = select_examples(saliency, scores, [weakest], per_side=1)
+        assert (f"### {benchmark} (" in first_card) == (pick.height > 0)
+        for row in pick.iter_rows(named=True):
+            assert f"**{row['item_id']}** — score {row['score']:.3f}" in first_card
+            assert f"Question {row['item_id']} of {benchmark}?" in first_card
+            assert f"Response to {row['item_id']}." in first_card
+    # facts has no scores: never an example, only named as coverage-only.
+    assert "### facts" not in cards and "coverage-only) items of: facts" in first_card
+    ranked = (target / "ranked_concepts.md").read_text()
+    assert "Model gaps" in ranked and f"#{weakest}" in ranked
+
+
+def test_every_figure_has_a_caption_that_renders_and_a_report_entry_in_the_rule():
+    """report/<figure>.rst renders as reStructuredText without warnings (after Snakemake's Jinja pass) and the
+    rule wraps every PNG in report() with that caption."""
+    import jinja2
+    from docutils.core import publish_parts
+
+    repo = Path(__file__).resolve().parents[1]
+    rule = (repo / "rules" / "figures.smk").read_text()
+    wildcards = type("Wildcards", (), {"model": "m", "layer": "3"})()
+    for name in FIGURES:
+        caption = repo / "report" / f"{name}.rst"
+        text = jinja2.Template(caption.read_text()).render(snakemake=type("S", (), {"wildcards": wildcards})())
+        publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
+        assert "model m, layer 3" in " ".join(text.split())  # the caption names its run
+        assert f'/{name}.png",\n            caption="../report/{name}.rst"' in rule
+        assert f'"{name}"' in rule  # its SVG
+    for name in TABLES:
+        assert (name.split("_concepts")[0] if name.endswith("_concepts.csv") else name) in rule

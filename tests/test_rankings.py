@@ -319,3 +319,10 @@ def test_summary_lower_bound_without_intervals_says_so():
     table, suite, thresholds = tables(saliency, items, 3, options)
     section = summary_markdown(suite, table, thresholds).split("## chi_model ranking")[1]
     assert "none of the 2 ranked concepts has an interval" in section
+
+
+def test_full_shrinkage_is_said_in_the_summary_sentence():
+    from competency_gaps.rankings import KAPPA_MAX, ranking_description
+
+    assert "how hard their benchmarks are" in ranking_description("shrunk", KAPPA_MAX)
+    assert "how hard their benchmarks are" not in ranking_description("shrunk", 12.0)

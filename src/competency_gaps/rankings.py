@@ -183,9 +183,15 @@ def ranking_description(ranking: str, kappa: float | None) -> str:
     ranking_key(ranking)  # validates
     if ranking == "shrunk":
         strength = "not available" if kappa is None else f"{kappa:.4g}"
-        return (f"Lists ordered by shrunk chi_model (gaps.ranking = shrunk, κ = {strength} prior items): "
+        text = (f"Lists ordered by shrunk chi_model (gaps.ranking = shrunk, κ = {strength} prior items): "
                 "(n·chi_model + κ·prior) / (n + κ), n the scored ESS, prior what the concept's benchmarks predict, "
                 "so narrow concepts move towards their benchmarks' mean.")
+        if kappa is not None and kappa >= KAPPA_MAX:
+            # Full shrinkage: the data show no concept-specific spread, so the list only reflects benchmark difficulty.
+            text += (" **The concepts' chi_model varies no more than sampling noise around what their benchmarks "
+                     "predict (κ at its maximum): every shrunk value is its prior, so this list ranks concepts by how "
+                     "hard their benchmarks are, not by a weakness of their own (see chi_model_adjusted).**")
+        return text
     if ranking == "lower_bound":
         return ("Lists ordered by the confidence bound (gaps.ranking = lower_bound): weakest by the interval's "
                 "upper end, strongest by its lower end; concepts without an interval come last.")

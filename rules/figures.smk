@@ -1,5 +1,6 @@
 rule figures:
-    """The paper's figures (PNG + SVG), ranked concept tables and example cards of one (model, layer).
+    """The paper's figures (PNG + SVG), ranked concept tables, example cards of the weakest concepts and cards of
+    the items the model got wrong (with their top concepts) of one (model, layer).
     Every PNG is in `snakemake --report report.html` (category Gaps, one subcategory per model and layer)."""
     input:
         concept_benchmark=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concept_benchmark.parquet",
@@ -7,7 +8,7 @@ rule figures:
         benchmarks=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/benchmarks.parquet",
         overlap=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/overlap.parquet",
         thresholds=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/thresholds.json",
-        # Categories and the example cards' prompts, scores, responses and saliency: one file per benchmark.
+        # Categories and the cards' prompts, scores, responses and saliency: one file per benchmark.
         item_tables=expand(f"{RESULTS}/benchmarks/benchmark={{benchmark}}/items.parquet", benchmark=BENCHMARKS),
         scores=expand(
             f"{RESULTS}/evaluate/model={{model}}/benchmark={{benchmark}}/scores.parquet",
@@ -89,6 +90,7 @@ rule figures:
             allow_missing=True,
         ),
         example_cards=f"{RESULTS}/figures/model={{model}}/layer={{layer}}/example_cards.md",
+        wrong_items=f"{RESULTS}/figures/model={{model}}/layer={{layer}}/wrong_items.md",
     params:
         spec=lambda wc: spec_json(config, "figures"),  # the stage's code version: a rendering fix reruns it
         out_dir=lambda wc, output: os.path.dirname(output.ranked),

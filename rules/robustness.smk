@@ -1,6 +1,7 @@
 rule robustness:
     """Resampling stability of χ_bench/χ_model (the paper's resamples) and predictive validity of the χ_model
-    gaps on held-out items, from the same shards as reduce_concepts."""
+    gaps on held-out items, from the same shards as reduce_concepts: a table, a JSON summary and a figure
+    (PNG + SVG; the PNGs are in `snakemake --report report.html`, category Robustness) for each check."""
     input:
         saliency=expand(
             f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/saliency.parquet",
@@ -23,6 +24,25 @@ rule robustness:
         stability_summary=f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/stability.json",
         validity=f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/validity.parquet",
         validity_summary=f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/validity.json",
+        stability_figure=report(
+            f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/stability.png",
+            caption="../report/stability.rst",
+            category="Robustness",
+            subcategory="model {model}, layer {layer}",
+            labels={"figure": "resampling stability of χ_bench and χ_model"},
+        ),
+        validity_figure=report(
+            f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/validity.png",
+            caption="../report/validity.rst",
+            category="Robustness",
+            subcategory="model {model}, layer {layer}",
+            labels={"figure": "predictive validity of the χ_model gaps"},
+        ),
+        svg=expand(
+            f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/{{figure}}.svg",
+            figure=["stability", "validity"],
+            allow_missing=True,
+        ),
     params:
         spec=lambda wc: spec_json(config, "robustness"),
         out_dir=lambda wc, output: os.path.dirname(output.stability),
@@ -38,4 +58,5 @@ rule robustness:
         runtime=30,
     shell:
         "{CLI} robustness --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
-        "--tokens {input.tokens} --scores {input.scores} --out-dir {params.out_dir} 2> {log}"
+        "--tokens {input.tokens} --scores {input.scores} --out-dir {params.out_dir} --figures "
+        "--title 'model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

@@ -25,9 +25,14 @@ from competency_gaps.figure_data import (
     prompt_text,
     ranked_concepts,
     select_examples,
+    select_wrong_items,
+    stability_spread,
+    top_item_concepts,
+    validity_bars,
 )
 from competency_gaps.figures import (
     FIGURES,
+    ROBUSTNESS_FIGURES,
     TABLES,
     plot_chi_bench_grid,
     plot_chi_bench_hist,
@@ -36,6 +41,11 @@ from competency_gaps.figures import (
     plot_correlation_heatmap,
     plot_missing_percent,
     plot_overlap_heatmap,
+    plot_stability,
+    plot_validity,
+    run_robustness_figures,
+    stability_figure,
+    validity_figure,
 )
 from competency_gaps.reduce import run_reduce
 from competency_gaps.tables import ITEMS, SALIENCY, SCORES, table_from_rows, write_parquet
@@ -260,6 +270,43 @@ def test_select_examples_picks_lowest_and_highest_scored_items():
     assert select_examples(saliency, scores, [8], per_side=1)["item_id"].to_list() == ["a1"]
 
 
+def test_select_wrong_items_picks_the_lowest_scores_then_item_ids():
+    scores = pl.DataFrame({
+        "benchmark": ["a"] * 8 + ["b"] * 3 + ["c"] * 2,
+        "item_id": ["a7", "a2", "a5", "a1", "a3", "a6", "a4", "a8", "b1", "b2", "b3", "c1", "c2"],
+        "score": [0.0, 0.5, 0.0, 1.0, 0.0, 0.0, 0.25, None, 1.0, float("nan"), 0.0, None, None],
+    })
+    picked = select_wrong_items(scores, per_benchmark=5)
+    # a: the four zeros by id, then the lowest partial credit (0.25 before 0.5); a1 is right, a8 unscored.
+    a = picked.filter(pl.col("benchmark") == "a")
+    assert a["item_id"].to_list() == ["a3", "a5", "a6", "a7", "a4"]
+    assert a["rank"].to_list() == [1, 2, 3, 4, 5] and a["score"].to_list() == [0.0, 0.0, 0.0, 0.0, 0.25]
+    # b: b1 is right and b2 has no score (NaN): only b3; c (coverage only) has none.
+    assert picked.filter(pl.col("benchmark") == "b")["item_id"].to_list() == ["b3"]
+    assert picked.filter(pl.col("benchmark") == "c").height == 0
+    assert select_wrong_items(scores, per_benchmark=2).filter(pl.col("benchmark") == "a")["item_id"].to_list() == [
+        "a3", "a5"]
+
+
+def test_top_item_concepts_by_saliency_ties_by_concept_id():
+    saliency = pl.DataFrame({
+        "benchmark": ["a"] * 7 + ["b"] * 2,
+        "item_id": ["x", "x", "x", "x", "x", "y", "y", "x", "x"],
+        "concept": [5, 3, 9, 1, 4, 2, 7, 0, 1],
+        "saliency": [2.0, 4.0, 2.0, 0.0, 1.0, 3.0, 5.0, 9.0, 1.0],
+    })
+    items = pl.DataFrame({"benchmark": ["a", "b", "a"], "item_id": ["x", "x", "z"]})
+    top = top_item_concepts(saliency, items, n=3)
+    ax = top.filter((pl.col("benchmark") == "a") & (pl.col("item_id") == "x"))
+    # 4.0 (#3), then the tie at 2.0 by concept id (#5 before #9); #1 (saliency 0) never counts.
+    assert ax["concept"].to_list() == [3, 5, 9] and ax["rank"].to_list() == [1, 2, 3]
+    assert ax["share"].to_list() == pytest.approx([4 / 9, 2 / 9, 2 / 9])
+    bx = top.filter(pl.col("benchmark") == "b")  # the same item id in another benchmark is another item
+    assert bx["concept"].to_list() == [0, 1] and bx["share"].to_list() == pytest.approx([0.9, 0.1])
+    assert top.filter(pl.col("item_id") == "y").height == 0  # not asked for
+    assert top.filter(pl.col("item_id") == "z").height == 0  # no saliency
+
+
 def test_prompt_text_keeps_system_and_last_user_message():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert prompt_text(messages) == "Be brief.\n\n2+2?"
@@ -316,6 +363,141 @@ def test_figures_survive_degenerate_tables(tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 6
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Robustness figures
+
+
+def stability_table() -> tuple[pl.DataFrame, dict]:
+    """Six concepts: 0-3 pass the support filter (3 has no chi_model std), 4 fails it, 5 never fires."""
+    table = pl.DataFrame({
+        "concept": [0, 1, 2, 3, 4, 5],
+        "chi_bench": [0.5, 1.0, 2.0, 4.0, 0.1, 0.0],
+        "chi_bench_std": [0.01, 0.02, 0.04, 0.09, 0.5, 0.0],
+        "chi_model": [0.2, 0.4, 0.6, None, 0.9, None],
+        "chi_model_std": [0.01, 0.02, 0.03, None, 0.2, None],
+        "passes_support_filter": [True, True, True, True, False, False],
+    })
+    summary = {"n_resamples": 100, "keep_fraction": 0.8, "support_filter": {"min_benchmarks": 2, "min_support": 20},
+               "paper": {"chi_bench_std": 0.025, "chi_model_std": 0.014}}
+    return table, summary
+
+
+def validity_table() -> tuple[pl.DataFrame, dict]:
+    """Two directions, the suite row and two benchmarks each ('x' is entirely dominated in A->B)."""
+    columns = ["direction", "scope", "n_heldout", "n_dominated", "mean_score_dominated", "mean_score_rest", "effect",
+               "p_value", "adjusted_effect", "n_eligible_concepts", "n_weak_concepts", "weak_chi_threshold",
+               "share_threshold", "n_no_saliency"]
+    rows = [
+        ("A->B", "suite", 40, 10, 0.2, 0.6, -0.4, 0.004, -0.15, 30, 3, 0.25, 0.3, 0),
+        ("A->B", "w", 30, 4, 0.5, 0.7, -0.2, 0.2, -0.17, 30, 3, 0.25, 0.3, 0),
+        ("A->B", "x", 10, 6, 0.0, 0.25, -0.25, 0.4, -0.1, 30, 3, 0.25, 0.3, 0),
+        ("B->A", "suite", 40, 8, 0.375, 0.5, -0.125, 0.3, -0.05, 28, 3, 0.3, 0.2, 1),
+        ("B->A", "w", 30, 8, 0.375, 0.6, -0.225, 0.1, -0.2, 28, 3, 0.3, 0.2, 1),
+        ("B->A", "x", 10, 0, None, 0.2, None, None, None, 28, 3, 0.3, 0.2, 1),
+    ]
+    table = pl.DataFrame(rows, schema=columns, orient="row")
+    summary = {"options": {"n_permutations": 1000, "weak_fraction": 0.1, "dominated_quantile": 0.75}}
+    return table, summary
+
+
+def test_stability_spread_keeps_concepts_passing_the_filter():
+    table, _ = stability_table()
+    spread, filtered = stability_spread(table)
+    assert filtered
+    assert spread["chi_bench_std"].tolist() == [0.01, 0.02, 0.04, 0.09]
+    assert spread["chi_model_std"].tolist() == [0.01, 0.02, 0.03]  # concept 3 has none
+    fallback, filtered = stability_spread(table.with_columns(passes_support_filter=pl.lit(False)))
+    assert not filtered
+    assert fallback["chi_bench_std"].tolist() == [0.01, 0.02, 0.04, 0.09, 0.5]  # covered: chi_bench > 0
+    assert fallback["chi_model_std"].tolist() == [0.01, 0.02, 0.03, 0.2]
+
+
+def test_validity_bars_carry_the_table_numbers():
+    table, _ = validity_table()
+    suite = validity_bars(table)
+    assert [b["direction"] for b in suite] == ["A->B", "B->A"]
+    ab = suite[0]
+    assert ab["status"] == "tested" and (ab["n_dominated"], ab["n_rest"]) == (10, 30)
+    assert (ab["mean_dominated"], ab["mean_rest"], ab["effect"], ab["adjusted_effect"], ab["p_value"]) == (
+        0.2, 0.6, -0.4, -0.15, 0.004)
+    x = validity_bars(table, "x")
+    assert [b["status"] for b in x] == ["tested", "none dominated"]
+    assert x[1]["mean_dominated"] is None and x[1]["mean_rest"] == 0.2 and x[1]["p_value"] is None
+    everything = table.with_columns(n_dominated=pl.col("n_heldout"))
+    assert {b["status"] for b in validity_bars(everything)} == {"all dominated"}
+
+
+def test_validity_figure_draws_the_right_bars_and_results():
+    table, summary = validity_table()
+    fig = validity_figure(table, summary, "model m, layer 3")
+    top = fig.axes[:2]
+    for ax, (dominated, rest, n_dominated, n_rest, effect, adjusted, p) in zip(
+            top, [(0.2, 0.6, 10, 30, "−0.400", "−0.150", "0.004"), (0.375, 0.5, 8, 32, "−0.125", "−0.050", "0.300")]):
+        heights = [patch.get_height() for patch in ax.patches]
+        assert heights == pytest.approx([dominated, rest])
+        texts = [t.get_text() for t in ax.texts]
+        assert f"{dominated:.3f}\n{n_dominated:,} items" in texts and f"{rest:.3f}\n{n_rest:,} items" in texts
+        results = next(t for t in texts if t.startswith("effect"))
+        assert f"effect (dominated − rest) = {effect}" in results
+        assert f"benchmark-adjusted effect = {adjusted}" in results and f"permutation p = {p}" in results
+    assert top[0].get_ylim() == top[1].get_ylim()  # one scale for both directions
+    # Per benchmark (rows w then x from the top): A->B has both bars in both; B->A's x has only the rest bar.
+    ab, ba = fig.axes[2], fig.axes[3]
+    assert sorted(p.get_width() for p in ab.patches) == pytest.approx(sorted([0.5, 0.7, 0.0, 0.25]))
+    assert sorted(p.get_width() for p in ba.patches) == pytest.approx(sorted([0.375, 0.6, 0.2]))
+    assert any("none of 10 dominated, mean 0.20" in t.get_text() for t in ba.texts)
+    assert any("4 of 30 dominated: 0.50 vs 0.70, p = 0.200" in t.get_text() for t in ab.texts)
+
+
+def test_stability_figure_marks_the_mean_and_the_paper():
+    table, summary = stability_table()
+    fig = stability_figure(table, summary, "model m, layer 3")
+    bench, model = fig.axes[:2]
+    assert bench.get_xscale() == "log" and model.get_xscale() == "linear"
+    for ax, mean, paper in ((bench, 0.04, 0.025), (model, 0.02, 0.014)):
+        lines = {round(line.get_xdata()[0], 6) for line in ax.get_lines()}
+        assert lines == {round(mean, 6), paper}
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels[0].startswith(f"mean over these concepts = {mean:.3f}") and labels[1].endswith(f"= {paper:g}")
+        assert sum(patch.get_height() for patch in ax.patches) == (4 if ax is bench else 3)
+
+
+@pytest.mark.parametrize("name", ROBUSTNESS_FIGURES)
+def test_each_robustness_figure_writes_png_and_svg(tmp_path, name):
+    table, summary = {"stability": stability_table, "validity": validity_table}[name]()
+    plot = {"stability": plot_stability, "validity": plot_validity}[name]
+    paths = plot(table, summary, tmp_path / name, "model m, layer 3")
+    assert [p.name for p in paths] == [f"{name}.png", f"{name}.svg"]
+    assert all(path.stat().st_size > 1000 for path in paths)
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "<svg" in paths[1].read_text()
+
+
+def test_robustness_figures_survive_degenerate_tables(tmp_path):
+    """Nothing passes the filter and nothing has a spread; no direction could be tested."""
+    table, summary = stability_table()
+    empty = table.with_columns(chi_bench_std=pl.lit(None, pl.Float64), chi_model_std=pl.lit(None, pl.Float64),
+                               passes_support_filter=pl.lit(False))
+    plot_stability(empty, {}, tmp_path / "s")
+    validity, _ = validity_table()
+    untested = validity.filter(pl.col("scope") == "suite").with_columns(
+        n_heldout=pl.lit(0, pl.Int64), n_dominated=pl.lit(0, pl.Int64), mean_score_dominated=pl.lit(None, pl.Float64),
+        mean_score_rest=pl.lit(None, pl.Float64), effect=pl.lit(None, pl.Float64), p_value=pl.lit(None, pl.Float64))
+    plot_validity(untested, {}, tmp_path / "v")
+    plot_validity(validity.head(0), {}, tmp_path / "none")
+    assert len(list(tmp_path.glob("*.png"))) == 3
+
+
+def test_robustness_figures_from_the_tables_folder(tmp_path):
+    stability, stability_summary = stability_table()
+    validity, validity_summary = validity_table()
+    stability.write_parquet(tmp_path / "stability.parquet")
+    validity.write_parquet(tmp_path / "validity.parquet")
+    (tmp_path / "stability.json").write_text(json.dumps(stability_summary))
+    (tmp_path / "validity.json").write_text(json.dumps(validity_summary))
+    paths = run_robustness_figures(tmp_path, context="model m, layer 3")
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{e}" for n in ROBUSTNESS_FIGURES for e in ("png", "svg"))
+
+
 def test_cli_writes_every_figure_table_and_card(results, tmp_path):
     shards, out = results["shards"], results["out"]
     target = tmp_path / "figures"
@@ -324,7 +506,7 @@ def test_cli_writes_every_figure_table_and_card(results, tmp_path):
           "--overlap", str(out / "overlap.parquet"), "--thresholds", str(out / "thresholds.json"),
           "--items", *[s["items"] for s in shards.values()], "--scores", *[s["scores"] for s in shards.values()],
           "--saliency", *[s["saliency"] for s in shards.values()], "--out-dir", str(target),
-          "--title", "model m, layer 3", "--cards", "3", "--examples", "1"])
+          "--title", "model m, layer 3", "--cards", "3", "--examples", "1", "--wrong", "2", "--item-concepts", "3"])
     for name in FIGURES:
         assert (target / f"{name}.png").stat().st_size > 0 and (target / f"{name}.svg").stat().st_size > 0
     for name in TABLES:
@@ -360,6 +542,26 @@ def test_cli_writes_every_figure_table_and_card(results, tmp_path):
     ranked = (target / "ranked_concepts.md").read_text()
     assert "Model gaps" in ranked and f"#{weakest}" in ranked
 
+    # wrong_items.md: per scored benchmark, the wrong items select_wrong_items picks, with their top concepts.
+    wrong = (target / "wrong_items.md").read_text()
+    suite = pl.read_parquet(out / "concepts.parquet")
+    for benchmark in ("arith", "logic", "bias", "probe_x"):
+        scores = pl.read_parquet(shards[benchmark]["scores"]).with_columns(benchmark=pl.lit(benchmark))
+        section = wrong.split(f"## {benchmark} (")[1].split("\n## ")[0]
+        picked = select_wrong_items(scores.select("benchmark", "item_id", "score"), 2)
+        assert section.count("\n### ") == picked.height == 2
+        saliency = pl.read_parquet(shards[benchmark]["saliency"]).with_columns(benchmark=pl.lit(benchmark))
+        for row in picked.iter_rows(named=True):
+            assert f"### {row['rank']}. {row['item_id']} — score 0.000" in section
+            card = section.split(f"### {row['rank']}. {row['item_id']}")[1].split("\n### ")[0]
+            assert f"Question {row['item_id']} of {benchmark}?" in card and f"Response to {row['item_id']}." in card
+            top = top_item_concepts(saliency, picked.filter(pl.col("item_id") == row["item_id"]), 3)
+            for concept in top.iter_rows(named=True):
+                chi = suite.filter(pl.col("concept") == concept["concept"])["chi_model"][0]
+                assert (f"| {concept['rank']} | #{concept['concept']} | {concept['saliency']:.4g} | "
+                        f"{100 * concept['share']:.1f} % | {chi:.3f} |") in card
+    assert "## facts (Factuality) — coverage only" in wrong
+
 
 def test_every_figure_has_a_caption_that_renders_and_a_report_entry_in_the_rule():
     """report/<figure>.rst renders as reStructuredText without warnings (after Snakemake's Jinja pass) and the
@@ -379,3 +581,21 @@ def test_every_figure_has_a_caption_that_renders_and_a_report_entry_in_the_rule(
         assert f'"{name}"' in rule  # its SVG
     for name in TABLES:
         assert (name.split("_concepts")[0] if name.endswith("_concepts.csv") else name) in rule
+
+
+def test_every_robustness_figure_has_a_caption_and_a_report_entry_in_the_robustness_rule():
+    import jinja2
+    from docutils.core import publish_parts
+
+    repo = Path(__file__).resolve().parents[1]
+    rule = (repo / "rules" / "robustness.smk").read_text()
+    wildcards = type("Wildcards", (), {"model": "m", "layer": "3"})()
+    for name in ROBUSTNESS_FIGURES:
+        caption = repo / "report" / f"{name}.rst"
+        text = jinja2.Template(caption.read_text()).render(snakemake=type("S", (), {"wildcards": wildcards})())
+        publish_parts(text, writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
+        assert "model m, layer 3" in " ".join(text.split())
+        assert (f'/{name}.png",\n            caption="../report/{name}.rst",\n            category="Robustness"'
+                in rule)
+        assert f'"{name}"' in rule  # its SVG
+    assert "--figures" in rule

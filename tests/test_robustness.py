@@ -239,6 +239,21 @@ def test_permutation_p_value_enumerated_by_hand():
     assert row(tiny, scope="suite")["p_value"] >= 0.25
 
 
+def test_a_stratum_entirely_or_never_dominated_keeps_its_group_mean_but_has_no_test():
+    # x: every item dominated (scores 0, 1, 0); y: none (1, 1, 0, 1); the suite compares them.
+    scores = np.array([0, 1, 0, 1, 1, 0, 1], dtype=float)
+    dominated = np.array([1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    result = stratified_permutation_test(scores, dominated, np.array(["x"] * 3 + ["y"] * 4), 50, 0)
+    x, y, suite = row(result, scope="x"), row(result, scope="y"), row(result, scope="suite")
+    assert x["mean_score_dominated"] == pytest.approx(1 / 3) and x["mean_score_rest"] is None
+    assert y["mean_score_dominated"] is None and y["mean_score_rest"] == pytest.approx(3 / 4)
+    for stratum in (x, y):
+        assert stratum["effect"] is None and stratum["adjusted_effect"] is None and stratum["p_value"] is None
+    # Permuting within strata cannot move any label: every permutation is the observed one, p = 1.
+    assert suite["effect"] == pytest.approx(1 / 3 - 3 / 4) and suite["adjusted_effect"] == pytest.approx(0.0)
+    assert suite["p_value"] == 1.0
+
+
 def test_planted_gap_helper_zeroes_exactly_the_items_where_the_concept_fires():
     sal, items = frames(
         {("x", "a", 7): 0.5, ("x", "b", 7): 0.0, ("x", "b", 1): 2.0, ("y", "c", 7): 1.0, ("y", "d", 7): 0.2,
@@ -330,7 +345,10 @@ def test_cli_writes_the_tables_and_summaries(tmp_path):
                                      "gaps": {"pooling": "pooled", "min_benchmarks": 2, "min_support": 10}}}
     out = tmp_path / "robustness"
     main(["robustness", "--spec", json.dumps(spec), "--sae-dir", str(sae_dir), "--saliency", *saliency,
-          "--tokens", *tokens, "--scores", *scores, "--out-dir", str(out)])
+          "--tokens", *tokens, "--scores", *scores, "--out-dir", str(out), "--figures", "--title", "model m, layer 3"])
+    for name in ("stability", "validity"):  # the figures beside their tables
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "<svg" in (out / f"{name}.svg").read_text()
     stability = pl.read_parquet(out / "stability.parquet")
     assert stability.height == 30 and stability["concept"].to_list() == list(range(30))
     assert json.loads((out / "stability.json").read_text())["n_resamples"] == 5

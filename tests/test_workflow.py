@@ -268,6 +268,10 @@ def test_figures_robustness_and_the_report(finished_run):
     stability = json.loads((robustness / "stability.json").read_text())
     assert stability["n_resamples"] == 100 and stability["paper"] == {"chi_bench_std": 0.025, "chi_model_std": 0.014}
     assert set(json.loads((robustness / "validity.json").read_text())["directions"]) == {"A->B", "B->A"}
+    for stem in ("stability", "validity"):
+        assert (robustness / f"{stem}.png").stat().st_size > 0 and (robustness / f"{stem}.svg").stat().st_size > 0
+    assert "## " in (figures / "wrong_items.md").read_text()
     snakemake(finished_run, "--report", str(finished_run / "report.html"))
     report = (finished_run / "report.html").read_text()
     assert "chi_bench_hist.png" in report and "Gaps" in report
+    assert "validity.png" in report and "Robustness" in report

@@ -142,7 +142,8 @@ def cmd_figures(args: argparse.Namespace) -> None:
 
     run_figures(args.concept_benchmark, args.concepts, args.benchmarks, args.overlap, args.thresholds, args.items,
                 args.scores, args.saliency, Path(args.out_dir), args.title, labels_path=args.labels,
-                top_n=args.top, n_cards=args.cards, per_side=args.examples)
+                top_n=args.top, n_cards=args.cards, per_side=args.examples, n_wrong=args.wrong,
+                n_item_concepts=args.item_concepts)
 
 
 def cmd_robustness(args: argparse.Namespace) -> None:
@@ -152,6 +153,10 @@ def cmd_robustness(args: argparse.Namespace) -> None:
     n_concepts = json.loads((Path(args.sae_dir) / "cfg.json").read_text())["d_sae"]
     run_robustness(args.saliency, args.tokens, args.scores, n_concepts, spec.get("robustness") or {},
                    spec.get("gaps") or {}, Path(args.out_dir))
+    if args.figures:
+        from competency_gaps.figures import run_robustness_figures
+
+        run_robustness_figures(Path(args.out_dir), context=args.title)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", nargs="+", required=True)
     c.add_argument("--scores", nargs="+", required=True)
     c.add_argument("--out-dir", required=True, help="folder for stability.parquet/json and validity.parquet/json")
+    c.add_argument("--figures", action="store_true",
+                   help="also render stability.png/svg and validity.png/svg from the tables, in the same folder")
+    c.add_argument("--title", default="", help="context line under the figure titles (model, layer)")
 
     c = stage("figures", cmd_figures, "figures, ranked concept tables and example cards for one (model, layer)")
     c.add_argument("--concept-benchmark", required=True, help="concept_benchmark.parquet of the reducer")
@@ -233,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top", type=int, default=25, help="concepts per ranked table")
     c.add_argument("--cards", type=int, default=10, help="weakest concepts given an example card")
     c.add_argument("--examples", type=int, default=2, help="lowest- and highest-scored items per concept and benchmark")
+    c.add_argument("--wrong", type=int, default=5, help="lowest-scored wrong items per benchmark in wrong_items.md")
+    c.add_argument("--item-concepts", type=int, default=5, help="top concepts by saliency shown per wrong item")
     return parser
 
 

@@ -270,3 +270,91 @@ def gold_text(gold: str | None, choices: list[str] | None, gold_index: int | Non
     if choices and gold_index is not None and 0 <= gold_index < len(choices):
         return choices[gold_index]
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Wrong items
+
+
+def select_wrong_items(scores: pl.DataFrame, per_benchmark: int = 5) -> pl.DataFrame:
+    """Per benchmark, up to `per_benchmark` items the model got wrong (score < 1): the lowest score first
+    (p_i = 0 before partial credit), ties by item id. Unscored items (null, NaN) are never picked.
+    scores: benchmark, item_id, score. Returns benchmark, rank (1..), item_id, score, sorted by benchmark, rank."""
+    rows = scores.select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String),
+                         pl.col("score").cast(pl.Float64).fill_nan(None))
+    wrong = rows.filter(pl.col("score").is_not_null() & (pl.col("score") < 1.0))
+    picked = wrong.sort("benchmark", "score", "item_id").group_by("benchmark", maintain_order=True).head(per_benchmark)
+    return (picked.with_columns(rank=(pl.int_range(pl.len()).over("benchmark") + 1).cast(pl.Int64))
+            .select("benchmark", "rank", "item_id", "score"))
+
+
+def top_item_concepts(saliency: pl.DataFrame, items: pl.DataFrame, n: int = 5) -> pl.DataFrame:
+    """Per item of `items` (benchmark, item_id), its `n` most salient concepts: saliency descending, ties by
+    concept id; share = the concept's saliency / the item's total saliency over all concepts.
+    saliency: benchmark, item_id, concept, saliency (rows <= 0 ignored). Returns benchmark, item_id, rank (1..),
+    concept, saliency, share; an item without saliency has no rows."""
+    rows = saliency.select(
+        pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String), pl.col("concept").cast(pl.Int64),
+        pl.col("saliency").cast(pl.Float64),
+    ).filter(pl.col("saliency") > 0).join(
+        items.select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String)).unique(),
+        on=["benchmark", "item_id"], how="semi")
+    keys = ["benchmark", "item_id"]
+    rows = rows.with_columns(share=pl.col("saliency") / pl.col("saliency").sum().over(keys))
+    top = (rows.sort([*keys, "saliency", "concept"], descending=[False, False, True, False])
+           .group_by(keys, maintain_order=True).head(n))
+    return (top.with_columns(rank=(pl.int_range(pl.len()).over(keys) + 1).cast(pl.Int64))
+            .select(*keys, "rank", "concept", "saliency", "share"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Robustness
+
+
+def stability_spread(stability: pl.DataFrame) -> tuple[dict[str, np.ndarray], bool]:
+    """The per-concept std over the resamples of chi_bench and chi_model (stability.parquet), for the concepts
+    passing the support filter (filtered = True). When none passes: every covered concept (chi_bench > 0; a
+    missing concept is constantly 0) for chi_bench and every concept with a chi_model std (filtered = False),
+    the populations of stability.json's *_covered / *_defined statistics."""
+    passing = stability.filter(pl.col("passes_support_filter"))
+    filtered = passing.height > 0
+    if filtered:
+        bench, model = passing, passing
+    else:
+        bench, model = stability.filter(pl.col("chi_bench") > 0), stability
+    values = {
+        "chi_bench_std": bench["chi_bench_std"].cast(pl.Float64).fill_nan(None).drop_nulls().to_numpy(),
+        "chi_model_std": model["chi_model_std"].cast(pl.Float64).fill_nan(None).drop_nulls().to_numpy(),
+    }
+    return values, filtered
+
+
+def _finite(value) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def validity_bars(validity: pl.DataFrame, scope: str = "suite") -> list[dict]:
+    """One dict per direction (in table order) for the validity figure's bars, from validity.parquet rows of
+    `scope` ('suite' or a benchmark): n_heldout, n_dominated, n_rest, mean_dominated, mean_rest, effect,
+    adjusted_effect, p_value (None where undefined), the weak-concept columns, and `status`: 'tested' (both
+    groups non-empty), 'none dominated', 'all dominated' or 'no items'."""
+    out = []
+    for row in validity.filter(pl.col("scope") == scope).iter_rows(named=True):
+        n, dominated = int(row["n_heldout"]), int(row["n_dominated"])
+        status = ("no items" if n == 0 else "none dominated" if dominated == 0
+                  else "all dominated" if dominated == n else "tested")
+        out.append({
+            "direction": row["direction"], "scope": scope, "status": status, "n_heldout": n,
+            "n_dominated": dominated, "n_rest": n - dominated,
+            "mean_dominated": _finite(row["mean_score_dominated"]), "mean_rest": _finite(row["mean_score_rest"]),
+            "effect": _finite(row["effect"]), "adjusted_effect": _finite(row["adjusted_effect"]),
+            "p_value": _finite(row["p_value"]),
+            **{key: row.get(key) for key in ("n_eligible_concepts", "n_weak_concepts", "weak_chi_threshold",
+                                             "share_threshold", "n_no_saliency")},
+        })
+    return out
+
+
+def validity_benchmarks(validity: pl.DataFrame) -> list[str]:
+    """The benchmarks with a row of their own in validity.parquet, sorted."""
+    return sorted(set(validity.filter(pl.col("scope") != "suite")["scope"].to_list()))

@@ -1,4 +1,6 @@
-"""Stage 6: the paper's figures, ranked concept tables and example cards for one (model, layer).
+"""Stage 6: the paper's figures, ranked concept tables, example cards of the weakest concepts and cards of the
+items the model got wrong, for one (model, layer); also the robustness rule's two figures (resampling stability,
+predictive validity), rendered from its tables.
 
 Rendering only: the numbers come from the reducer's tables, shaped by the pure functions of
 `figure_data`. Every figure is written as PNG and SVG (Agg backend, no pyplot state). Benchmarks are
@@ -47,6 +49,11 @@ from competency_gaps.figure_data import (  # noqa: E402
     rated_chi_model,
     ranked_concepts,
     select_examples,
+    select_wrong_items,
+    stability_spread,
+    top_item_concepts,
+    validity_bars,
+    validity_benchmarks,
 )
 from competency_gaps.reduce import benchmark_of  # noqa: E402
 from competency_gaps.tables import atomic_path, write_text  # noqa: E402
@@ -80,7 +87,9 @@ FIGURES = (
     "chi_model_correlation",
 )
 TABLES = ("ranked_concepts.md", "worst_concepts.csv", "best_concepts.csv", "under_covered_concepts.csv",
-          "missing_concepts.csv", "example_cards.md")
+          "missing_concepts.csv", "example_cards.md", "wrong_items.md")
+# File stems of the robustness rule's figures (each .png and .svg, beside stability/validity.parquet).
+ROBUSTNESS_FIGURES = ("stability", "validity")
 
 STYLE = {
     "font.size": 9,
@@ -381,6 +390,217 @@ def plot_correlation_heatmap(concept_benchmark: pl.DataFrame, categories: Mappin
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Robustness figures (the robustness rule renders these beside its tables)
+
+WEAK_COLOUR = ACCENT  # items dominated by the weak concepts
+REST_COLOUR = "#8C9AA8"  # the other held-out items: neutral grey-blue
+SPREAD_COLOUR = "#7A8CA0"  # histogram bars of the stability figure (lighter than NEUTRAL, so lines stand out)
+PAPER_LABEL = "paper (Llama-3.1-8B-Instruct, Goodfire SAE)"
+
+
+def _log_bins(values: np.ndarray, n: int = 40) -> np.ndarray | None:
+    positive = values[values > 0]
+    if positive.size == 0 or positive.min() == positive.max():
+        return None
+    return np.geomspace(positive.min(), positive.max(), n + 1)
+
+
+@_styled
+def plot_stability(stability: pl.DataFrame, summary: Mapping, stem: Path, context: str = "") -> list[Path]:
+    """stability.png/svg: `stability_figure`."""
+    return _save(stability_figure(stability, summary, context), stem)
+
+
+@_styled
+def stability_figure(stability: pl.DataFrame, summary: Mapping, context: str = "") -> Figure:
+    """Histograms of the per-concept std over the resamples of suite χ_bench (log x: χ_bench spans orders of
+    magnitude and its spread grows with it) and of suite χ_model (linear), for the concepts passing the support
+    filter; the mean over those concepts (dashed) and the paper's value (solid, vermillion) marked."""
+    spread, filtered = stability_spread(stability)
+    paper = summary.get("paper") or {}
+    fig = Figure(figsize=(10.5, 5.0), layout="constrained")
+    axes = fig.subplots(1, 2)
+    panels = (("chi_bench_std", CHI_BENCH, True), ("chi_model_std", CHI_MODEL, False))
+    for ax, (key, symbol, log_x) in zip(axes, panels):
+        values = spread[key]
+        if values.size == 0:
+            ax.set_title(f"{symbol}: no concept has a spread")
+            _no_data(ax, "no values")
+            continue
+        mean, median = float(values.mean()), float(np.median(values))
+        bins = _log_bins(values) if log_x else None
+        zeros = int((values <= 0).sum()) if bins is not None else 0
+        if bins is not None:
+            ax.hist(values[values > 0], bins=bins, color=SPREAD_COLOUR, edgecolor="white", linewidth=0.3)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        else:
+            ax.hist(values, bins=40, color=SPREAD_COLOUR, edgecolor="white", linewidth=0.3)
+            ax.set_xlim(left=0)
+        reference = paper.get(key)
+        times = f" ({mean / reference:.1f} × the paper's)" if reference else ""
+        ax.axvline(mean, color=NEUTRAL, linestyle="--", linewidth=1.5,
+                   label=f"mean over these concepts = {mean:.3f}{times}")
+        if reference is not None:
+            ax.axvline(paper[key], color=ACCENT, linestyle="-", linewidth=1.8, label=f"{PAPER_LABEL} = {paper[key]:g}")
+        _count_axis(ax, log=False)
+        scale = " (log scale)" if bins is not None else ""
+        ax.set_xlabel(f"std of the concept's suite {symbol} over the resamples{scale}")
+        ax.set_ylabel("concepts")
+        note = f"; {zeros:,} with std 0 not shown" if zeros else ""
+        ax.set_title(f"Spread of {symbol}: {values.size:,} concepts, median {median:.3f}{note}")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1, frameon=False)
+    runs = summary.get("n_resamples")
+    keep = summary.get("keep_fraction")
+    how = (f"std over {runs:,} resamples, each keeping {keep:.0%} of every benchmark's items" if runs and keep is not None
+           else "std over the resamples")
+    support = summary.get("support_filter") or {}
+    if filtered:
+        who = (f"concepts passing the support filter (scored items in ≥ {support.get('min_benchmarks', '?')} "
+               f"benchmarks, ≥ {support.get('min_support', '?')} scored items)")
+    else:
+        who = (f"no concept passes the support filter: {CHI_BENCH} over every covered concept, "
+               f"{CHI_MODEL} over every concept that has one")
+    _title(fig, f"Resampling stability: per-concept spread of {CHI_BENCH} and {CHI_MODEL}\n{how}\n{who}", context)
+    return fig
+
+
+def _p_text(p: float | None) -> str:
+    return "N/A" if p is None else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _signed(value: float | None) -> str:
+    return "N/A" if value is None else f"{value:+.3f}".replace("-", "−")
+
+
+SCORE_LABEL = "mean held-out score (accuracy for 0/1 scores)"
+STATUS_TEXT = {"no items": "no held-out items", "none dominated": "none of {n:,} dominated",
+               "all dominated": "all {n:,} dominated"}
+
+
+def _suite_panel(ax, bar: dict, n_permutations: int | None, y_top: float) -> None:
+    """One direction's suite-level bars: dominated vs rest, with counts, and the test's results."""
+    direction = bar["direction"].replace("->", "→")
+    train, test = direction.split("→")
+    weak, eligible, threshold = bar.get("n_weak_concepts"), bar.get("n_eligible_concepts"), bar.get("weak_chi_threshold")
+    weak_line = (f"{weak:,} weak of {eligible:,} eligible concepts (half-{train} {CHI_MODEL} ≤ {threshold:.3f})"
+                 if weak and threshold is not None else "no weak concepts (no concept is eligible)")
+    ax.set_title(f"{direction}: weak concepts from half {train}, tested on the {bar['n_heldout']:,} held-out "
+                 f"items of half {test}\n{weak_line}")
+    if bar["status"] != "tested":
+        _no_data(ax, STATUS_TEXT[bar["status"]].format(n=bar["n_heldout"]) + ": no test")
+        return
+    heights = [bar["mean_dominated"], bar["mean_rest"]]
+    counts = [bar["n_dominated"], bar["n_rest"]]
+    share = bar.get("share_threshold")
+    labels = [f"dominated by weak concepts\n(weak share of saliency ≥ {share:.3g})" if share is not None
+              else "dominated by weak concepts", "the other held-out items"]
+    positions = np.arange(2)
+    ax.bar(positions, heights, color=[WEAK_COLOUR, REST_COLOUR], width=0.6)
+    for x, height, count in zip(positions, heights, counts):
+        ax.text(x, height + 0.015 * y_top, f"{height:.3f}\n{count:,} items", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(positions, labels)
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylim(0, y_top)
+    ax.set_ylabel(SCORE_LABEL)
+    lines = [f"effect (dominated − rest) = {_signed(bar['effect'])}",
+             f"benchmark-adjusted effect = {_signed(bar['adjusted_effect'])}",
+             f"one-sided permutation p = {_p_text(bar['p_value'])}"]
+    if n_permutations:
+        lines.append(f"({n_permutations:,} permutations within benchmarks)")
+    ax.text(0.98, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "#BBBBBB", "boxstyle": "round,pad=0.4"})
+
+
+def _benchmark_panel(ax, rows: list[dict], names: list[str], direction: str) -> None:
+    """One direction's per-benchmark bars: each group's mean score where the group has items (a benchmark
+    whose held-out items are all dominated shows its dominated bar only), annotated."""
+    positions = np.arange(len(names))[::-1]  # first benchmark at the top
+    height = 0.38
+    for y, row in zip(positions, rows):
+        dominated, rest = row["mean_dominated"], row["mean_rest"]
+        if dominated is not None:
+            ax.barh(y + height / 2, dominated, height=height, color=WEAK_COLOUR)
+        if rest is not None:
+            ax.barh(y - height / 2, rest, height=height, color=REST_COLOUR)
+        if row["status"] == "tested":
+            text = (f"{row['n_dominated']:,} of {row['n_heldout']:,} dominated: {dominated:.2f} vs {rest:.2f}, "
+                    f"p = {_p_text(row['p_value'])}")
+        else:
+            text = STATUS_TEXT[row["status"]].format(n=row["n_heldout"])
+            mean = dominated if dominated is not None else rest
+            text += (f", mean {mean:.2f}" if mean is not None else "") + " (no test)"
+        ax.text(1.03, y, text, va="center", fontsize=7.5, color="black" if row["status"] == "tested" else "#555555")
+    ax.set_yticks(positions, names)
+    ax.set_xlim(0, 2.35)
+    ax.set_xticks(np.arange(0, 1.01, 0.25))
+    ax.spines["bottom"].set_bounds(0, 1)  # room on the right for the annotations, axis only to 1
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.set_xlabel(SCORE_LABEL)
+    ax.set_title(f"{direction.replace('->', '→')} per benchmark (p: permutations within the benchmark)")
+
+
+@_styled
+def plot_validity(validity: pl.DataFrame, summary: Mapping, stem: Path, context: str = "",
+                  per_benchmark: bool = True) -> list[Path]:
+    """validity.png/svg: `validity_figure`."""
+    return _save(validity_figure(validity, summary, context, per_benchmark), stem)
+
+
+@_styled
+def validity_figure(validity: pl.DataFrame, summary: Mapping, context: str = "", per_benchmark: bool = True) -> Figure:
+    """Per direction (A→B, B→A): mean held-out score of the items dominated by the weak concepts vs the rest
+    (bars with counts, one y scale for both directions), annotated with the effect, the benchmark-adjusted
+    effect and the permutation p-value; below (per_benchmark), the same per benchmark."""
+    bars = validity_bars(validity)
+    names = validity_benchmarks(validity) if per_benchmark else []
+    options = summary.get("options") or {}
+    n_columns = max(len(bars), 1)
+    lower = 1.0 + 0.36 * len(names)
+    fig = Figure(figsize=(6.4 * n_columns, 4.8 + (lower + 0.4 if names else 0.0)), layout="constrained")
+    axes = fig.subplots(2 if names else 1, n_columns, squeeze=False,
+                        gridspec_kw={"height_ratios": [4.0, lower] if names else [1.0]})
+    means = [m for bar in bars for m in (bar["mean_dominated"], bar["mean_rest"]) if m is not None]
+    y_top = max(max(means, default=0.0), 0.05) / 0.55  # bars in the lower half: room for labels and results
+    if not bars:
+        _no_data(axes[0, 0], "no validity rows")
+    for column, bar in enumerate(bars):
+        _suite_panel(axes[0, column], bar, options.get("n_permutations"), y_top)
+        if names:
+            per = {row["scope"]: row for name in names for row in validity_bars(validity, name)
+                   if row["direction"] == bar["direction"]}
+            present = [name for name in names if name in per]
+            _benchmark_panel(axes[1, column], [per[name] for name in present], present, bar["direction"])
+    handles = [Patch(facecolor=WEAK_COLOUR, label="held-out items dominated by the weak concepts"),
+               Patch(facecolor=REST_COLOUR, label="the other held-out items")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    weak, quantile = options.get("weak_fraction"), options.get("dominated_quantile")
+    how = (f"\nweak: the {weak:.0%} of concepts with the lowest {CHI_MODEL} on one half of the items;\n"
+           f"dominated: a held-out item whose weak concepts' share of its saliency is ≥ the "
+           f"{100 * quantile:g}th percentile of the held-out items' shares"
+           if weak is not None and quantile is not None else "")
+    _title(fig, f"Predictive validity of the {CHI_MODEL} gaps: do held-out items dominated by the weakest "
+                f"concepts score lower?{how}", context)
+    return fig
+
+
+def run_robustness_figures(table_dir: Path, out_dir: Path | None = None, context: str = "") -> list[Path]:
+    """stability.png/svg and validity.png/svg from the robustness tables in table_dir (written to out_dir,
+    by default beside them)."""
+    table_dir = Path(table_dir)
+    out_dir = Path(out_dir) if out_dir is not None else table_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stability = pl.read_parquet(table_dir / "stability.parquet")
+    validity = pl.read_parquet(table_dir / "validity.parquet")
+    stability_summary = json.loads((table_dir / "stability.json").read_text())
+    validity_summary = json.loads((table_dir / "validity.json").read_text())
+    written = [*plot_stability(stability, stability_summary, out_dir / "stability", context),
+               *plot_validity(validity, validity_summary, out_dir / "validity", context)]
+    log.info("wrote %d robustness figure files to %s", len(written), out_dir)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Ranked tables and example cards (Markdown / CSV)
 
 
@@ -578,19 +798,109 @@ def write_example_cards(rankings: Rankings, concept_benchmark: pl.DataFrame, sal
                                                   "benchmark": pl.String})
     scores = _read_keyed(score_paths, ["item_id", "score", "prediction", "response"])
     examples = select_examples(saliency, scores.select("benchmark", "item_id", "score"), ids, per_side)
+    item_text = _item_text(examples.select("benchmark", "item_id").unique(), scores, item_paths)
+    write_text(example_cards_markdown(weakest, examples, concept_benchmark, item_text, categories, per_side, labels,
+                                      context), path)
+    return examples
+
+
+def _item_text(picked: pl.DataFrame, scores: pl.DataFrame, item_paths: list[str]) -> pl.DataFrame:
+    """benchmark, item_id, prompt, gold, prediction, response of the `picked` (benchmark, item_id) items."""
     items = _read_keyed(item_paths, ["item_id", "messages", "gold", "choices", "gold_index"])
-    picked = examples.select("benchmark", "item_id").unique()
-    items = items.join(picked, on=["benchmark", "item_id"], how="semi")
+    items = items.join(picked, on=["benchmark", "item_id"], how="semi") if items.height else items
     scores = scores.join(picked, on=["benchmark", "item_id"], how="semi")
     rows = [{"benchmark": r["benchmark"], "item_id": r["item_id"], "prompt": prompt_text(r["messages"]),
              "gold": gold_text(r["gold"], r["choices"], r["gold_index"])} for r in items.iter_rows(named=True)]
     item_text = pl.DataFrame(rows, schema={"benchmark": pl.String, "item_id": pl.String, "prompt": pl.String,
                                            "gold": pl.String})
-    item_text = item_text.join(scores.select("benchmark", "item_id", "prediction", "response"),
-                               on=["benchmark", "item_id"], how="full", coalesce=True)
-    write_text(example_cards_markdown(weakest, examples, concept_benchmark, item_text, categories, per_side, labels,
-                                      context), path)
-    return examples
+    return item_text.join(scores.select("benchmark", "item_id", "prediction", "response"),
+                          on=["benchmark", "item_id"], how="full", coalesce=True)
+
+
+def wrong_items_markdown(wrong: pl.DataFrame, top: pl.DataFrame, scores: pl.DataFrame, item_text: pl.DataFrame,
+                         concepts: pl.DataFrame, categories: Mapping[str, str], benchmarks: list[str],
+                         per_benchmark: int, n_concepts: int, gap_ranks: Mapping[int, int] | None = None,
+                         labels: Mapping[int, str] | None = None, context: str = "") -> str:
+    """Cards of the items picked by `select_wrong_items` (wrong), per benchmark, with their top concepts
+    (`top_item_concepts`: top). scores: benchmark, item_id, score of every item (the per-benchmark counts);
+    item_text as for the example cards; concepts: the reducer's concepts.parquet (suite chi_model);
+    gap_ranks: concept -> its rank on the model-gap list of ranked_concepts.md."""
+    text = {(r["benchmark"], r["item_id"]): r for r in item_text.iter_rows(named=True)}
+    chi_model = dict(concepts.select("concept", "chi_model").iter_rows())
+    gap_ranks = gap_ranks or {}
+    lines = [
+        f"# Items the model got wrong, with their top concepts{f' — {context}' if context else ''}", "",
+        f"For each benchmark with scores: up to {per_benchmark} items the model got wrong (score < 1), the lowest "
+        "score first (ties by item id), with the prompt (the item's messages without the chat template, cut at "
+        f"{PROMPT_CHARS:,} characters), the model's response (cut at {RESPONSE_CHARS:,}) and the item's "
+        f"{n_concepts} most salient concepts. Saliency s_i^c is the concept's mean activation over the item's counted "
+        "tokens; share is its part of the item's total saliency over all concepts; suite χ_model is the concept's "
+        "saliency-weighted mean score over all scored items where it fires; gap rank is its rank on the model-gap "
+        "list of ranked_concepts.md (— when not on it).", "",
+    ]
+    counts = {r["benchmark"]: r for r in scores.group_by("benchmark").agg(
+        n=pl.len(), scored=pl.col("score").is_not_null().sum(), wrong=(pl.col("score") < 1).sum(),
+        mean=pl.col("score").mean()).iter_rows(named=True)}
+    for benchmark in benchmark_order(benchmarks, categories):
+        stats = counts.get(benchmark, {"n": 0, "scored": 0, "wrong": 0, "mean": None})
+        heading = f"## {benchmark} ({category_of(categories.get(benchmark))})"
+        if not stats["scored"]:
+            lines += [f"{heading} — coverage only", "", "No scored items (this benchmark has no scorer).", ""]
+            continue
+        lines += [f"{heading} — {stats['wrong']:,} of {_items(stats['scored'])} wrong, mean score "
+                  f"{_fmt(stats['mean'])}", ""]
+        mine = wrong.filter(pl.col("benchmark") == benchmark)
+        if mine.height == 0:
+            lines += ["The model got every scored item right.", ""]
+            continue
+        for row in mine.iter_rows(named=True):
+            item = text.get((benchmark, row["item_id"]), {})
+            lines += [f"### {row['rank']}. {row['item_id']} — score {_fmt(row['score'])} · gold "
+                      f"{_inline(item.get('gold'))} · prediction {_inline(item.get('prediction'))}", "",
+                      "Prompt:", "", _fenced(item.get("prompt") or "(item text not found)", PROMPT_CHARS), ""]
+            if item.get("response"):
+                lines += ["Response:", "", _fenced(item["response"], RESPONSE_CHARS), ""]
+            else:
+                lines += ["Response: none recorded.", ""]
+            concepts_here = top.filter((pl.col("benchmark") == benchmark) & (pl.col("item_id") == row["item_id"]))
+            if concepts_here.height == 0:
+                lines += ["No concept fires on this item (no saliency).", ""]
+                continue
+            table = [[str(c["rank"]), concept_name(c["concept"], labels), f"{c['saliency']:.4g}",
+                      f"{100 * c['share']:.1f} %", _fmt(chi_model.get(c["concept"])),
+                      str(gap_ranks[c["concept"]]) if c["concept"] in gap_ranks else "—"]
+                     for c in concepts_here.iter_rows(named=True)]
+            lines += [f"Top {concepts_here.height} concepts by saliency:", "",
+                      _markdown_table(["rank", "concept", "saliency", "share", "suite χ_model", "gap rank"], table), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_wrong_items(concepts: pl.DataFrame, saliency_paths: list[str], score_paths: list[str],
+                      item_paths: list[str], categories: Mapping[str, str], path: Path, per_benchmark: int = 5,
+                      n_concepts: int = 5, rankings: Rankings | None = None, labels: Mapping[int, str] | None = None,
+                      context: str = "") -> pl.DataFrame:
+    """wrong_items.md: per benchmark the `per_benchmark` lowest-scored wrong items with their `n_concepts` top
+    concepts; returns the picked items (select_wrong_items)."""
+    scores = _read_keyed(score_paths, ["item_id", "score", "prediction", "response"])
+    if scores.height == 0:
+        scores = pl.DataFrame(schema={"item_id": pl.String, "score": pl.Float64, "prediction": pl.String,
+                                      "response": pl.String, "benchmark": pl.String})
+    scores = scores.with_columns(pl.col("score").cast(pl.Float64).fill_nan(None))
+    wrong = select_wrong_items(scores.select("benchmark", "item_id", "score"), per_benchmark)
+    picked = wrong.select("benchmark", "item_id")
+    saliency = pl.concat(
+        [pl.scan_parquet(p, hive_partitioning=False)
+         .filter(pl.col("item_id").is_in(picked.filter(pl.col("benchmark") == benchmark_of(p))["item_id"].to_list()))
+         .select("item_id", pl.col("concept").cast(pl.Int64), pl.col("saliency").cast(pl.Float64))
+         .with_columns(benchmark=pl.lit(benchmark_of(p))).collect() for p in saliency_paths]
+    ) if saliency_paths else pl.DataFrame(schema={"item_id": pl.String, "concept": pl.Int64, "saliency": pl.Float64,
+                                                  "benchmark": pl.String})
+    top = top_item_concepts(saliency, picked, n_concepts)
+    gap_ranks = dict(rankings.worst.select("concept", "rank").iter_rows()) if rankings is not None else {}
+    benchmarks = sorted({benchmark_of(p) for p in [*item_paths, *score_paths]})
+    write_text(wrong_items_markdown(wrong, top, scores, _item_text(picked, scores, item_paths), concepts, categories,
+                                    benchmarks, per_benchmark, n_concepts, gap_ranks, labels, context), path)
+    return wrong
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -617,8 +927,8 @@ def read_labels(path: str | None) -> dict[int, str] | None:
 def run_figures(concept_benchmark_path: str, concepts_path: str, benchmarks_path: str, overlap_path: str,
                 thresholds_path: str | None, item_paths: list[str], score_paths: list[str], saliency_paths: list[str],
                 out_dir: Path, context: str = "", labels_path: str | None = None, top_n: int = 25,
-                n_cards: int = 10, per_side: int = 2) -> list[Path]:
-    """Every figure (PNG + SVG), the ranked tables and the example cards, under out_dir."""
+                n_cards: int = 10, per_side: int = 2, n_wrong: int = 5, n_item_concepts: int = 5) -> list[Path]:
+    """Every figure (PNG + SVG), the ranked tables, the example cards and the wrong-item cards, under out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     concept_benchmark = pl.read_parquet(concept_benchmark_path)
@@ -640,6 +950,8 @@ def run_figures(concept_benchmark_path: str, concepts_path: str, benchmarks_path
     rankings = write_ranked_tables(concepts, out_dir, thresholds, labels, top_n, context)
     write_example_cards(rankings, concept_benchmark, saliency_paths, score_paths, item_paths, categories,
                         out_dir / "example_cards.md", n_cards, per_side, labels, context)
+    write_wrong_items(concepts, saliency_paths, score_paths, item_paths, categories, out_dir / "wrong_items.md",
+                      n_wrong, n_item_concepts, rankings, labels, context)
     written += [out_dir / name for name in TABLES]
     log.info("wrote %d figure and table files to %s", len(written), out_dir)
     return written

@@ -387,9 +387,13 @@ def split_halves(items: pl.DataFrame, seed: int) -> pl.DataFrame:
 def _test_row(scope: str, n: int, n_dominated: int, total: float, observed: float, permuted: np.ndarray,
               observed_residual: float, permuted_residual: np.ndarray) -> dict:
     """Effects from the dominated items' score sum and residual sum; the one-sided permutation p-value
-    (1 + #{permuted effect <= observed}) / (1 + n_permutations), never 0."""
-    row = {"scope": scope, "n_heldout": n, "n_dominated": n_dominated, "mean_score_dominated": None,
-           "mean_score_rest": None, "effect": None, "p_value": None, "adjusted_effect": None}
+    (1 + #{permuted effect <= observed}) / (1 + n_permutations), never 0. Each group's mean score is given
+    whenever the group has items (so a benchmark whose held-out items are all dominated still shows their
+    mean); effects and p-value only when both groups have items."""
+    row = {"scope": scope, "n_heldout": n, "n_dominated": n_dominated,
+           "mean_score_dominated": observed / n_dominated if n_dominated else None,
+           "mean_score_rest": (total - observed) / (n - n_dominated) if n_dominated < n else None,
+           "effect": None, "p_value": None, "adjusted_effect": None}
     if n_dominated == 0 or n_dominated == n:
         return row
 
@@ -418,7 +422,8 @@ def stratified_permutation_test(scores: np.ndarray, dominated: np.ndarray, strat
     Permuting within strata keeps every stratum's dominated count, so both effects are increasing affine
     functions of the dominated items' score sum: one p-value serves both, and it is already adjusted for
     the strata (a hard stratum with many dominated items does not make it small).
-    Effects and p-value are null when no item, or every item, is dominated.
+    Effects and p-value are null when no item, or every item, is dominated (the mean score of the group that
+    has items is still given).
     """
     scores = np.asarray(scores, dtype=np.float64)
     dominated = np.asarray(dominated, dtype=bool)

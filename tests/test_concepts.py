@@ -379,12 +379,13 @@ def test_summary_ranking_shows_scored_support():
     _, thresholds = concept_suite_table(table, *frames(COVERAGE_ONLY_SALIENCY, COVERAGE_ONLY_ITEMS), K, options)
     text = summary_markdown(suite, table, thresholds)
     ranking = text.split("## chi_model ranking")[1].split("## Benchmark gaps")[0]
-    header = "| concept | chi_model | 95% CI | shrunk | adjusted | scored support | scored benchmarks | scored ESS |"
+    header = ("| concept | chi_model | 95% CI | shrunk adj. | shrunk | adjusted | scored support | scored benchmarks "
+              "| scored ESS |")
     assert header in ranking
     # c1: chi_model 0.75, 2 scored items in 1 benchmark, scored ESS 2 (coverage would read 4 | 2 | 4.0). Its
     # prior is A's mean 0.5 (adjusted 0.25); three rated concepts spread no more than noise: κ = KAPPA_MAX, so
-    # shrunk = prior.
-    assert "| 1 | 0.750 | [N/A, N/A] | 0.500 | 0.250 | 2 | 1 | 2.0 |" in ranking
+    # shrunk = prior and shrunk adjusted ≈ 0.
+    assert "| 1 | 0.750 | [N/A, N/A] | 0.000 | 0.500 | 0.250 | 2 | 1 | 2.0 |" in ranking
 
 
 def ci_support_frames() -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -515,8 +515,9 @@ def test_cli_writes_every_figure_table_and_card(results, tmp_path):
     concepts = pl.read_parquet(out / "concepts.parquet")
     pool = concepts.filter(pl.col("passes_support_filter") & pl.col("chi_model").is_not_null())
     ranking = json.loads((out / "thresholds.json").read_text()).get("ranking", "point")
-    # The lists follow gaps.ranking as summary.md does: shrunk chi_model (ties by chi_model) or the plain one.
-    order = ["chi_model_shrunk", "chi_model", "concept"] if ranking == "shrunk" else ["chi_model", "concept"]
+    # The lists follow gaps.ranking as summary.md does: a support-aware column (ties by chi_model) or the plain one.
+    key = {"shrunk_adjusted": "chi_model_shrunk_adjusted", "shrunk": "chi_model_shrunk"}.get(ranking)
+    order = [key, "chi_model", "concept"] if key else ["chi_model", "concept"]
     expected_worst = pool.sort(order)["concept"].head(25).to_list()
     assert pl.read_csv(target / "worst_concepts.csv")["concept"].to_list() == expected_worst
     missing = pl.read_csv(target / "missing_concepts.csv")["concept"].to_list()

@@ -93,7 +93,7 @@ def test_adjusted_with_mean_pooling_is_the_mean_of_per_benchmark_adjustments():
 
 def test_new_columns_are_appended_after_the_existing_ones():
     table, suite, _ = tables(*frames(TWO_BENCHMARK_SALIENCY, TWO_BENCHMARK_ITEMS), 3, NO_BOOT)
-    assert suite.columns[-3:] == ["chi_model_adjusted", "chi_model_prior", "chi_model_shrunk"]
+    assert suite.columns[-4:] == ["chi_model_adjusted", "chi_model_prior", "chi_model_shrunk", "chi_model_shrunk_adjusted"]
     assert suite.columns[:4] == ["concept", "chi_bench", "chi_model", "chi_model_lo"]
     assert suite.columns[13] == "passes_support_filter"
     assert table.columns[-1] == "chi_model_adjusted" and table.columns[-2] == "chi_model_hi"
@@ -118,7 +118,7 @@ def test_shrinkage_formula_with_a_fixed_strength():
 def test_fixed_strength_in_the_tables_and_thresholds():
     options = GapOptions(n_bootstrap=0, shrinkage_strength=2.0)
     _, suite, thresholds = tables(*frames(TWO_BENCHMARK_SALIENCY, TWO_BENCHMARK_ITEMS), 3, options)
-    assert thresholds["shrinkage_strength"] == 2.0 and thresholds["ranking"] == "shrunk"
+    assert thresholds["shrinkage_strength"] == 2.0 and thresholds["ranking"] == "shrunk_adjusted"
     # c1: scored ESS = 5² / (4 + 4 + 1) = 25/9; shrunk = (25/9 · 0.6 + 2 · 0.65) / (25/9 + 2) = 26.7 / 43.
     assert value(suite, 1, "scored_ess") == pytest.approx(25 / 9)
     assert value(suite, 1, "chi_model_shrunk") == pytest.approx(26.7 / 43)
@@ -272,7 +272,7 @@ def test_ties_break_by_concept_and_unknown_ranking_is_rejected():
     assert rank_concepts(frame, "point", strongest=True)["concept"].to_list() == [0, 1, 2]
     with pytest.raises(ValueError, match="ranking"):
         rank_concepts(frame, "median")
-    assert RANKINGS == ("shrunk", "lower_bound", "point")
+    assert RANKINGS == ("shrunk_adjusted", "shrunk", "lower_bound", "point")
 
 
 # ------------------------------------------------------------------------------------- options, summary
@@ -289,12 +289,13 @@ def test_ranking_options_are_validated(bad):
 
 def test_ranking_option_defaults():
     options = GapOptions()
-    assert (options.ranking, options.shrinkage_strength) == ("shrunk", None)
+    assert (options.ranking, options.shrinkage_strength) == ("shrunk_adjusted", None)
     assert GapOptions(shrinkage_strength=5).shrinkage_strength == 5
     assert GapOptions(ranking="lower_bound").ranking == "lower_bound"
 
 
 @pytest.mark.parametrize("ranking, phrase", [
+    ("shrunk_adjusted", "ordered by shrunk adjusted chi_model (gaps.ranking = shrunk_adjusted"),
     ("shrunk", "ordered by shrunk chi_model (gaps.ranking = shrunk"),
     ("lower_bound", "ordered by the confidence bound (gaps.ranking = lower_bound"),
     ("point", "ordered by the plain chi_model (gaps.ranking = point"),
@@ -306,10 +307,11 @@ def test_summary_states_the_ranking_and_shows_every_estimate(ranking, phrase):
     text = summary_markdown(suite, table, thresholds)
     section = text.split("## chi_model ranking")[1].split("## Benchmark gaps")[0]
     assert phrase in section
-    assert ("| concept | chi_model | 95% CI | shrunk | adjusted | scored support | scored benchmarks | scored ESS |"
-            in section)
-    # c1: chi 0.6, no interval, shrunk 26.7/43 = 0.621, adjusted −0.05, 3 scored items in 2 benchmarks, ESS 2.8.
-    assert "| 1 | 0.600 | [N/A, N/A] | 0.621 | -0.050 | 3 | 2 | 2.8 |" in section
+    assert ("| concept | chi_model | 95% CI | shrunk adj. | shrunk | adjusted | scored support | scored benchmarks "
+            "| scored ESS |" in section)
+    # c1: chi 0.6, no interval, shrunk 26.7/43 = 0.621, adjusted −0.05, shrunk adjusted = shrunk − prior 0.65
+    # = n·(−0.05)/(n + 2) = −0.029, 3 scored items in 2 benchmarks, ESS 25/9 ≈ 2.8.
+    assert "| 1 | 0.600 | [N/A, N/A] | -0.029 | 0.621 | -0.050 | 3 | 2 | 2.8 |" in section
     assert f"| ranking | {ranking} |" in text and "| shrinkage_strength | 2.0 |" in text
 
 
@@ -326,3 +328,18 @@ def test_full_shrinkage_is_said_in_the_summary_sentence():
 
     assert "how hard their benchmarks are" in ranking_description("shrunk", KAPPA_MAX)
     assert "how hard their benchmarks are" not in ranking_description("shrunk", 12.0)
+
+
+def test_shrunk_adjusted_ranks_a_real_gap_before_hard_benchmarks_and_narrow_concepts():
+    """Concept 0 sits at its hard benchmark's mean (no gap of its own); concept 1 is a well-supported gap in an
+    easy benchmark; concept 2 rests on two failed items. Only shrunk_adjusted puts the real gap first."""
+    from competency_gaps.rankings import shrunk_adjusted_chi_model
+
+    frame = shrink_frame([(0, 0.1, 0.1, 50.0), (1, 0.4, 0.8, 50.0), (2, 0.0, 0.8, 2.0)])
+    frame = frame.with_columns(shrunk_chi_model(10.0), shrunk_adjusted_chi_model(10.0))
+    # By hand, κ = 10: shrunk (50·0.1 + 1)/60 = 0.1, (20 + 8)/60 = 0.467, 8/12 = 0.667;
+    # shrunk adjusted 0, 50·(−0.4)/60 = −0.333, 2·(−0.8)/12 = −0.133.
+    assert frame["chi_model_shrunk_adjusted"].to_list() == pytest.approx([0.0, -1 / 3, -2 / 15])
+    assert rank_concepts(frame, "point")["concept"].to_list() == [2, 0, 1]
+    assert rank_concepts(frame, "shrunk")["concept"].to_list() == [0, 1, 2]
+    assert rank_concepts(frame, "shrunk_adjusted")["concept"].to_list() == [1, 2, 0]

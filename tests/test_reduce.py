@@ -198,7 +198,7 @@ def test_benchmark_prior_comes_from_the_extracted_scored_items(tmp_path):
     out = tmp_path / "concepts"
     reduce(out, a, b, n_concepts=3, gaps={**GAPS, "ranking": "lower_bound", "shrinkage_strength": 3})
     suite = pl.read_parquet(out / "concepts.parquet")
-    assert suite.columns[-3:] == ["chi_model_adjusted", "chi_model_prior", "chi_model_shrunk"]
+    assert suite.columns[-4:] == ["chi_model_adjusted", "chi_model_prior", "chi_model_shrunk", "chi_model_shrunk_adjusted"]
     c0 = suite.filter(pl.col("concept") == 0).row(0, named=True)
     assert (c0["chi_model"], c0["chi_model_prior"], c0["chi_model_adjusted"]) == pytest.approx((0.75, 5 / 12, 1 / 3))
     # κ = 3, n = scored ESS = 4² / (1 + 1 + 4) = 8/3: (8/3 · 0.75 + 3 · 5/12) / (8/3 + 3) = 39/68.
@@ -222,6 +222,6 @@ def test_reducer_without_ranking_options_shrinks_with_an_estimated_strength(tmp_
     out = tmp_path / "concepts"
     reduce(out, a, n_concepts=2)  # GAPS has neither key
     thresholds = json.loads((out / "thresholds.json").read_text())
-    assert thresholds["ranking"] == "shrunk"
+    assert thresholds["ranking"] == "shrunk_adjusted"
     assert isinstance(thresholds["shrinkage_strength"], float) and thresholds["shrinkage_strength"] >= 0
-    assert "gaps.ranking = shrunk" in (out / "summary.md").read_text()
+    assert "gaps.ranking = shrunk_adjusted" in (out / "summary.md").read_text()

@@ -27,6 +27,7 @@ from competency_gaps.rankings import (
     rank_concepts,
     ranking_description,
     shrinkage_strength,
+    shrunk_adjusted_chi_model,
     shrunk_chi_model,
 )
 
@@ -60,9 +61,11 @@ class GapOptions:
     seed: int = 0
     """Seed of the bootstrap (the gap analysis's own, not the global seed); each benchmark derives its own
     stream from it and its name."""
-    ranking: str = "shrunk"
-    """Order of every weakest/strongest list (rankings.py): 'shrunk' (ascending chi_model_shrunk), 'lower_bound'
-    (weakest by the CI upper bound, strongest by the lower bound, no interval last) or 'point' (plain chi_model)."""
+    ranking: str = "shrunk_adjusted"
+    """Order of every weakest/strongest list (rankings.py): 'shrunk_adjusted' (ascending
+    chi_model_shrunk_adjusted: support-aware and benchmark-adjusted), 'shrunk' (ascending chi_model_shrunk),
+    'lower_bound' (weakest by the CI upper bound, strongest by the lower bound, no interval last) or 'point'
+    (plain chi_model)."""
     shrinkage_strength: float | None = None
     """κ of the shrinkage (n·chi + κ·prior) / (n + κ), in prior items; None estimates it by the method of moments."""
 
@@ -316,7 +319,7 @@ CONCEPT_BENCHMARK_COLUMNS = [
 SUITE_COLUMNS = [
     "concept", "chi_bench", "chi_model", "chi_model_lo", "chi_model_hi", "support", "n_benchmarks_active",
     "sum_saliency", "ess", "scored_support", "n_benchmarks_scored", "scored_ess", "classification",
-    "passes_support_filter", "chi_model_adjusted", "chi_model_prior", "chi_model_shrunk",
+    "passes_support_filter", "chi_model_adjusted", "chi_model_prior", "chi_model_shrunk", "chi_model_shrunk_adjusted",
 ]
 
 
@@ -384,7 +387,7 @@ def _with_support_aware_estimates(suite: pl.DataFrame, rows: pl.DataFrame, items
     suite = suite.with_columns(pl.when(pl.col("chi_model").is_not_null()).then(pl.col("chi_model_prior"))
                                .alias("chi_model_prior"))
     kappa = shrinkage_strength(suite, options.shrinkage_strength)
-    return suite.with_columns(adjusted_chi_model(), shrunk_chi_model(kappa)), kappa
+    return suite.with_columns(adjusted_chi_model(), shrunk_chi_model(kappa), shrunk_adjusted_chi_model(kappa)), kappa
 
 
 def concept_suite_table(
@@ -405,8 +408,8 @@ def concept_suite_table(
     scored counts: coverage-only items cannot make a chi_model ranking look well supported), then (rankings.py)
     chi_model_adjusted (chi_model − chi_model_prior: below 0, weaker than its benchmarks predict),
     chi_model_prior (Σ s·p̄_b / Σ s over scored items, or with pooling 'mean' the mean p̄_b over the benchmarks
-    with a chi_model) and chi_model_shrunk ((n·chi_model + κ·prior) / (n + κ), n the scored ESS); all three
-    null where chi_model is.
+    with a chi_model), chi_model_shrunk ((n·chi_model + κ·prior) / (n + κ), n the scored ESS) and
+    chi_model_shrunk_adjusted (shrunk − prior = n·(chi_model − prior) / (n + κ)); all four null where chi_model is.
     The dict holds the options, the chi_bench thresholds (null when no concept is covered) and the κ used
     (`shrinkage_strength`: the configured one or the estimate; null when no concept has a chi_model).
     """
@@ -518,13 +521,14 @@ def _ranking_rows(frame: pl.DataFrame) -> list[list[str]]:
     they rest on."""
     return [
         [str(r["concept"]), _fmt(r["chi_model"]), f"[{_fmt(r['chi_model_lo'])}, {_fmt(r['chi_model_hi'])}]",
-         _fmt(r["chi_model_shrunk"]), _fmt(r["chi_model_adjusted"]),
+         _fmt(r["chi_model_shrunk_adjusted"]), _fmt(r["chi_model_shrunk"]), _fmt(r["chi_model_adjusted"]),
          str(r["scored_support"]), str(r["n_benchmarks_scored"]), _fmt(r["scored_ess"], 1)]
         for r in frame.iter_rows(named=True)
     ]
 
 
 RANKING_TITLES = {
+    "shrunk_adjusted": ("lowest {n} by shrunk adjusted chi_model", "highest {n} by shrunk adjusted chi_model"),
     "shrunk": ("lowest {n} by shrunk chi_model", "highest {n} by shrunk chi_model"),
     "lower_bound": ("lowest {n} by CI upper bound", "highest {n} by CI lower bound"),
     "point": ("lowest {n} by chi_model", "highest {n} by chi_model"),
@@ -542,7 +546,8 @@ def _ranking_note(pool: pl.DataFrame, thresholds: dict) -> str:
                      "too few scored items), so the lists fall back to the plain chi_model.")
         elif without:
             note += f" {without} of the {pool.height} ranked concepts have no interval."
-    return note + " shrunk = chi_model_shrunk; adjusted = chi_model_adjusted (chi_model − what its benchmarks predict)."
+    return note + (" shrunk adj. = chi_model_shrunk_adjusted; shrunk = chi_model_shrunk; adjusted = chi_model_adjusted "
+                   "(chi_model − what its benchmarks predict).")
 
 
 def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[str]:
@@ -562,7 +567,7 @@ def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[
                 "scored support > 0 and a chi_model. Treat these rankings as weak evidence.")
     if "min_ci_support" in thresholds:
         note += f" No interval (N/A) below {thresholds['min_ci_support']} scored supporting items."
-    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "shrunk", "adjusted",
+    header = ["concept", "chi_model", f"{thresholds.get('ci_level', 0.95):.0%} CI", "shrunk adj.", "shrunk", "adjusted",
               "scored support", "scored benchmarks", "scored ESS"]
     ranking = thresholds["ranking"]
     worst = rank_concepts(pool, ranking).head(top_n)

@@ -16,7 +16,7 @@ import polars as pl
 # Benchmark categories in display order (adapters set one of these on every item; anything else is Other).
 CATEGORIES = ("Math", "Reasoning", "Factuality", "Ethics & Bias", "Probe", "Other")
 # Beside chi_model, the ranked tables show these when the reducer wrote them (shrinkage / adjustment).
-OPTIONAL_CHI_MODEL_COLUMNS = ("chi_model_adjusted", "chi_model_prior", "chi_model_shrunk")
+OPTIONAL_CHI_MODEL_COLUMNS = ("chi_model_shrunk_adjusted", "chi_model_adjusted", "chi_model_prior", "chi_model_shrunk")
 MIN_PAIR_CONCEPTS = 10
 """A cross-benchmark correlation needs at least this many concepts with a chi_model in both benchmarks."""
 
@@ -178,7 +178,8 @@ def _order(frame: pl.DataFrame, ranking: str, strongest: bool) -> pl.DataFrame:
 
 def effective_ranking(concepts: pl.DataFrame, ranking: str | None) -> str:
     """gaps.ranking when the table has the column it orders by, else 'point' (the plain chi_model)."""
-    needs = {"shrunk": ("chi_model_shrunk",), "lower_bound": ("chi_model_lo", "chi_model_hi")}
+    needs = {"shrunk_adjusted": ("chi_model_shrunk_adjusted",), "shrunk": ("chi_model_shrunk",),
+             "lower_bound": ("chi_model_lo", "chi_model_hi")}
     if ranking in needs and all(column in concepts.columns for column in needs[ranking]):
         return ranking
     return "point"
@@ -188,7 +189,7 @@ def ranked_concepts(concepts: pl.DataFrame, n: int = 25, labels: Mapping[int, st
                     ranking: str | None = "point") -> Rankings:
     """Worst / best n concepts among those passing the support filter, by the plain chi_model (ranking
     'point', ties by concept id) or the configured support-aware order (gaps.ranking from thresholds.json:
-    'shrunk', 'lower_bound'); the n covered concepts with the lowest chi_bench; every concept missing from
+    'shrunk_adjusted', 'shrunk', 'lower_bound'); the n covered concepts with the lowest chi_bench; every concept missing from
     the whole suite."""
     ranking = effective_ranking(concepts, ranking)
     optional = [c for c in OPTIONAL_CHI_MODEL_COLUMNS if c in concepts.columns]

@@ -624,7 +624,8 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-OPTIONAL_HEADERS = {"chi_model_shrunk": "shrunk", "chi_model_adjusted": "adjusted", "chi_model_prior": "prior"}
+OPTIONAL_HEADERS = {"chi_model_shrunk_adjusted": "shrunk adj.", "chi_model_shrunk": "shrunk",
+                    "chi_model_adjusted": "adjusted", "chi_model_prior": "prior"}
 
 
 def _model_rows(frame: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -640,6 +641,8 @@ def _model_rows(frame: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 ORDER_NOTES = {
     "point": "Ordered by the plain χ_model (the paper's ranking; ties by concept id).",
+    "shrunk_adjusted": ("Ordered by shrunk adjusted χ_model (gaps.ranking = shrunk_adjusted: how much weaker than "
+                        "its benchmarks predict, pulled towards 0 on little support), ties by χ_model, as in summary.md."),
     "shrunk": "Ordered by shrunk χ_model (gaps.ranking = shrunk), ties by χ_model, as in summary.md.",
     "lower_bound": ("Ordered by the confidence bound (gaps.ranking = lower_bound): weakest by the interval's upper "
                     "end, strongest by its lower end; concepts without an interval last, as in summary.md."),
@@ -648,6 +651,7 @@ ORDER_NOTES = {
 
 ORDER_HEADINGS = {
     "point": ("lowest χ_model", "highest χ_model"),
+    "shrunk_adjusted": ("lowest shrunk adjusted χ_model", "highest shrunk adjusted χ_model"),
     "shrunk": ("lowest shrunk χ_model", "highest shrunk χ_model"),
     "lower_bound": ("lowest χ_model upper bound", "highest χ_model lower bound"),
 }
@@ -666,7 +670,7 @@ def ranked_markdown(rankings: Rankings, thresholds: Mapping, context: str = "", 
     note += " " + ORDER_NOTES[rankings.ranking]
     if any(c in rankings.worst.columns for c in OPTIONAL_CHI_MODEL_COLUMNS):
         note += (" prior: what the concept's benchmarks predict (their mean scores, saliency-weighted); adjusted: "
-                 "χ_model − prior; shrunk: (n·χ_model + κ·prior) / (n + κ), n the scored ESS"
+                 "χ_model − prior; shrunk: (n·χ_model + κ·prior) / (n + κ), n the scored ESS; shrunk adj.: shrunk − prior"
                  + (f", κ = {thresholds['shrinkage_strength']:.4g}" if thresholds.get("shrinkage_strength") else "")
                  + ".")
     header, worst = _model_rows(rankings.worst)
@@ -747,7 +751,7 @@ def example_cards_markdown(weakest: pl.DataFrame, examples: pl.DataFrame, concep
         lines += [
             f"## {position}. {concept_name(c, labels)} — χ_model {_fmt(concept['chi_model'])} "
             f"[{_fmt(concept['chi_model_lo'])}, {_fmt(concept['chi_model_hi'])}]"
-            + "".join(f", {OPTIONAL_HEADERS[k]} {_fmt(concept[k])}" for k in ("chi_model_shrunk", "chi_model_adjusted")
+            + "".join(f", {OPTIONAL_HEADERS[k]} {_fmt(concept[k])}" for k in ("chi_model_shrunk_adjusted", "chi_model_shrunk", "chi_model_adjusted")
                       if k in concept), "",
             f"Fires on {_items(concept['scored_support'])} in {_fmt(concept['n_benchmarks_scored'])} "
             f"benchmark{'' if concept['n_benchmarks_scored'] == 1 else 's'} (scored ESS {_fmt(concept['scored_ess'], 1)}); suite χ_bench {_fmt(concept['chi_bench'])}.", "",

@@ -24,6 +24,15 @@ draws its variance) with success rate θ_c, and θ_c ~ Beta(κ m_c, κ (1 − m_
 so a concept moves towards its prior in proportion to κ / (n_c + κ): two items barely move it off m_c, an ESS of
 hundreds leaves it near its own chi_c. κ ("prior items") is a config value or is estimated; see
 `estimate_shrinkage_strength`.
+
+Both at once (the default ranking). The shrunk value minus the prior is the posterior estimate of how much
+weaker or stronger than its benchmarks predict the concept is:
+
+    shrunk_adjusted_c = shrunk_c − m_c = n_c (chi_c − m_c) / (n_c + κ)
+
+Ranking by shrunk_c alone brings benchmark difficulty back: with κ large, every concept sits near its prior and
+the concepts of the hardest benchmark come first. shrunk_adjusted is 0 for "as its benchmarks predict" and
+pulls narrow concepts towards 0, so neither a hard benchmark nor two failed items put a concept on the list.
 """
 
 from __future__ import annotations
@@ -32,9 +41,10 @@ import math
 
 import polars as pl
 
-RANKINGS = ("shrunk", "lower_bound", "point")
-"""gaps.ranking: ascending chi_model_shrunk (default); confidence bounds (weakest by the upper bound, strongest by
-the lower bound, concepts without an interval last); the plain chi_model (the paper)."""
+RANKINGS = ("shrunk_adjusted", "shrunk", "lower_bound", "point")
+"""gaps.ranking: ascending chi_model_shrunk_adjusted (default: support-aware and benchmark-adjusted);
+chi_model_shrunk; confidence bounds (weakest by the upper bound, strongest by the lower bound, concepts without
+an interval last); the plain chi_model (the paper)."""
 
 KAPPA_MAX = 1e12
 """κ used when the data show no between-concept spread beyond sampling noise (the estimate is +∞): every shrunk
@@ -94,6 +104,15 @@ def shrunk_chi_model(kappa: float | None) -> pl.Expr:
         return pl.lit(None, pl.Float64).alias("chi_model_shrunk")
     n, chi, prior = pl.col("scored_ess"), pl.col("chi_model"), pl.col("chi_model_prior")
     return ((n * chi + kappa * prior) / (n + kappa)).alias("chi_model_shrunk")
+
+
+def shrunk_adjusted_chi_model(kappa: float | None) -> pl.Expr:
+    """chi_model_shrunk_adjusted = n (chi − m) / (n + κ) = chi_model_shrunk − chi_model_prior, from columns
+    chi_model, chi_model_prior, scored_ess (n). Null where chi_model is null or κ is None."""
+    if kappa is None:
+        return pl.lit(None, pl.Float64).alias("chi_model_shrunk_adjusted")
+    n = pl.col("scored_ess")
+    return (n * (pl.col("chi_model") - pl.col("chi_model_prior")) / (n + kappa)).alias("chi_model_shrunk_adjusted")
 
 
 def between_concept_variance(frame: pl.DataFrame) -> tuple[float | None, float]:
@@ -160,6 +179,8 @@ def ranking_key(ranking: str, strongest: bool = False) -> str:
     for the weakest concepts (confidently low) and chi_model_lo for the strongest (confidently high)."""
     if ranking not in RANKINGS:
         raise ValueError(f"gaps.ranking must be one of {RANKINGS}, got {ranking!r}")
+    if ranking == "shrunk_adjusted":
+        return "chi_model_shrunk_adjusted"
     if ranking == "shrunk":
         return "chi_model_shrunk"
     if ranking == "lower_bound":
@@ -181,6 +202,18 @@ def rank_concepts(frame: pl.DataFrame, ranking: str, strongest: bool = False) ->
 def ranking_description(ranking: str, kappa: float | None) -> str:
     """One sentence for the summary: which ranking ordered the lists, and what it means."""
     ranking_key(ranking)  # validates
+    if ranking == "shrunk_adjusted":
+        strength = "not available" if kappa is None else f"{kappa:.4g}"
+        text = (f"Lists ordered by shrunk adjusted chi_model (gaps.ranking = shrunk_adjusted, κ = {strength} prior "
+                "items): n·(chi_model − prior) / (n + κ), n the scored ESS, prior what the concept's benchmarks "
+                "predict — how much weaker (negative) or stronger than its benchmarks a concept is, pulled towards 0 "
+                "when it rests on few items.")
+        if kappa is not None and kappa >= KAPPA_MAX:
+            text += (" **The concepts' chi_model varies no more than sampling noise around what their benchmarks "
+                     "predict (κ at its maximum): every value is ≈ 0 and the order follows the ESS-weighted deviation "
+                     "n·(chi_model − prior) alone; no concept is detectably weaker than its benchmarks, so treat "
+                     "these lists as weak evidence.**")
+        return text
     if ranking == "shrunk":
         strength = "not available" if kappa is None else f"{kappa:.4g}"
         text = (f"Lists ordered by shrunk chi_model (gaps.ranking = shrunk, κ = {strength} prior items): "

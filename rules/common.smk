@@ -136,8 +136,9 @@ def model_threads(wildcards=None):
 def all_targets():
     per_layer = {
         "concepts": ("concepts.parquet", "concept_benchmark.parquet", "summary.md"),
-        "robustness": ("stability.json", "validity.json"),
-        "figures": ("ranked_concepts.md", "example_cards.md"),
+        # Every file a person reads is a target, so a rule that gains an output reruns for it.
+        "robustness": ("stability.json", "validity.json", "stability.png", "validity.png"),
+        "figures": ("ranked_concepts.md", "example_cards.md", "wrong_items.md", "missing_percent.png"),
     }
     return [
         f"{RESULTS}/{folder}/model={m}/layer={l}/{name}"

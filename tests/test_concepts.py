@@ -415,3 +415,28 @@ def test_no_interval_below_min_ci_support():
     table = concept_benchmark_table(saliency, items, 3, GapOptions(n_bootstrap=50, min_ci_support=1))
     assert table["chi_model_lo"].null_count() == 0
     assert (table["chi_model_lo"][0], table["chi_model_hi"][0]) == (0.0, 0.0)
+
+
+def test_most_missing_concepts_per_benchmark_by_hand():
+    """a misses concepts 1, 2, 3 (suite chi_bench 2.0, 0.5, 2.0) and b misses 0 and 4 (4 never fires anywhere):
+    a's list is 1 and 3 (2.0, ties by concept) then 2; b's is 0 only (a never-firing concept is no finding)."""
+    from competency_gaps.concepts import most_missing_per_benchmark
+
+    suite = pl.DataFrame({"concept": [0, 1, 2, 3, 4], "chi_bench": [1.5, 2.0, 0.5, 2.0, 0.0],
+                          "n_benchmarks_active": [1, 1, 1, 1, 0]}, schema_overrides={"concept": pl.Int32})
+    missing = {"a": [False, True, True, True, True], "b": [True, False, False, False, True]}
+    table = pl.DataFrame([{"benchmark": b, "concept": c, "missing": m} for b, flags in missing.items()
+                          for c, m in enumerate(flags)])
+    top = most_missing_per_benchmark(suite, table, n=2)
+    assert top.select("benchmark", "concept").rows() == [("a", 1), ("a", 3), ("b", 0)]
+    assert most_missing_per_benchmark(suite, table, n=5).filter(pl.col("benchmark") == "a")["concept"].to_list() == [1, 3, 2]
+
+
+def test_summary_leads_with_the_findings():
+    options = GapOptions(n_bootstrap=0, min_benchmarks=1, min_support=1)
+    table, suite = coverage_only_tables(options)
+    _, thresholds = concept_suite_table(table, *frames(COVERAGE_ONLY_SALIENCY, COVERAGE_ONLY_ITEMS), K, options)
+    text = summary_markdown(suite, table, thresholds)
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## chi_model ranking" and headings[1].startswith("## Benchmark gaps")
+    assert headings[2].startswith("## What each benchmark misses") and headings[-1] == "## Thresholds"

@@ -580,8 +580,32 @@ def _ranking_section(suite: pl.DataFrame, thresholds: dict, top_n: int) -> list[
     ]
 
 
+def most_missing_per_benchmark(suite: pl.DataFrame, concept_benchmark: pl.DataFrame, n: int = 5) -> pl.DataFrame:
+    """Per benchmark, the n concepts it never evokes that the rest of the suite exercises most (highest suite
+    chi_bench among the concepts missing from it; ties by concept): what that benchmark fails to test.
+    Columns: benchmark, concept, chi_bench (suite), n_benchmarks_active; sorted by benchmark, then rank."""
+    missing = concept_benchmark.filter(pl.col("missing")).select("benchmark", pl.col("concept").cast(pl.Int32))
+    ranked = missing.join(suite.select(pl.col("concept").cast(pl.Int32), "chi_bench", "n_benchmarks_active"),
+                          on="concept").filter(pl.col("chi_bench") > 0)
+    return (ranked.sort(["benchmark", "chi_bench", "concept"], descending=[False, True, False])
+            .group_by("benchmark", maintain_order=True).head(n))
+
+
+def _most_missing_section(suite: pl.DataFrame, concept_benchmark: pl.DataFrame, n: int) -> list[str]:
+    top = most_missing_per_benchmark(suite, concept_benchmark, n)
+    rows = [[benchmark, ", ".join(f"{c} ({_fmt(x, 2)})" for c, x in zip(group["concept"], group["chi_bench"]))]
+            for (benchmark,), group in top.group_by("benchmark", maintain_order=True)]
+    return [
+        f"## What each benchmark misses: the {n} concepts it never evokes that the suite exercises most", "",
+        "Suite chi_bench in brackets: high values are concepts other benchmarks test heavily.", "",
+        _markdown_table(["benchmark", "missing concepts (suite chi_bench)"], rows) if rows else "None.",
+    ]
+
+
 def summary_markdown(suite: pl.DataFrame, concept_benchmark: pl.DataFrame, thresholds: dict, top_n: int = 10) -> str:
-    """A short human-readable report of the gap analysis (concepts are identified by index)."""
+    """A short human-readable report of the gap analysis, findings first: the model's weakest and strongest
+    concepts, the least-covered concepts, what each benchmark misses; then counts and the thresholds used
+    (concepts are identified by index)."""
     n_concepts = suite.height
     counts = dict(suite["classification"].value_counts().iter_rows())
     n_missing = counts.get("missing", 0)
@@ -593,6 +617,10 @@ def summary_markdown(suite: pl.DataFrame, concept_benchmark: pl.DataFrame, thres
     low_rows = [[str(r["concept"]), _fmt(r["chi_bench"], 4), str(r["support"]), str(r["n_benchmarks_active"])]
                 for r in low_bench.iter_rows(named=True)]
     lines = [
+        *_ranking_section(suite, thresholds, top_n), "",
+        f"## Benchmark gaps: lowest {low_bench.height} covered concepts by chi_bench", "",
+        _markdown_table(["concept", "chi_bench", "support", "benchmarks"], low_rows) if low_rows else "None covered.", "",
+        *_most_missing_section(suite, concept_benchmark, 5), "",
         "## Concepts", "",
         f"- {n_concepts} concepts, {per_benchmark.height} benchmarks.",
         f"- Missing from the whole suite (chi_bench ≤ ε = {thresholds['epsilon']}): {n_missing} "
@@ -602,9 +630,6 @@ def summary_markdown(suite: pl.DataFrame, concept_benchmark: pl.DataFrame, thres
         "## Missing concepts per benchmark", "",
         _markdown_table(["benchmark", "items", "covered concepts", "missing %"], benchmark_rows), "",
         "## Thresholds", "",
-        _markdown_table(["setting", "value"], threshold_rows), "",
-        *_ranking_section(suite, thresholds, top_n), "",
-        f"## Benchmark gaps: lowest {low_bench.height} covered concepts by chi_bench", "",
-        _markdown_table(["concept", "chi_bench", "support", "benchmarks"], low_rows) if low_rows else "None covered.",
+        _markdown_table(["setting", "value"], threshold_rows),
     ]
     return "\n".join(lines) + "\n"

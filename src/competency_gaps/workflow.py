@@ -23,7 +23,7 @@ STAGE_VERSIONS = {
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
     "sae": 1,
     "extract": 2,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated
-    "reduce": 2,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings
+    "reduce": 3,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first
     "robustness": 1,
     "figures": 1,
 }

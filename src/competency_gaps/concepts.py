@@ -115,6 +115,28 @@ def _check_items(items: pl.DataFrame) -> pl.DataFrame:
     return items
 
 
+def check_saliency_values(rows: pl.DataFrame, n_concepts: int) -> None:
+    """Saliency values >= 0 and not NaN, concept indices in 0..n_concepts-1 (every consumer of the shards)."""
+    if rows.select((pl.col("saliency") < 0).any() | pl.col("saliency").is_nan().any()).item():
+        raise ValueError("saliency: values must be >= 0 and not NaN")
+    if rows.select(((pl.col("concept") < 0) | (pl.col("concept") >= n_concepts)).any()).item():
+        raise ValueError(f"saliency: concept indices must lie in 0..{n_concepts - 1}")
+
+
+def sorted_sparse(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+    """A builder of sparse (rows × cols) matrices over fixed, duplicate-free index pairs: pass the values (in
+    the pairs' order) and get a coalesced COO tensor. The pairs are sorted once; sorted, duplicate-free indices
+    are already coalesced, and coalesce() would re-sort them for every matrix."""
+    order = np.lexsort((cols, rows))
+    indices = torch.from_numpy(np.stack([rows[order], cols[order]]))
+
+    def matrix(values: np.ndarray) -> torch.Tensor:
+        return torch.sparse_coo_tensor(indices, torch.from_numpy(values[order]), shape, is_coalesced=True,
+                                       check_invariants=False)
+
+    return matrix
+
+
 def _saliency_rows(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> pl.DataFrame:
     """Saliency rows (float64, > 0) joined to their item's score; every row must belong to the item universe."""
     rows = saliency.select(
@@ -123,10 +145,7 @@ def _saliency_rows(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int)
         pl.col("concept").cast(pl.Int32),
         pl.col("saliency").cast(pl.Float64),  # sums over thousands of items: accumulate in float64
     )
-    if rows.select((pl.col("saliency") < 0).any() | pl.col("saliency").is_nan().any()).item():
-        raise ValueError("saliency: values must be >= 0 and not NaN")
-    if rows.select(((pl.col("concept") < 0) | (pl.col("concept") >= n_concepts)).any()).item():
-        raise ValueError(f"saliency: concept indices must lie in 0..{n_concepts - 1}")
+    check_saliency_values(rows, n_concepts)
     if rows.select(pl.struct("benchmark", "item_id", "concept").is_duplicated().any()).item():
         raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
     rows = rows.filter(pl.col("saliency") > 0)  # a stored 0 means the same as an absent pair
@@ -217,18 +236,13 @@ def _benchmark_replicates(rows: pl.DataFrame, items: pl.DataFrame, benchmark: st
         return _Replicates(np.zeros(0, dtype=np.int64), empty, empty)
     concepts, local = np.unique(rows["concept"].to_numpy(), return_inverse=True)
     item = rows["item"].to_numpy().astype(np.int64)
-    # Sorted, duplicate-free (checked on input) indices are already coalesced; coalesce() would re-sort.
-    order = np.lexsort((item, local))
-    indices = torch.from_numpy(np.stack([local[order], item[order]]))
-    shape = (len(concepts), scored_items.height)
-    saliency = rows["saliency"].to_numpy()[order]
-    weighted = saliency * rows["score"].to_numpy()[order]
+    matrix = sorted_sparse(local, item, (len(concepts), scored_items.height))  # pairs are duplicate-free (checked)
+    saliency = rows["saliency"].to_numpy()
+    weighted = saliency * rows["score"].to_numpy()
     counts = torch.from_numpy(_resample_counts(scored_items.height, options, benchmark))
 
     def times_counts(values: np.ndarray) -> np.ndarray:
-        matrix = torch.sparse_coo_tensor(indices, torch.from_numpy(values), shape, is_coalesced=True,
-                                         check_invariants=False)
-        return torch.sparse.mm(matrix, counts).numpy()
+        return torch.sparse.mm(matrix(values), counts).numpy()
 
     return _Replicates(concepts, times_counts(weighted), times_counts(saliency))
 
@@ -241,9 +255,10 @@ def _all_replicates(rows: pl.DataFrame, items: pl.DataFrame, options: GapOptions
     }
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator, NaN where a replicate drew none of the concept's supporting items."""
-    out = np.full(numerator.shape, np.nan)
+def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator (broadcast), NaN where the denominator is 0: a replicate or run that holds none
+    of the concept's supporting items."""
+    out = np.full(np.broadcast_shapes(numerator.shape, denominator.shape), np.nan)
     np.divide(numerator, denominator, out=out, where=denominator > 0)
     return out
 
@@ -285,13 +300,13 @@ def _suite_ratios(replicates: dict[str, _Replicates], n_concepts: int, options: 
         for rep in replicates.values():
             numerator[rep.concepts] += rep.numerator
             denominator[rep.concepts] += rep.denominator
-        return _ratio(numerator, denominator)
+        return ratio(numerator, denominator)
     total, count = np.zeros(shape), np.zeros(shape)
     for rep in replicates.values():
-        ratios = _ratio(rep.numerator, rep.denominator)
+        ratios = ratio(rep.numerator, rep.denominator)
         total[rep.concepts] += np.nan_to_num(ratios)
         count[rep.concepts] += ~np.isnan(ratios)
-    return _ratio(total, count)
+    return ratio(total, count)
 
 
 def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[str],
@@ -349,7 +364,7 @@ def concept_benchmark_table(
         *_estimates(),
     )
     intervals = [
-        _interval_frame(rep.concepts, _ratio(rep.numerator, rep.denominator), options)
+        _interval_frame(rep.concepts, ratio(rep.numerator, rep.denominator), options)
         .with_columns(benchmark=pl.lit(benchmark, pl.String))
         for benchmark, rep in (_all_replicates(rows, items, options) if options.n_bootstrap > 0 else {}).items()
     ]

@@ -55,7 +55,7 @@ from competency_gaps.figure_data import (  # noqa: E402
     validity_bars,
     validity_benchmarks,
 )
-from competency_gaps.reduce import benchmark_of  # noqa: E402
+from competency_gaps.reduce import benchmark_of, read_shard  # noqa: E402
 from competency_gaps.tables import atomic_path, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -782,9 +782,19 @@ def example_cards_markdown(weakest: pl.DataFrame, examples: pl.DataFrame, concep
 
 
 def _read_keyed(paths: list[str], columns: list[str]) -> pl.DataFrame:
-    frames = [pl.read_parquet(p, columns=columns, hive_partitioning=False).with_columns(benchmark=pl.lit(benchmark_of(p)))
-              for p in paths]
+    """`columns` of every table plus its benchmark, read as the reducer reads its shards."""
+    frames = [read_shard(p, columns) for p in paths]
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+def _saliency_where(paths: list[str], keep: Callable[[str], pl.Expr]) -> pl.DataFrame:
+    """item_id, concept, saliency, benchmark of the shard rows that `keep(benchmark)` selects: only those are
+    read, so wide SAEs never load whole shards here."""
+    frames = [pl.scan_parquet(p, hive_partitioning=False).filter(keep(benchmark_of(p)))
+              .select("item_id", pl.col("concept").cast(pl.Int64), pl.col("saliency").cast(pl.Float64))
+              .with_columns(benchmark=pl.lit(benchmark_of(p))).collect() for p in paths]
+    return pl.concat(frames) if frames else pl.DataFrame(
+        schema={"item_id": pl.String, "concept": pl.Int64, "saliency": pl.Float64, "benchmark": pl.String})
 
 
 def write_example_cards(rankings: Rankings, concept_benchmark: pl.DataFrame, saliency_paths: list[str],
@@ -794,12 +804,7 @@ def write_example_cards(rankings: Rankings, concept_benchmark: pl.DataFrame, sal
     """example_cards.md for the n_concepts weakest concepts; returns the picked examples."""
     weakest = rankings.worst.head(n_concepts)
     ids = weakest["concept"].to_list()
-    saliency = pl.concat(
-        [pl.scan_parquet(p, hive_partitioning=False).filter(pl.col("concept").is_in(ids))
-         .select("item_id", pl.col("concept").cast(pl.Int64), "saliency").with_columns(benchmark=pl.lit(benchmark_of(p)))
-         .collect() for p in saliency_paths]
-    ) if saliency_paths else pl.DataFrame(schema={"item_id": pl.String, "concept": pl.Int64, "saliency": pl.Float64,
-                                                  "benchmark": pl.String})
+    saliency = _saliency_where(saliency_paths, lambda benchmark: pl.col("concept").is_in(ids))
     scores = _read_keyed(score_paths, ["item_id", "score", "prediction", "response"])
     examples = select_examples(saliency, scores.select("benchmark", "item_id", "score"), ids, per_side)
     item_text = _item_text(examples.select("benchmark", "item_id").unique(), scores, item_paths)
@@ -892,13 +897,8 @@ def write_wrong_items(concepts: pl.DataFrame, saliency_paths: list[str], score_p
     scores = scores.with_columns(pl.col("score").cast(pl.Float64).fill_nan(None))
     wrong = select_wrong_items(scores.select("benchmark", "item_id", "score"), per_benchmark)
     picked = wrong.select("benchmark", "item_id")
-    saliency = pl.concat(
-        [pl.scan_parquet(p, hive_partitioning=False)
-         .filter(pl.col("item_id").is_in(picked.filter(pl.col("benchmark") == benchmark_of(p))["item_id"].to_list()))
-         .select("item_id", pl.col("concept").cast(pl.Int64), pl.col("saliency").cast(pl.Float64))
-         .with_columns(benchmark=pl.lit(benchmark_of(p))).collect() for p in saliency_paths]
-    ) if saliency_paths else pl.DataFrame(schema={"item_id": pl.String, "concept": pl.Int64, "saliency": pl.Float64,
-                                                  "benchmark": pl.String})
+    saliency = _saliency_where(saliency_paths, lambda benchmark: pl.col("item_id").is_in(
+        picked.filter(pl.col("benchmark") == benchmark)["item_id"].to_list()))
     top = top_item_concepts(saliency, picked, n_concepts)
     gap_ranks = dict(rankings.worst.select("concept", "rank").iter_rows()) if rankings is not None else {}
     benchmarks = sorted({benchmark_of(p) for p in [*item_paths, *score_paths]})

@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from competency_gaps.concepts import GapOptions, _check_items
+from competency_gaps.concepts import GapOptions, _check_items, check_saliency_values, ratio, sorted_sparse
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,7 @@ def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _S
         pl.col("concept").cast(pl.Int64),
         pl.col("saliency").cast(pl.Float64),
     )
-    if rows.select((pl.col("saliency") < 0).any() | pl.col("saliency").is_nan().any()).item():
-        raise ValueError("saliency: values must be >= 0 and not NaN")
-    if rows.select(((pl.col("concept") < 0) | (pl.col("concept") >= n_concepts)).any()).item():
-        raise ValueError(f"saliency: concept indices must lie in 0..{n_concepts - 1}")
+    check_saliency_values(rows, n_concepts)
     rows = rows.join(indexed, on=["benchmark", "item_id"], how="left")
     unknown = rows.filter(pl.col("item").is_null())
     if unknown.height:
@@ -171,7 +168,7 @@ def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _S
         scores=items["score"].to_numpy().astype(np.float64),  # null -> NaN
         item=item,
         concept=concept[positive],
-        saliency=rows["saliency"].to_numpy()[positive],  # a copy (boolean index): writable, as torch wants
+        saliency=rows["saliency"].to_numpy()[positive],
         row_bounds=np.searchsorted(item, bounds),
     )
 
@@ -208,19 +205,9 @@ def _matrices(suite: _Suite) -> list[torch.Tensor]:
     out = []
     for b in range(len(suite.benchmarks)):
         rows = slice(suite.row_bounds[b], suite.row_bounds[b + 1])
-        concept, item = suite.concept[rows], suite.item[rows] - suite.bounds[b]
-        # Sorted, duplicate-free (checked on input) indices are already coalesced; coalesce() would re-sort.
-        order = np.lexsort((item, concept))
-        indices = torch.from_numpy(np.stack([concept[order], item[order]]))
         shape = (suite.n_concepts, int(suite.bounds[b + 1] - suite.bounds[b]))
-        out.append(torch.sparse_coo_tensor(indices, torch.from_numpy(suite.saliency[rows][order]), shape,
-                                           is_coalesced=True, check_invariants=False))
-    return out
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    out = np.full(np.broadcast_shapes(numerator.shape, denominator.shape), np.nan)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
+        matrix = sorted_sparse(suite.concept[rows], suite.item[rows] - suite.bounds[b], shape)
+        out.append(matrix(suite.saliency[rows]))
     return out
 
 
@@ -246,10 +233,10 @@ def _runs(suite: _Suite, matrices: list[torch.Tensor], weights: list[np.ndarray]
             numerator += weighted
             denominator += scored_sums
         else:
-            ratio = _ratio(weighted, scored_sums)
-            numerator += np.nan_to_num(ratio)
-            denominator += ~np.isnan(ratio)
-    return _ratio(bench_sum, bench_n[None, :]), _ratio(numerator, denominator)
+            own = ratio(weighted, scored_sums)  # this benchmark's chi_model, for the mean over benchmarks
+            numerator += np.nan_to_num(own)
+            denominator += ~np.isnan(own)
+    return ratio(bench_sum, bench_n[None, :]), ratio(numerator, denominator)
 
 
 class _Moments:
@@ -402,8 +389,6 @@ def _test_row(scope: str, n: int, n_dominated: int, total: float, observed: floa
 
     observed_effect = effect(observed)
     return row | {
-        "mean_score_dominated": observed / n_dominated,
-        "mean_score_rest": (total - observed) / (n - n_dominated),
         "effect": observed_effect,
         "p_value": float((1 + np.sum(effect(permuted) <= observed_effect + _TIE)) / (1 + len(permuted))),
         "adjusted_effect": observed_residual / n_dominated,

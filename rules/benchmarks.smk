@@ -18,5 +18,5 @@ rule prepare_benchmark:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{CLI} prepare --benchmark {wildcards.benchmark} --spec {params.spec:q} "
+        "python -m competency_gaps prepare --benchmark {wildcards.benchmark} --spec {params.spec:q} "
         "--items {output.item_table} --report {output.report} 2> {log}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from competency_gaps.config import model_shape, resolve_device, validate_config
+from competency_gaps.config import gguf_file, model_shape, resolve_device, validate_config
 from competency_gaps.templates import TEMPLATES_FILE
 from competency_gaps.workflow import alternatives, model_job_memory_mb, sae_job_memory_mb, spec_json, throughput
 
@@ -24,10 +24,12 @@ MODELS = sorted(config["models"])
 BENCHMARKS = sorted(config["benchmarks"])
 GGUF_MODELS = [m for m in MODELS if "gguf_package" in config["models"][m]["source"]]
 ON_GPU = config["device"] == "cuda"
-# Jobs run this workflow's own package (src/ beside the Snakefile) with the environment's Python: the
-# one Snakemake runs in (put first on PATH), or a rule's conda env, which then needs only the dependencies.
+# Jobs run `python -m competency_gaps` from this workflow's own package (src/ beside the Snakefile, put first
+# on PYTHONPATH by the shell prefix of every job) with the environment's Python: the one Snakemake runs in (put
+# first on PATH), or a rule's conda env, which then needs only the dependencies. The prefix keeps Snakemake's
+# default strict mode; braces are doubled because Snakemake formats the prefix.
 SRC = str(Path(workflow.basedir) / "src")
-CLI = f"PYTHONPATH={shlex.quote(SRC)}${{PYTHONPATH:+:$PYTHONPATH}} python -m competency_gaps"
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
@@ -92,8 +94,6 @@ def converted_model(wildcards):
 
 
 def gguf_source(wildcards):
-    from competency_gaps.config import gguf_file
-
     source = config["models"][wildcards.model]["source"]
     return str(gguf_file(source["gguf_package"], source.get("file")))
 
@@ -128,9 +128,8 @@ def sae_mem_mb(wildcards):
                              config["device"], config["dtype"])
 
 
-def model_threads(wildcards=None):
-    """Threads of a job that runs the model (capped at --cores locally; CPUs per task on a cluster)."""
-    return config["threads"]
+# Threads of a job that runs the model (capped at --cores locally; CPUs per task on a cluster).
+MODEL_THREADS = config["threads"]
 
 
 def all_targets():

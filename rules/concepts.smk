@@ -39,6 +39,6 @@ rule reduce_concepts:
         mem_mb=8000,
         runtime=30,
     shell:
-        "{CLI} reduce --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
+        "python -m competency_gaps reduce --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
         "--tokens {input.tokens} --scores {input.scores} --out-dir {params.out_dir} "
         "--title 'Competency gaps: model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

@@ -14,7 +14,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/model={{model}}/benchmark={{benchmark}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/evaluate/model={{model}}/benchmark={{benchmark}}.tsv"
-    threads: model_threads()
+    threads: MODEL_THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
@@ -24,6 +24,6 @@ rule evaluate:
         batch_size=lambda wc: throughput(config, wc.model)["batch_size"],
         generation_batch_size=lambda wc: throughput(config, wc.model)["generation_batch_size"],
     shell:
-        "OMP_NUM_THREADS={threads} {CLI} evaluate --model {wildcards.model} --benchmark {wildcards.benchmark} "
+        "OMP_NUM_THREADS={threads} python -m competency_gaps evaluate --model {wildcards.model} --benchmark {wildcards.benchmark} "
         "--spec {params.spec:q} --batch-size {resources.batch_size} --generation-batch-size {resources.generation_batch_size} --manifest {input.manifest} --items {input.item_table} "
         "--out {output.scores} 2> {log}"

@@ -19,14 +19,14 @@ rule extract:
         f"{RESULTS}/logs/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}.tsv"
-    threads: model_threads()
+    threads: MODEL_THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
         gpu=1 if ON_GPU else 0,
         batch_size=lambda wc: throughput(config, wc.model)["batch_size"],  # speed only: a resource, not a param
     shell:
-        "OMP_NUM_THREADS={threads} {CLI} extract --model {wildcards.model} --benchmark {wildcards.benchmark} "
+        "OMP_NUM_THREADS={threads} python -m competency_gaps extract --model {wildcards.model} --benchmark {wildcards.benchmark} "
         "--layer {wildcards.layer} --spec {params.spec:q} --batch-size {resources.batch_size} --manifest {input.manifest} "
         "--sae-dir {params.sae_dir} --items {input.item_table} {params.scores} --out {output.saliency} "
         "--tokens {output.tokens} 2> {log}"

@@ -104,7 +104,7 @@ rule figures:
         mem_mb=4000,
         runtime=20,
     shell:
-        "{CLI} figures --spec {params.spec:q} --concept-benchmark {input.concept_benchmark} --concepts {input.concepts} "
+        "python -m competency_gaps figures --spec {params.spec:q} --concept-benchmark {input.concept_benchmark} --concepts {input.concepts} "
         "--benchmarks {input.benchmarks} --overlap {input.overlap} --thresholds {input.thresholds} "
         "--items {input.item_tables} --scores {input.scores} --saliency {input.saliency} --out-dir {params.out_dir} "
         "--title 'model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

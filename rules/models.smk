@@ -18,7 +18,7 @@ rule convert_gguf:
         mem_mb=model_mem_mb,
         runtime=30,
     shell:
-        "{CLI} convert-gguf --model {wildcards.model} --spec {params.spec:q} --out-dir {output.folder} 2> {log}"
+        "python -m competency_gaps convert-gguf --model {wildcards.model} --spec {params.spec:q} --out-dir {output.folder} 2> {log}"
 
 
 rule prepare_model:
@@ -40,5 +40,5 @@ rule prepare_model:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{CLI} prepare-model --model {wildcards.model} --spec {params.spec:q} {params.converted} "
+        "python -m competency_gaps prepare-model --model {wildcards.model} --spec {params.spec:q} {params.converted} "
         "--manifest {output.manifest} 2> {log}"

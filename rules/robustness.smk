@@ -57,6 +57,6 @@ rule robustness:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{CLI} robustness --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
+        "python -m competency_gaps robustness --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
         "--tokens {input.tokens} --scores {input.scores} --out-dir {params.out_dir} --figures "
         "--title 'model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

@@ -18,7 +18,7 @@ rule sae_corpus:
         mem_mb=4000,
         runtime=10,
     shell:
-        "{CLI} corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
+        "python -m competency_gaps corpus --spec {params.spec:q} --out {output.corpus} 2> {log}"
 
 
 rule sae:
@@ -40,11 +40,11 @@ rule sae:
     benchmark:
         f"{RESULTS}/benchmarks_runtime/sae/model={{model}}/layer={{layer}}.tsv"
     # Only training runs the model; copying a pretrained SAE needs one thread and no GPU.
-    threads: lambda wc: model_threads() if trains_sae(wc) else 1
+    threads: lambda wc: MODEL_THREADS if trains_sae(wc) else 1
     resources:
         mem_mb=sae_mem_mb,
         runtime=240,
         gpu=lambda wc: 1 if ON_GPU and trains_sae(wc) else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {CLI} sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
+        "OMP_NUM_THREADS={threads} python -m competency_gaps sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
         "{params.inputs} --out-dir {params.out_dir} 2> {log}"

@@ -9,5 +9,6 @@ setup:
 run: setup
 	.venv/bin/snakemake --cores $(CORES)
 
-test: setup
+test:
+	@bash scripts/setup.sh --browser
 	.venv/bin/python -m pytest -q

@@ -7,7 +7,8 @@ Usage: .venv/bin/python bench/all.py [--quick] [--skip reduce,mc_scoring]
 Runs, as child processes with the project's interpreter and each script's own CPU defaults: extraction.py
 (saliency extraction, random weights), mc_scoring.py (multiple-choice scoring against lm-eval),
 generation.py (greedy generation against plain `generate`), sae_training.py (activation collection and SAE
-training), labels.py (the labels stage) and reduce.py (the reducer on synthetic shards up to 3×10^5 items).
+training), labels.py (the labels stage), reduce.py (the reducer on synthetic shards up to 3×10^5 items) and
+explorer.py (the explorer's load and interaction latency at 65,536 concepts in headless Chromium).
 First it prints the machine (CPU model, cores, RAM, GPU, torch version, load average); a script whose inputs
 are missing is skipped with the reason (the model and corpus come from `make run`; lm-eval from
 `pip install -e ".[bench]"`). Timings on a shared machine are noisy: the load average is printed before each
@@ -20,6 +21,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +98,9 @@ BENCHES = [
           lambda: first_reason(missing_model, lambda: missing_files(CORPUS)), quick=["--corpus-tokens", "8192"]),
     Bench("reduce", "reducer on synthetic shards: time, peak memory, bytes on disk",
           quick=["--sizes", "10000"]),
+    Bench("explorer", "explorer in headless Chromium: load, table and map latency at 65,536 concepts",
+          lambda: None if shutil.which("chromium") else "chromium is not installed (apt-get install chromium)",
+          quick=["--concepts", "16384", "--items", "20000"]),
 ]
 
 

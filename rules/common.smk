@@ -1,4 +1,5 @@
 # Helpers shared by the rule modules: config validation, result paths, targets, job inputs and resources.
+import json
 import os
 import shlex
 import sys
@@ -138,6 +139,11 @@ def neuronpedia_export(wildcards):
     return [source["path"]] if source else []
 
 
+def explorer_sites():
+    """Every (model, layer) explorer, with its page relative to results/explorer/."""
+    return [{"model": m, "layer": str(l), "href": f"model={m}/layer={l}/index.html"} for m in MODELS for l in layers_of(m)]
+
+
 def all_targets():
     per_layer = {
         "labels": ("labels.parquet", "concept_cards.md", "label_quality.json"),
@@ -152,4 +158,4 @@ def all_targets():
         for l in layers_of(m)
         for folder, names in per_layer.items()
         for name in names
-    ]
+    ] + [f"{RESULTS}/explorer/index.html"]

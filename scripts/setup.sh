@@ -25,3 +25,12 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 echo "setup: .venv ready ($(.venv/bin/python --version))"
+
+# --browser (make test): the explorer's browser tests drive a headless Chromium. Browser downloads do not work
+# offline, so they use the distribution's package; without it (or without apt) they skip and say why.
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  echo "setup: installing chromium (apt) for the explorer's browser tests"
+  { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "setup: could not install chromium; the explorer's browser tests will be skipped" >&2
+fi

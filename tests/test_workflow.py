@@ -171,7 +171,7 @@ def appended(path: Path, text: str):
 
 # Every (model, layer) analysis reads all shards: a changed shard reruns the reducer, the robustness checks
 # and the figures; a changed extraction also the labels (they merge every shard's top contexts).
-ANALYSES = {"reduce_concepts": 1, "robustness": 1, "figures": 1, "all": 1}
+ANALYSES = {"reduce_concepts": 1, "robustness": 1, "figures": 1, "explorer": 1, "explorer_index": 1, "all": 1}
 EXTRACTED = {"labels": 1, **ANALYSES}
 DOWNSTREAM_OF_ONE = {"prepare_benchmark": 1, "evaluate": 1, "extract": 1, **EXTRACTED}
 
@@ -200,7 +200,8 @@ def test_throughput_settings_rerun_nothing(finished_run, base_config):
 
 def test_the_gap_seed_reruns_only_the_reducer(finished_run, base_config):
     with edited(finished_run, base_config, lambda config: config["gaps"].update(seed=5)):
-        assert planned_jobs(finished_run) == {"reduce_concepts": 1, "figures": 1, "all": 1}
+        assert planned_jobs(finished_run) == {"reduce_concepts": 1, "figures": 1, "explorer": 1, "explorer_index": 1,
+                                              "all": 1}
 
 
 def dry_run_jobs(workdir: Path, *args: str) -> dict[str, str]:
@@ -291,6 +292,20 @@ def test_figures_robustness_and_the_report(finished_run):
     report = (finished_run / "report.html").read_text()
     assert "chi_bench_hist.png" in report and "Gaps" in report
     assert "validity.png" in report and "Robustness" in report
+
+
+def test_the_explorer_is_built_for_every_model_and_layer(finished_run, random_sae_dirs):
+    explorer = finished_run / "results/explorer"
+    assert 'href="model=tiny/layer=1/index.html"' in (explorer / "index.html").read_text()
+    assert "model=tiny/layer=1/index.html" in (explorer / "sites.js").read_text()
+    site = explorer / "model=tiny/layer=1"
+    for name in ("index.html", "app.js", "style.css", "data/meta.js", "data/table.js", "data/map.js", "data/item_index.js"):
+        assert (site / name).stat().st_size > 0, name
+    table = (site / "data/table.js").read_text()
+    table = json.loads(table[table.index(",") + 1:table.rindex(")")])
+    concepts = pl.read_parquet(finished_run / "results/concepts/model=tiny/layer=1/concepts.parquet")
+    assert table["concept"] == sorted(concepts["concept"].to_list())
+    assert len(table["per_benchmark"]["model"]) == len(BENCHMARKS)
 
 
 def test_every_live_concept_is_labelled_and_named_by_its_label(finished_run):

@@ -177,6 +177,20 @@ def cmd_robustness(args: argparse.Namespace) -> None:
         run_robustness_figures(Path(args.out_dir), context=args.title)
 
 
+def cmd_explorer(args: argparse.Namespace) -> None:
+    from competency_gaps.explorer_site import run_explorer
+
+    spec = _spec(args, "explorer")["explorer"]
+    run_explorer(Path(args.concepts).parent, Path(args.labels).parent, Path(args.sae_weights).parent, args.items,
+                 args.scores, args.saliency, spec, Path(args.out_dir), args.model, args.layer)
+
+
+def cmd_explorer_index(args: argparse.Namespace) -> None:
+    from competency_gaps.explorer_site import write_index
+
+    write_index(json.loads(args.sites), Path(args.out_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="competency-gaps", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -275,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--examples", type=int, default=2, help="lowest- and highest-scored items per concept and benchmark")
     c.add_argument("--wrong", type=int, default=5, help="lowest-scored wrong items per benchmark in wrong_items.md")
     c.add_argument("--item-concepts", type=int, default=5, help="top concepts by saliency shown per wrong item")
+
+    c = stage("explorer", cmd_explorer, "the interactive explorer (a static site) of one (model, layer)", "model", "layer")
+    c.add_argument("--concepts", required=True, help="concepts.parquet of the reducer (its folder's tables are read)")
+    c.add_argument("--labels", required=True, help="labels.parquet of the labels stage (its folder's contexts.parquet too)")
+    c.add_argument("--sae-weights", required=True, help="the SAE's sae_weights.safetensors (decoder directions; summary.json beside it)")
+    c.add_argument("--items", nargs="+", required=True, help="items tables (prompts, gold answers, categories)")
+    c.add_argument("--scores", nargs="+", required=True, help="scores tables (scores, responses)")
+    c.add_argument("--saliency", nargs="+", required=True, help="saliency shards of this layer (items' top concepts)")
+    c.add_argument("--out-dir", required=True, help="the site's folder (replaced whole)")
+
+    c = sub.add_parser("explorer-index", help="the page linking every explorer of a run, and sites.js",
+                       description="the page linking every explorer of a run, and sites.js")
+    c.set_defaults(func=cmd_explorer_index)
+    c.add_argument("--sites", required=True, help='JSON list of {"model", "layer", "href"} (href relative to --out-dir)')
+    c.add_argument("--out-dir", required=True, help="results/explorer")
     return parser
 
 

@@ -1,0 +1,64 @@
+rule explorer:
+    """The interactive explorer of one (model, layer): a self-contained static site (index.html, app.js, data/)
+    that opens from disk or any static host, with no server and no internet. Model/benchmark gaps toggle, concept
+    table, concept detail with highlighted contexts and examples, concept map (UMAP of the decoder directions),
+    correlation and overlap heatmaps, item view; the URL keeps the state. A leaf: nothing reads it, so it is a
+    directory() output that Snakemake replaces whole."""
+    input:
+        concepts=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concepts.parquet",
+        concept_benchmark=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concept_benchmark.parquet",
+        benchmarks=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/benchmarks.parquet",
+        thresholds=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/thresholds.json",
+        labels=f"{RESULTS}/labels/model={{model}}/layer={{layer}}/labels.parquet",
+        contexts=f"{RESULTS}/labels/model={{model}}/layer={{layer}}/contexts.parquet",
+        sae_weights=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/sae_weights.safetensors",
+        sae_summary=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/summary.json",
+        item_tables=expand(f"{RESULTS}/benchmarks/benchmark={{benchmark}}/items.parquet", benchmark=BENCHMARKS),
+        scores=expand(
+            f"{RESULTS}/evaluate/model={{model}}/benchmark={{benchmark}}/scores.parquet",
+            benchmark=BENCHMARKS,
+            allow_missing=True,
+        ),
+        saliency=expand(
+            f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/saliency.parquet",
+            benchmark=BENCHMARKS,
+            allow_missing=True,
+        ),
+    output:
+        # Not in `snakemake --report report.html`: a single-file report cannot hold a folder. Open it from disk.
+        site=directory(f"{RESULTS}/explorer/model={{model}}/layer={{layer}}"),
+    params:
+        spec=lambda wc: spec_json(config, "explorer"),
+    conda:
+        "../envs/competency-gaps.yaml"
+    log:
+        f"{RESULTS}/logs/explorer/model={{model}}/layer={{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks_runtime/explorer/model={{model}}/layer={{layer}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "NUMBA_NUM_THREADS={threads} python -m competency_gaps explorer --model {wildcards.model} --layer {wildcards.layer} "
+        "--spec {params.spec:q} --concepts {input.concepts} --labels {input.labels} "
+        "--sae-weights {input.sae_weights} --items {input.item_tables} --scores {input.scores} --saliency {input.saliency} "
+        "--out-dir {output.site} 2> {log}"
+
+
+rule explorer_index:
+    """results/explorer/index.html links to the explorer of every configured (model, layer), and sites.js gives each
+    explorer the links to the others (so adding a model rewrites these two files, not every explorer)."""
+    input:
+        sites=[f"{RESULTS}/explorer/model={model}/layer={layer}" for model in MODELS for layer in layers_of(model)],
+    output:
+        index=f"{RESULTS}/explorer/index.html",
+        sites=f"{RESULTS}/explorer/sites.js",
+    params:
+        sites=lambda wc: json.dumps(explorer_sites()),
+        out_dir=lambda wc, output: os.path.dirname(output.index),
+    log:
+        f"{RESULTS}/logs/explorer/index.log",
+    localrule: True
+    shell:
+        "python -m competency_gaps explorer-index --sites {params.sites:q} --out-dir {params.out_dir} 2> {log}"

@@ -4,12 +4,11 @@
 # Debian's packages (installed with apt if absent; needs root), a minimal slurm.conf, all state under
 # $LOCAL_SLURM_DIR (default /tmp/local-slurm). Idempotent: start starts what is not running.
 #
-#   eval "$(scripts/local-slurm.sh start)"   # prints `export SLURM_CONF=...` for the client commands
-#   scripts/local-slurm.sh status            # daemons and sinfo
-#   scripts/local-slurm.sh stop
+#   scripts/local-slurm.sh start | status | stop | install (the packages only)
 #
-# sbatch, squeue and sacct find this cluster through SLURM_CONF; jobs inherit it. Ports: SLURM's defaults
-# (6817-6819) and 127.0.0.1:6820 for MariaDB.
+# The config is linked at /etc/slurm/slurm.conf, where every SLURM command looks (the slurm executor's job
+# step drops SLURM_CONF from the environment of the srun it runs inside each job), so start refuses to replace
+# a slurm.conf it did not write. Ports: SLURM's defaults (6817-6819) and 127.0.0.1:6820 for MariaDB.
 # No cgroups: containers rarely delegate them (and SLURM 22.05's cgroup/v2 wants systemd), so processes are
 # tracked through /proc and memory is enforced by polling (jobacct_gather/linux with OverMemoryKill): a job
 # whose resident memory exceeds its --mem is killed within a few seconds.
@@ -21,7 +20,8 @@ MUNGE_SOCKET=$DIR/munge/munge.socket
 DB_SOCKET=$DIR/db/mariadb.sock
 DB_PORT=6820
 PACKAGES=(slurm-wlm slurmdbd munge mariadb-server)
-export SLURM_CONF=$CONF
+SYSTEM_CONF=/etc/slurm/slurm.conf
+export SLURM_CONF=$CONF  # the daemons, and slurmdbd finds slurmdbd.conf beside it
 
 log() { echo "local-slurm: $*" >&2; }
 
@@ -79,6 +79,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=$host
 # For slurmdbd connections this names the munge socket (AuthInfo's is not used for them).
 AccountingStoragePass=$MUNGE_SOCKET
+# Keep sbatch --comment (the slurm executor puts the rule and wildcards there), so sacct shows which job is which.
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 ReturnToService=2
 # slurmd -C reports this node's real CPUs and memory (a node configured with more than it has is drained).
@@ -115,9 +117,18 @@ start_database() {
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
 }
 
+link_config() {
+  if [ -e "$SYSTEM_CONF" ] && [ "$(readlink "$SYSTEM_CONF")" != "$CONF" ]; then
+    log "$SYSTEM_CONF exists and is not this cluster's: not replacing it"; exit 1
+  fi
+  mkdir -p "$(dirname "$SYSTEM_CONF")"
+  ln -sfn "$CONF" "$SYSTEM_CONF"
+}
+
 start() {
   install_packages
   write_configs
+  link_config
   running munged || munged --socket="$MUNGE_SOCKET" --key-file="$DIR/munge/munge.key" \
     --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munge.seed"
   start_database
@@ -129,7 +140,6 @@ start() {
   running slurmd || slurmd
   wait_for "the node" bash -c "sinfo -h -o %T | grep -qx -e idle -e mixed -e allocated"
   log "running: partition $(sinfo -h -o '%P, %D node, %c CPUs, %m MB' | head -1); state in $DIR"
-  echo "export SLURM_CONF=$CONF"
 }
 
 stop() {
@@ -141,6 +151,7 @@ stop() {
       log "stopped $name"
     fi
   done
+  [ "$(readlink "$SYSTEM_CONF")" != "$CONF" ] || rm "$SYSTEM_CONF"
 }
 
 status() {
@@ -153,8 +164,9 @@ status() {
 }
 
 case "${1:-}" in
+  install) install_packages ;;
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|install" >&2; exit 2 ;;
 esac

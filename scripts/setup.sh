@@ -24,6 +24,9 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# Opt-in (CI sets SETUP_SLURM=1): Debian's SLURM, munge and MariaDB for the SLURM end-to-end test
+# (tests/test_slurm.py, skipped where slurmctld is absent); apt runs only for what is missing, and needs root.
+[ "${SETUP_SLURM:-0}" != 1 ] || bash scripts/local-slurm.sh install
 echo "setup: .venv ready ($(.venv/bin/python --version))"
 
 # --browser (make test): the explorer's browser tests drive a headless Chromium. Browser downloads do not work

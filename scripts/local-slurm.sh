@@ -9,9 +9,10 @@
 # The config is linked at /etc/slurm/slurm.conf, where every SLURM command looks (the slurm executor's job
 # step drops SLURM_CONF from the environment of the srun it runs inside each job), so start refuses to replace
 # a slurm.conf it did not write. Ports: SLURM's defaults (6817-6819) and 127.0.0.1:6820 for MariaDB.
-# No cgroups: containers rarely delegate them (and SLURM 22.05's cgroup/v2 wants systemd), so processes are
-# tracked through /proc and memory is enforced by polling (jobacct_gather/linux with OverMemoryKill): a job
-# whose resident memory exceeds its --mem is killed within a few seconds.
+# No cgroups: containers seldom let slurmd manage them (SLURM 22.05's cgroup/v2 also wants systemd), so processes
+# are tracked through /proc and memory is enforced by polling (jobacct_gather/linux with OverMemoryKill): a job
+# whose resident memory exceeds its --mem is killed within a few seconds and ends FAILED (OUT_OF_MEMORY needs
+# cgroups).
 set -euo pipefail
 
 DIR=${LOCAL_SLURM_DIR:-/tmp/local-slurm}
@@ -37,7 +38,8 @@ install_packages() {
 }
 
 pid_of() { cat "$DIR/$1.pid" 2>/dev/null; }
-running() { local pid; pid=$(pid_of "$1") && kill -0 "$pid" 2>/dev/null; }
+# The daemon NAME of this cluster is running: its pid file names a live process of that name (not a reused pid).
+running() { local pid; pid=$(pid_of "$1") && [ "$(ps -o comm= -p "$pid")" = "$1" ]; }
 
 wait_for() {  # wait_for WHAT COMMAND...: up to 30 s for COMMAND to succeed
   local what=$1; shift
@@ -108,9 +110,10 @@ CONF
 start_database() {
   [ -d "$DIR/db/data/mysql" ] \
     || mariadb-install-db --no-defaults --datadir="$DIR/db/data" --user=root >"$DIR/log/mariadb-install.log" 2>&1
-  running mariadbd || setsid mariadbd --no-defaults --user=root --datadir="$DIR/db/data" --socket="$DB_SOCKET" \
-    --bind-address=127.0.0.1 --port=$DB_PORT --pid-file="$DIR/mariadbd.pid" --log-error="$DIR/log/mariadb.log" \
-    </dev/null >/dev/null 2>&1 &
+  if ! running mariadbd; then  # mariadbd does not daemonize itself
+    setsid mariadbd --no-defaults --user=root --datadir="$DIR/db/data" --socket="$DB_SOCKET" --bind-address=127.0.0.1 \
+      --port=$DB_PORT --pid-file="$DIR/mariadbd.pid" --log-error="$DIR/log/mariadb.log" </dev/null >/dev/null 2>&1 &
+  fi
   wait_for MariaDB mariadb --no-defaults --socket="$DB_SOCKET" -e "SELECT 1"
   mariadb --no-defaults --socket="$DB_SOCKET" -e "
     CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$(cat "$DIR/db.password")';
@@ -145,11 +148,11 @@ start() {
 stop() {
   local name pid
   for name in slurmd slurmctld slurmdbd mariadbd munged; do
-    pid=$(pid_of "$name") || continue
-    if kill "$pid" 2>/dev/null; then
-      for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-      log "stopped $name"
-    fi
+    running "$name" || continue
+    pid=$(pid_of "$name")
+    kill "$pid"
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    log "stopped $name"
   done
   [ "$(readlink "$SYSTEM_CONF")" != "$CONF" ] || rm "$SYSTEM_CONF"
 }

@@ -10,5 +10,5 @@ run: setup
 	.venv/bin/snakemake --cores $(CORES)
 
 test:
-	@bash scripts/setup.sh --browser
+	@bash scripts/setup.sh --test-systems
 	.venv/bin/python -m pytest -q

@@ -26,9 +26,9 @@ if [ ! -f "$stamp" ]; then
 fi
 echo "setup: .venv ready ($(.venv/bin/python --version))"
 
-# --browser (make test): the explorer's browser tests drive a headless Chromium. Browser downloads do not work
+# --test-systems (make test): system packages some tests drive. The explorer's browser tests need a headless Chromium. Browser downloads do not work
 # offline, so they use the distribution's package; without it (or without apt) they skip and say why.
-if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+if [ "${1:-}" = "--test-systems" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
   echo "setup: installing chromium (apt) for the explorer's browser tests"
   { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
@@ -37,6 +37,6 @@ fi
 
 # make test also gets Debian's SLURM, munge and MariaDB for the SLURM end-to-end test (tests/test_slurm.py):
 # apt runs only for what is missing, and only as root; without them that test skips and says why.
-if [ "${1:-}" = "--browser" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+if [ "${1:-}" = "--test-systems" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   bash scripts/local-slurm.sh install || echo "setup: could not install SLURM; tests/test_slurm.py will be skipped" >&2
 fi

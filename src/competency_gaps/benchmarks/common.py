@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from competency_gaps.benchmarks.base import MalformedRow, SourceRow
+from competency_gaps.benchmarks.base import MalformedRow, SourceRow, undecodable
 from competency_gaps.templates import SpannedText
 
 LETTERS = "ABCDE"
@@ -62,17 +62,37 @@ def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "labe
             yield SourceRow(str(labels_path), number, {"__error__": "label line with no matching data line"})
 
 
+def counted_lines(handle: Iterator[str], counter: list[int]) -> Iterator[str]:
+    """The handle's lines, counting them in counter[0] (csv's own line_num misses lines it failed on)."""
+    for line in handle:
+        counter[0] += 1
+        yield line
+
+
 def read_csv_rows(path: Path) -> Iterator[SourceRow]:
     """CSV records (header row gives the keys); `line` is the physical line where the record ends
     (quoted cells may span lines), and `__index__` the record's 0-based position among the data rows.
-    utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise become part of the first column name."""
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for index, record in enumerate(reader):
-            if None in record:  # more cells than header columns
-                yield SourceRow(str(path), reader.line_num, {"__error__": "row has more cells than the header"})
+    utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise become part of the first column name.
+    A record that is not UTF-8, has more cells than the header or that csv cannot parse (a cell longer than
+    csv.field_size_limit()) is a malformed row; the reader goes on after it."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        lines = [0]
+        reader = csv.DictReader(counted_lines(handle, lines))
+        index = 0
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                yield SourceRow(str(path), lines[0], {"__error__": f"unreadable CSV record: {error}"})
                 continue
-            yield SourceRow(str(path), reader.line_num, {**record, "__index__": index})
+            problem = next(filter(None, (undecodable(str(cell)) for cell in record.values())), None)
+            if problem or None in record:  # None: more cells than header columns
+                yield SourceRow(str(path), lines[0], {"__error__": problem or "row has more cells than the header"})
+            else:
+                yield SourceRow(str(path), lines[0], {**record, "__index__": index})
+            index += 1
 
 
 def read_json_document(path: Path) -> dict[str, Any] | str:

@@ -94,14 +94,20 @@ def _with_defaults(validator_class: type) -> type:
 
 
 def _deepest_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
-    """For oneOf/anyOf failures, the branch error that got furthest explains the problem best."""
+    """For oneOf/anyOf failures, the branch the instance nearly matches explains the problem best: the one
+    with the fewest errors ({path: …, typo: 1} fails the `path` branch once, the `hub` branch twice), and
+    within it the error that got deepest."""
     if not error.context:
         return error
-    # Prefer the branch that matched the instance's keys and failed deeper inside it.
+
     def depth(branch_error: jsonschema.ValidationError) -> tuple[int, bool]:
         return len(branch_error.absolute_path), branch_error.validator not in ("required", "additionalProperties")
 
-    return _deepest_error(max(error.context, key=depth))
+    branches: dict[Any, list[jsonschema.ValidationError]] = {}
+    for branch_error in error.context:
+        branches.setdefault(branch_error.relative_schema_path[0], []).append(branch_error)
+    closest = min(branches.values(), key=lambda errors: (len(errors), -max(depth(e) for e in errors)[0]))
+    return _deepest_error(max(closest, key=depth))
 
 
 def validate_schema(config: dict[str, Any]) -> dict[str, Any]:

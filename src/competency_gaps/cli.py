@@ -115,7 +115,7 @@ def cmd_sae(args: argparse.Namespace) -> None:
     spec = _spec(args, "sae")
     out_dir = Path(args.out_dir)
     if "train" not in spec["sae"]:
-        fetch_sae(spec["sae"], out_dir)
+        fetch_sae(spec["sae"], out_dir, allow_pickle=spec.get("allow_pickle", False))
         return
     device, dtype = _torch_runtime(spec["runtime"])
     manifest = read_manifest(args.manifest)

@@ -28,11 +28,11 @@ BAD_SCORES = st.one_of(
     st.sampled_from(["high", "", "1,0", "nan"]).map(lambda x: ("not_a_number", x)),
     st.just(("empty_cell", None)),
 )
-ROW = st.one_of(
-    st.tuples(st.just("good"), st.sampled_from(ITEM_IDS), GOOD_SCORES),
-    st.tuples(st.just("id_matching_no_item"), st.sampled_from(["bench-7", "bench-00009", "BENCH-00001", "0"]), GOOD_SCORES),
+UNMATCHED_IDS = ["bench-7", "bench-00009", "BENCH-00001", "0"]
+BAD_ROW = st.one_of(
     BAD_SCORES.flatmap(lambda bad: st.tuples(st.just(bad[0]), st.sampled_from(ITEM_IDS), st.just(bad[1]))),
     st.tuples(st.just("empty_id"), st.just(""), GOOD_SCORES),
+    st.tuples(st.just("duplicate_id"), st.none(), GOOD_SCORES),  # takes the id of the row before it
 )
 
 
@@ -54,34 +54,33 @@ def write(path: Path, rows: list[tuple[str, object]]) -> None:
     frame.write_csv(path) if path.suffix == ".csv" else frame.write_parquet(path)
 
 
-def first_problem(rows: list[tuple[str, str, object]]) -> tuple[int, str] | None:
-    """The 0-based index and kind of the first row the import must refuse (None: all acceptable)."""
-    seen = set()
-    for index, (kind, item_id, _) in enumerate(rows):
-        if kind == "empty_id" or item_id in seen or kind not in ("good", "id_matching_no_item"):
-            return index, "duplicate_id" if item_id in seen and kind != "empty_id" else kind
-        seen.add(item_id)
-    return None
-
-
-@given(rows=st.lists(ROW, max_size=8), suffix=st.sampled_from([".csv", ".parquet", ".jsonl"]))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_a_score_table_is_imported_exactly_or_refused_naming_the_row(tmp_path_factory, rows, suffix):
+@given(scored=st.lists(st.tuples(st.sampled_from(ITEM_IDS), GOOD_SCORES), unique_by=lambda row: row[0], max_size=4),
+       unmatched=st.lists(st.tuples(st.sampled_from(UNMATCHED_IDS), GOOD_SCORES), unique_by=lambda row: row[0], max_size=2),
+       bad=st.one_of(st.none(), BAD_ROW), position=st.integers(0, 6),
+       suffix=st.sampled_from([".csv", ".parquet", ".jsonl"]))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_score_table_is_imported_exactly_or_refused_naming_the_row(tmp_path_factory, scored, unmatched, bad, position,
+                                                                     suffix):
+    """A valid table (scores for some items, ids that match none) with at most one bad row put in at `position`."""
+    rows = [("good", *row) for row in scored] + [("id_matching_no_item", *row) for row in unmatched]
+    position = min(position, len(rows))
+    if bad is not None and bad[0] == "duplicate_id":
+        position = max(position, 1)
+        bad = ("duplicate_id", rows[position - 1][1], bad[2]) if rows else None  # nothing to repeat in an empty table
+    if bad is not None:
+        rows.insert(position, bad)
     path = tmp_path_factory.mktemp("scores") / f"scores{suffix}"
     write(path, [(item_id, score) for _, item_id, score in rows])
-    problem = first_problem(rows)
-    first_line = 2 if suffix == ".csv" else 1
-    unit = "line" if suffix == ".csv" else "row"
+    first_line, unit = (2, "line") if suffix == ".csv" else (1, "row")
     try:
         frame = from_table(path, ITEMS, missing="null")
     except ImportScoresError as error:
-        assert problem is not None, f"refused a valid table: {error}"
-        index, kind = problem
-        assert str(error).startswith(f"{path}, {unit} {index + first_line}"), str(error)
-        TALLY[(kind, "ImportScoresError naming file and row")] += 1
+        assert bad is not None, f"refused a valid table: {error}"
+        assert str(error).startswith(f"{path}, {unit} {position + first_line}"), str(error)
+        TALLY[(bad[0], "ImportScoresError naming file and row")] += 1
         return
-    assert problem is None, f"accepted a table whose row {problem[0]} is {problem[1]}"
-    expected = {item_id: float(str(score).strip()) for kind, item_id, score in rows if kind == "good"}
+    assert bad is None, f"accepted a table whose row {position + first_line} is {bad[0]}"
+    expected = {item_id: float(str(score).strip()) for item_id, score in scored}
     assert dict(zip(frame["item_id"], frame["score"])) == {i: expected.get(i) for i in ITEM_IDS}
     for kind, _, _ in rows:
         TALLY[(kind, "imported" if kind == "good" else "ignored, counted in a warning")] += 1

@@ -229,3 +229,29 @@ def test_a_truncated_parquet_file_is_an_error_naming_it(tmp_path, keep):
     with pytest.raises(ValueError, match=f"{path} is not a readable Parquet file"):
         prepare_benchmark("pq", generic_spec(tmp_path, "d.parquet"))
     BAD_INPUT_TALLY[("parquet file truncated", "ValueError naming the file")] += 1
+
+
+@pytest.mark.slow
+def test_malformed_fail_stops_the_workflow_before_any_model_work(tmp_path, tiny_model_dir, random_sae_dirs):
+    """Snakemake with a hostile file under `malformed: fail`: the prepare job fails naming the file and line, and
+    no evaluation or extraction job starts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.jsonl").write_bytes(good_line("a", "2 + 2?", "4") + b"\n" + b'{"id": "b", "question": "caf\xe9?"}\n')
+    config = {"models": {"tiny": {"source": {"path": str(tiny_model_dir)},
+                                  "layers": [{"layer": 1, "sae": {"path": str(random_sae_dirs[1])}}]}},
+              "benchmarks": {"hostile": generic_spec(data, "items.jsonl", malformed="fail")}, "device": "cpu"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0
+    assert f"{data / 'items.jsonl'}, line 2, field '<row>': not valid UTF-8 (byte 0xe9" in run.stdout + run.stderr
+    assert not (tmp_path / "results" / "evaluate").exists() and not (tmp_path / "results" / "extract").exists()
+    BAD_INPUT_TALLY[("snakemake run, malformed: fail", "prepare job fails naming file and line; no model job ran")] += 1

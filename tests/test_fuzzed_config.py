@@ -134,6 +134,22 @@ def test_a_deleted_key_is_refilled_or_refused_naming_its_parent(full_config, dat
     TALLY[("deleted key", "ConfigError naming the key or its parent")] += 1
 
 
+@pytest.mark.parametrize(("change", "key", "says"), [
+    (lambda c: c["benchmarks"]["gsm8k"].update(max_new_tokens=6.0), "benchmarks.gsm8k.max_new_tokens", "not of type 'integer'"),
+    (lambda c: c["benchmarks"]["gsm8k"].update(template="gsm9k"), "benchmarks.gsm8k.template", "no prompt template named 'gsm9k'"),
+    (lambda c: c["benchmarks"]["probe_arithmetic"]["options"].update(digits=[0]), "benchmarks.probe_arithmetic.options",
+     "'digits' must be integers 1-18"),
+    (lambda c: c["labels"].update(llm={"backend": "openai", "model": "m", "temprature": 0}), "labels.llm", "temprature"),
+    (lambda c: c["labels"].update(llm={"backend": "telepathy", "model": "m"}), "labels.llm", "backend must be one of"),
+])
+def test_values_only_a_job_would_have_tripped_on_are_refused_naming_the_key(full_config, change, key, says):
+    config = copy.deepcopy(full_config)
+    change(config)
+    message = outcome_of(config)
+    assert message is not None and key in named_keys(message) and says in message, message
+    TALLY[("value a job would have failed on", "ConfigError naming the key")] += 1
+
+
 @pytest.mark.parametrize(("change", "key"), [
     (lambda c: c["gaps"].update(min_suport=2), "gaps"),
     (lambda c: c["models"]["tiny"].update(batch_size=[8]), "models.tiny.batch_size"),

@@ -255,3 +255,31 @@ def test_malformed_fail_stops_the_workflow_before_any_model_work(tmp_path, tiny_
     assert f"{data / 'items.jsonl'}, line 2, field '<row>': not valid UTF-8 (byte 0xe9" in run.stdout + run.stderr
     assert not (tmp_path / "results" / "evaluate").exists() and not (tmp_path / "results" / "extract").exists()
     BAD_INPUT_TALLY[("snakemake run, malformed: fail", "prepare job fails naming file and line; no model job ran")] += 1
+
+
+def test_a_labels_file_that_is_not_utf8_rejects_only_its_bad_line(tmp_path):
+    """Social IQa keeps its gold labels in a separate file, read line by line like the data."""
+    record = {"context": "Tracy helped.", "question": "What next?", "answerA": "a", "answerB": "b", "answerC": "c"}
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(record) for _ in range(3)) + "\n")
+    (tmp_path / "dev-labels.lst").write_bytes(b"1\n\xff\n3\n")
+    spec = {"adapter": "social_iqa", "data_dir": str(tmp_path), "limit": None, "seed": 0, "malformed": "report"}
+    table, report = prepare_benchmark("siqa", spec)
+    assert table.column("gold_index").to_pylist() == [0, 2]
+    assert [(problem.line, problem.field) for problem in report.malformed] == [(2, "label")]
+    BAD_INPUT_TALLY[("labels file with a byte that is not UTF-8", "counted rejection (file, line)")] += 1
+
+
+def test_a_json_document_that_is_not_utf8_is_a_counted_rejection(tmp_path):
+    """MATH's full release is one JSON document per problem."""
+    folder = tmp_path / "MATH" / "test" / "algebra"
+    folder.mkdir(parents=True)
+    (folder / "1.json").write_text(json.dumps({"problem": "1 + 1?", "solution": "$\\boxed{2}$", "level": "Level 1",
+                                               "type": "Algebra"}))
+    (folder / "2.json").write_bytes('{"problem": "caf\xe9?", "solution": "\\\\boxed{1}"}'.encode("latin-1"))
+    spec = {"adapter": "math", "data_dir": str(tmp_path), "limit": None, "seed": 0, "malformed": "report",
+            "options": {"split": "full"}}
+    table, report = prepare_benchmark("math", spec)
+    assert table.num_rows == 1
+    assert [(Path(problem.file).name, problem.line) for problem in report.malformed] == [("2.json", 1)]
+    assert "not valid UTF-8" in report.malformed[0].reason
+    BAD_INPUT_TALLY[("JSON document with a byte that is not UTF-8", "counted rejection (file, line)")] += 1

@@ -72,9 +72,9 @@ def snakemake_command(workdir: Path) -> list[str]:
 
 
 def job_environment(pause_dir: Path | None = None, points: list[dict] | None = None) -> dict[str, str]:
-    """This checkout's src first (as the rules put it), then the hook; pause points only when given."""
+    """This checkout's src first (as the rules put it), then the hook, then what was there; pause points only when given."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(HOOK_DIR)])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), str(HOOK_DIR), os.environ.get("PYTHONPATH")]))
     env.pop("COMPETENCY_GAPS_PAUSE_POINTS", None)
     if points is not None:
         env["COMPETENCY_GAPS_PAUSE_POINTS"] = json.dumps(points)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from competency_gaps.benchmarks.base import MalformedRow, SourceRow, undecodable
+from competency_gaps.benchmarks.base import MalformedRow, SourceRow, has_lone_surrogate, undecodable
 from competency_gaps.templates import SpannedText
 
 LETTERS = "ABCDE"
@@ -40,8 +40,10 @@ def option_texts(record: dict[str, Any], keys: list[str]) -> list[str]:
 
 
 def read_label_lines(path: Path) -> list[str]:
-    """One label per physical line (line i belongs to data line i); blank lines kept so numbering matches."""
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]  # -sig: drop a BOM
+    """One label per physical line (line i belongs to data line i); blank lines kept so numbering matches.
+    A byte that is not UTF-8 stays in its line's label (as a surrogate escape), which the adapter then rejects."""
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # -sig: drop a BOM
+    return [line.strip() for line in text.splitlines()]
 
 
 def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "label") -> Iterator[SourceRow]:
@@ -97,11 +99,17 @@ def read_csv_rows(path: Path) -> Iterator[SourceRow]:
 
 def read_json_document(path: Path) -> dict[str, Any] | str:
     """A whole-file JSON object, or an error message for a malformed-row report."""
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # -sig: json rejects a leading BOM
+    problem = undecodable(text)
+    if problem:
+        return problem
     try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: json rejects a leading BOM
+        document = json.loads(text)
     except json.JSONDecodeError as error:
         return f"invalid JSON: {error.msg}"
-    return document if isinstance(document, dict) else "file is not a JSON object"
+    if not isinstance(document, dict):
+        return "file is not a JSON object"
+    return "a string holds a lone surrogate (an invalid \\u escape)" if has_lone_surrogate(document) else document
 
 
 def gold_from_letter(letter: Any, n_options: int, field: str = "label") -> int:

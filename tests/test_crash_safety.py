@@ -87,8 +87,8 @@ def run_snakemake(workdir: Path, env: dict[str, str] | None = None) -> subproces
 
 
 def start_snakemake(workdir: Path, env: dict[str, str]) -> subprocess.Popen:
-    log = (workdir / "snakemake.out").open("w")
-    return subprocess.Popen(snakemake_command(workdir), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    with (workdir / "snakemake.out").open("w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(snakemake_command(workdir), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
 
 
 def tail(workdir: Path) -> str:
@@ -134,7 +134,7 @@ def kill_paused_jobs_until_done(workdir: Path, pause_dir: Path, env: dict[str, s
 def result_files(workdir: Path) -> dict[str, Path]:
     results = workdir / "results"
     return {str(path.relative_to(results)): path for path in sorted(results.rglob("*"))
-            if path.is_file() and not path.relative_to(results).parts[0] in UNCOMPARED_FOLDERS}
+            if path.is_file() and path.relative_to(results).parts[0] not in UNCOMPARED_FOLDERS}
 
 
 def assert_same_tables(workdir: Path, reference: Path) -> None:

@@ -12,11 +12,12 @@ from competency_gaps.config import gguf_file, model_shape, resolve_device, valid
 from competency_gaps.templates import TEMPLATES_FILE
 from competency_gaps.workflow import alternatives, model_job_memory_mb, sae_job_memory_mb, spec_json, throughput
 
-# The schema (with its descriptions and defaults) ships beside the code; snakemake's validate is the
-# community-standard check, validate_config adds defaults deep in the model/benchmark maps and the
-# checks a schema cannot express (adapter names, layer range, SAE width).
-validate(config, "../resources/config.schema.yaml")
+# The schema (with its descriptions and defaults) ships beside the code; validate_config adds defaults deep
+# in the model/benchmark maps and the checks a schema cannot express (adapter names, layer range, SAE width).
+# It runs first so that any error names the key as written in config.yaml (models.tiny.batch_size);
+# snakemake's validate, the community-standard check, then passes.
 config = validate_config(config)
+validate(config, "../resources/config.schema.yaml")
 # `auto` is resolved once, here, so GPU jobs declare gpu=1 and every job runs on the same device.
 config["device"] = resolve_device(config["device"])
 

@@ -15,6 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The Parquet inputs of each stage (argument names), checked before the stage runs: a truncated or foreign
+# shard stops the job with a message naming the file, so nothing downstream is built on it.
+INPUT_TABLES = {
+    "evaluate": ("items",),
+    "sae": ("corpus",),
+    "extract": ("items", "scores"),
+    "labels": ("corpus", "contexts"),
+    "reduce": ("saliency", "tokens", "scores", "labels"),
+    "robustness": ("saliency", "tokens", "scores", "labels"),
+    "figures": ("concept_benchmark", "concepts", "benchmarks", "overlap", "items", "scores", "saliency"),
+}
+
 STAGES = ("prepare", "convert_gguf", "prepare_model", "corpus", "evaluate", "sae", "extract", "labels", "reduce")
 
 
@@ -103,7 +115,7 @@ def cmd_sae(args: argparse.Namespace) -> None:
     spec = _spec(args, "sae")
     out_dir = Path(args.out_dir)
     if "train" not in spec["sae"]:
-        fetch_sae(spec["sae"], out_dir)
+        fetch_sae(spec["sae"], out_dir, allow_pickle=spec.get("allow_pickle", False))
         return
     device, dtype = _torch_runtime(spec["runtime"])
     manifest = read_manifest(args.manifest)
@@ -307,10 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_input_tables(args: argparse.Namespace) -> None:
+    """Stop with DamagedTableError (naming the file and how to rebuild it) when a Parquet input is damaged."""
+    from competency_gaps.tables import check_parquet
+
+    for name in INPUT_TABLES.get(args.stage.replace("-", "_"), ()):
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path is not None and str(path).endswith(".parquet"):
+                check_parquet(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_input_tables(args)
     args.func(args)
 
 

@@ -19,6 +19,7 @@ import jsonschema
 import yaml
 
 from competency_gaps.benchmarks import ADAPTERS, adapter_class
+from competency_gaps.templates import TEMPLATES_FILE, load_templates
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "resources" / "config.schema.yaml"
 log = logging.getLogger(__name__)
@@ -90,18 +91,27 @@ def _with_defaults(validator_class: type) -> type:
                     instance[name] = json.loads(json.dumps(subschema["default"]))
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    # JSON Schema counts 6.0 as an integer; a job would then get a float where it counts (max_new_tokens: 6.0).
+    type_checker = validator_class.TYPE_CHECKER.redefine(
+        "integer", lambda checker, instance: isinstance(instance, int) and not isinstance(instance, bool))
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults}, type_checker=type_checker)
 
 
 def _deepest_error(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
-    """For oneOf/anyOf failures, the branch error that got furthest explains the problem best."""
+    """For oneOf/anyOf failures, the branch the instance nearly matches explains the problem best: the one
+    with the fewest errors ({path: …, typo: 1} fails the `path` branch once, the `hub` branch twice), and
+    within it the error that got deepest."""
     if not error.context:
         return error
-    # Prefer the branch that matched the instance's keys and failed deeper inside it.
+
     def depth(branch_error: jsonschema.ValidationError) -> tuple[int, bool]:
         return len(branch_error.absolute_path), branch_error.validator not in ("required", "additionalProperties")
 
-    return _deepest_error(max(error.context, key=depth))
+    branches: dict[Any, list[jsonschema.ValidationError]] = {}
+    for branch_error in error.context:
+        branches.setdefault(branch_error.relative_schema_path[0], []).append(branch_error)
+    closest = min(branches.values(), key=lambda errors: (len(errors), -max(depth(e) for e in errors)[0]))
+    return _deepest_error(max(closest, key=depth))
 
 
 def validate_schema(config: dict[str, Any]) -> dict[str, Any]:
@@ -214,12 +224,32 @@ def check_benchmarks(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key 'benchmarks.{slug}.data_dir': folder {bench['data_dir']} does not exist")
         if "data_dir" not in bench and "hub" not in bench and adapter_class(bench["adapter"]).needs_data:
             raise ConfigError(f"config key 'benchmarks.{slug}': adapter {bench['adapter']!r} needs data_dir or hub")
+        if bench["template"] is not None and bench["template"] not in load_templates():
+            raise ConfigError(f"config key 'benchmarks.{slug}.template': no prompt template named {bench['template']!r} "
+                              f"in {TEMPLATES_FILE}")
+        try:  # adapters check their options when built (reading no data), so a bad option fails here, not in a job
+            adapter_class(bench["adapter"])(bench["options"])
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"config key 'benchmarks.{slug}.options': {error}") from None
+
+
+def check_labeller(config: dict[str, Any]) -> None:
+    """labels.llm builds a LabellerConfig, whose own checks (keys, backend, ranges) then fail here, not in a job."""
+    if config["labels"]["llm"] is None:
+        return
+    from competency_gaps.labellers import LabellerConfig  # no backend is imported until one is built
+
+    try:
+        LabellerConfig(**config["labels"]["llm"])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config key 'labels.llm': {error}") from None
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Schema validation with defaults, then the checks a schema cannot express."""
     validate_schema(config)
     check_benchmarks(config)
+    check_labeller(config)
     check_models(config)
     return config
 

@@ -58,16 +58,18 @@ def check_missing(missing: str) -> None:
 
 
 def scores_frame(items: pl.DataFrame, found: Mapping[str, dict[str, Any]], extra: int, path: Path,
-                 missing: str) -> pl.DataFrame:
+                 missing: str, first_unmatched: str | None = None) -> pl.DataFrame:
     """One SCORES row per item in the items' order, from `found` (item id -> score, prediction, ...);
-    `extra` counts the scored ids that are not items (ignored, reported in a warning)."""
+    `extra` counts the scored ids that are not items (ignored, reported in a warning), `first_unmatched`
+    names the first of them (file, row, id), shown when items lack a score: the ids may just be spelled otherwise."""
     ids = items["item_id"].to_list()
     absent = [item_id for item_id in ids if item_id not in found]
     if absent and missing == "error":
         shown = ", ".join(repr(item_id) for item_id in absent[:SHOWN_IDS])
         more = f" and {len(absent) - SHOWN_IDS} more" if len(absent) > SHOWN_IDS else ""
+        unmatched = f"; {extra} scored id(s) match no item, the first at {first_unmatched}" if first_unmatched else ""
         raise ImportScoresError(
-            f"{path}: no score for {len(absent)} of {len(ids)} items: {shown}{more} "
+            f"{path}: no score for {len(absent)} of {len(ids)} items: {shown}{more}{unmatched} "
             "(missing='null' keeps them unscored)"
         )
     if absent:
@@ -86,14 +88,17 @@ def scores_frame(items: pl.DataFrame, found: Mapping[str, dict[str, Any]], extra
 def read_table(path: Path) -> tuple[list[dict[str, Any]], int]:
     """The table's records and the line of its first record (2 for CSV: line 1 is the header)."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        # Every cell as text: ids such as "007" must not turn into numbers.
-        return pl.read_csv(path, infer_schema=False).to_dicts(), 2
-    if suffix in (".parquet", ".pq"):
-        return pl.read_parquet(path).to_dicts(), 1
     if suffix in (".jsonl", ".ndjson", ".json"):
         return [record for _, record in read_json_lines(path)], 1
-    raise ImportScoresError(f"{path}: expected a .csv, .parquet or .jsonl score table")
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise ImportScoresError(f"{path}: expected a .csv, .parquet or .jsonl score table")
+    try:
+        if suffix == ".csv":
+            # Every cell as text: ids such as "007" must not turn into numbers.
+            return pl.read_csv(path, infer_schema=False).to_dicts(), 2
+        return pl.read_parquet(path).to_dicts(), 1
+    except (pl.exceptions.PolarsError, OSError) as error:  # ragged or non-UTF-8 CSV, truncated Parquet
+        raise ImportScoresError(f"{path}: cannot read the score table: {error}") from None
 
 
 def from_table(
@@ -117,6 +122,7 @@ def from_table(
     wanted = set(items["item_id"].to_list())
     found: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
+    first_unmatched: str | None = None
     unit = "line" if first_line == 2 else "row"
     for offset, record in enumerate(records):
         raw_id = record.get(id_column)
@@ -130,13 +136,14 @@ def from_table(
         seen.add(item_id)
         score = parse_score(record.get(score_column), where)  # checked even for ids we ignore
         if item_id not in wanted:
+            first_unmatched = first_unmatched or where
             continue
         found[item_id] = {
             "score": score,
             "prediction": optional_text(record.get("prediction")),
             "response": optional_text(record.get("response")),
         }
-    return scores_frame(items, found, len(seen) - len(found), path, missing)
+    return scores_frame(items, found, len(seen) - len(found), path, missing, first_unmatched)
 
 
 def optional_text(value: Any) -> str | None:
@@ -246,10 +253,12 @@ def from_lm_eval_samples(
     found: dict[str, dict[str, Any]] = {}
     seen_at: dict[str, int] = {}
     extra = 0
+    first_unmatched: str | None = None
     for number, sample in samples:
         item_id = locate(number, sample)
         if item_id is None or item_id not in wanted:
             extra += 1  # a doc of the full benchmark that our (sampled) items do not include
+            first_unmatched = first_unmatched or f"{path}, line {number}, doc_id {sample.get('doc_id')!r}"
             continue
         where = f"{path}, line {number}, doc_id {sample.get('doc_id')!r}, item {item_id!r}"
         if metric not in sample:
@@ -264,7 +273,7 @@ def from_lm_eval_samples(
             "response": lm_eval_response(sample.get("resps")),
             "choice_logprobs": lm_eval_logprobs(filtered),
         }
-    return scores_frame(items, found, extra, path, missing)
+    return scores_frame(items, found, extra, path, missing, first_unmatched)
 
 
 def sample_locator(path: Path, items: pl.DataFrame, match: str, prefix: str | None, doc_field: str,

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,37 @@ from competency_gaps.config import gguf_file
 from competency_gaps.tables import write_json
 
 log = logging.getLogger(__name__)
+
+# What a model may do while it loads, off unless the model's config turns it on (models.M.trust_remote_code,
+# models.M.allow_pickle): run Python code shipped with the weights, read pickle-based weight files
+# (pytorch_model.bin, .pt), which can run code too. Recorded in the manifest, so every job loads alike.
+LOADING_POLICY = ("trust_remote_code", "allow_pickle")
+
+
+class UnsafeWeightsError(OSError):
+    """The weights exist only in a form the loading policy refuses (pickle); the message says how to allow it."""
+
+
+def loading_policy(spec: dict[str, Any]) -> dict[str, bool]:
+    """trust_remote_code and allow_pickle of a manifest or a prepare_model spec, False when absent."""
+    return {key: bool(spec.get(key, False)) for key in LOADING_POLICY}
+
+
+@contextmanager
+def pickle_refused(what: str) -> Iterator[None]:
+    """Within the block, torch.load (pickle) raises UnsafeWeightsError naming `what` instead of reading a file;
+    for loaders that pick a file format themselves (sae-lens's pretrained-SAE converters)."""
+    original = torch.load
+
+    def refuse(file: Any, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeWeightsError(f"{what}: its weights are a pickle-based file ({file}); they load only when the "
+                                 "model's config sets allow_pickle: true")
+
+    torch.load = refuse
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -74,8 +107,11 @@ def pin_hub_revision(repo: str, revision: str | None, cache_dir: str | Path | No
 
 
 def prepare_model(source: dict[str, Any], manifest_path: Path, converted: Path | None = None) -> dict[str, Any]:
-    """Write the manifest for one model source. A converted GGUF folder (`converted`) is recorded relative
-    to the manifest, so a results folder can be moved; a hub id is pinned to a commit."""
+    """Write the manifest for one model source (with its loading policy: trust_remote_code, allow_pickle).
+    A converted GGUF folder (`converted`) is recorded relative to the manifest, so a results folder can be
+    moved; a hub id is pinned to a commit."""
+    policy = loading_policy(source)
+    source = {key: value for key, value in source.items() if key not in LOADING_POLICY}
     if "gguf_package" in source:
         if converted is None:
             raise ValueError("a gguf_package model needs its converted folder (--converted)")
@@ -86,6 +122,7 @@ def prepare_model(source: dict[str, Any], manifest_path: Path, converted: Path |
         manifest = {"load_from": source["hub"], "relative": False,
                     "revision": pin_hub_revision(source["hub"], source.get("revision"))}
     manifest["source"] = source
+    manifest.update(policy)
     write_json(manifest, manifest_path)
     return manifest
 
@@ -102,7 +139,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def load_tokenizer(manifest: dict[str, Any]):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(manifest["load_from"], revision=manifest.get("revision"))
+    tokenizer = AutoTokenizer.from_pretrained(manifest["load_from"], revision=manifest.get("revision"),
+                                              trust_remote_code=loading_policy(manifest)["trust_remote_code"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -110,12 +148,23 @@ def load_tokenizer(manifest: dict[str, Any]):
 
 def load_model(manifest: dict[str, Any], device: torch.device, dtype: torch.dtype):
     """The causal LM in eval mode on `device`. On an accelerator the weights load straight onto it
-    (device_map), never all at once into host memory (16 GB for an 8B model)."""
+    (device_map), never all at once into host memory (16 GB for an 8B model). Code shipped with the model
+    runs only with trust_remote_code, and weights load from safetensors only, unless allow_pickle."""
     from transformers import AutoModelForCausalLM
 
+    policy = loading_policy(manifest)
     placement = {} if device.type == "cpu" else {"device_map": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(manifest["load_from"], revision=manifest.get("revision"), dtype=dtype,
-                                                 low_cpu_mem_usage=True, **placement)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            manifest["load_from"], revision=manifest.get("revision"), dtype=dtype, low_cpu_mem_usage=True,
+            trust_remote_code=policy["trust_remote_code"], use_safetensors=None if policy["allow_pickle"] else True,
+            **placement)
+    except OSError as error:
+        if policy["allow_pickle"] or "safetensors" not in str(error):
+            raise
+        raise UnsafeWeightsError(
+            f"{manifest['load_from']}: no safetensors weights ({error}). Weights in pickle-based files "
+            "(pytorch_model.bin) load only when the model's config sets allow_pickle: true") from None
     return model.to(device).eval()
 
 

@@ -130,7 +130,8 @@ def prepare_benchmark(benchmark: str, spec: dict[str, Any]) -> tuple[pa.Table, P
             f"count them instead):\n  {shown}"
         )
     if not items:
-        raise BenchmarkDataError(f"benchmark {benchmark!r}: no valid items in its source")
+        rejected = f" ({len(report.malformed)} malformed row(s), the first: {report.malformed[0]})" if report.malformed else ""
+        raise BenchmarkDataError(f"benchmark {benchmark!r}: no valid items in its source{rejected}")
     kept = sample_items(items, spec.get("limit"), spec.get("seed", 0))
     report.items_kept = len(kept)
     rows = [item_row(item, benchmark, adapter.category, template) for item in kept]

@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,16 @@ def load_sae(folder: str | Path, device: torch.device | str = "cpu"):
     return SAE.load_from_disk(str(folder), device=str(device))
 
 
-def fetch_sae(source: dict[str, Any], out_dir: Path) -> None:
-    """Copy a pretrained (sae-lens registry) or local SAE into `out_dir` in sae-lens format."""
+def fetch_sae(source: dict[str, Any], out_dir: Path, allow_pickle: bool = False) -> None:
+    """Copy a pretrained (sae-lens registry) or local SAE into `out_dir` in sae-lens format. A registry SAE
+    stored as a pickle (.pt) is refused unless `allow_pickle`; a local folder is read from safetensors."""
     from sae_lens import SAE
 
+    from competency_gaps.models import pickle_refused
+
     if "release" in source:
-        sae = SAE.from_pretrained(source["release"], source["id"], device="cpu")
+        with nullcontext() if allow_pickle else pickle_refused(f"SAE {source['release']}/{source['id']}"):
+            sae = SAE.from_pretrained(source["release"], source["id"], device="cpu")
     else:
         sae = SAE.load_from_disk(source["path"], device="cpu")
     sae.save_model(out_dir)

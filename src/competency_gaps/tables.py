@@ -111,6 +111,50 @@ CONTEXTS = pa.schema(
 )
 
 
+# The tables a later stage reads, by file name, so a reader can check what it is given.
+SCHEMAS_BY_FILE_NAME = {
+    "items.parquet": ITEMS,
+    "scores.parquet": SCORES,
+    "saliency.parquet": SALIENCY,
+    "item_tokens.parquet": ITEM_TOKENS,
+    "labels.parquet": LABELS,
+    "contexts.parquet": CONTEXTS,
+}
+REBUILD_HINT = ("delete it and rerun the same snakemake command: the job that writes it runs again, "
+                "and so does every job that reads it")
+
+
+class DamagedTableError(ValueError):
+    """A Parquet input cannot be trusted (truncated, not Parquet, or another schema); the message names the file."""
+
+
+def schema_problems(found: pa.Schema, expected: pa.Schema) -> list[str]:
+    """Columns of `expected` that `found` lacks or holds with another type (extra columns are allowed)."""
+    problems = []
+    for field in expected:
+        index = found.get_field_index(field.name)
+        if index < 0:
+            problems.append(f"column {field.name!r} is missing")
+        elif not found.field(index).type.equals(field.type):
+            problems.append(f"column {field.name!r} is {found.field(index).type}, expected {field.type}")
+    return problems
+
+
+def check_parquet(path: str | Path, schema: pa.Schema | None = None) -> None:
+    """Raise DamagedTableError naming `path` and how to rebuild it when it is not a complete Parquet file (its
+    footer, written last, is missing when a write or copy was cut short) or, given `schema` (by default the
+    pipeline table of that file name, if any), lacks one of its columns or holds one with another type."""
+    path = Path(path)
+    schema = schema if schema is not None else SCHEMAS_BY_FILE_NAME.get(path.name)
+    try:
+        found = pq.ParquetFile(path).schema_arrow
+    except (pa.ArrowException, OSError) as error:
+        raise DamagedTableError(f"{path}: not a readable Parquet file ({error}); {REBUILD_HINT}") from None
+    problems = schema_problems(found, schema) if schema is not None else []
+    if problems:
+        raise DamagedTableError(f"{path}: not the expected table ({'; '.join(problems)}); {REBUILD_HINT}")
+
+
 def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Build a table with exactly `schema` (missing keys become nulls; extra keys are an error)."""
     extra = {key for row in rows for key in row} - set(schema.names)

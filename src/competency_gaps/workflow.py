@@ -67,11 +67,18 @@ def _runtime(config: dict[str, Any]) -> dict[str, Any]:
     return {"device": config["device"], "dtype": config["dtype"]}
 
 
+def _permissions(model_config: dict[str, Any]) -> dict[str, bool]:
+    """The model's loading permissions that are turned on (trust_remote_code, allow_pickle; both off by default)."""
+    return {key: True for key in ("trust_remote_code", "allow_pickle") if model_config.get(key)}
+
+
 def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str | None, layer: int | str | None) -> Any:
     if job == "prepare":
         return _benchmark(config, benchmark, PREPARE_KEYS)
-    if job in ("prepare_model", "convert_gguf"):
+    if job == "convert_gguf":
         return config["models"][model]["source"]
+    if job == "prepare_model":  # the loading policy only when turned on, so existing manifests stay current
+        return {**config["models"][model]["source"], **_permissions(config["models"][model])}
     if job == "corpus":
         return config["sae_corpus"]
     if job == "evaluate":
@@ -80,7 +87,8 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
                 "import": imported_scores(config, model, benchmark), "runtime": _runtime(config)}
     if job == "sae":
         return {"model": model, "layer": int(layer), "sae": _layer_entry(config, model, layer)["sae"],
-                "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}
+                "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config),
+                **_pick(_permissions(config["models"][model]), ("allow_pickle",))}
     if job == "extract":
         return {"model": _pick(config["models"][model], EXTRACT_MODEL_KEYS),
                 "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),

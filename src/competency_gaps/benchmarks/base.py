@@ -9,6 +9,7 @@ prompt is its instruction template (``resources/prompt_templates.yaml``) filled 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,11 +113,29 @@ def require(record: dict[str, Any], key: str, kind: type | tuple[type, ...] = st
     return value
 
 
+ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def undecodable(text: str) -> str | None:
+    """Why `text` (read with errors="surrogateescape") is not UTF-8: the first offending byte and its column."""
+    found = ESCAPED_BYTE.search(text)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return f"not valid UTF-8 (byte 0x{byte:02x} at column {found.start() + 1}); save the file as UTF-8"
+
+
 def read_jsonl(path: Path) -> Iterator[SourceRow]:
-    """Yield one SourceRow per non-blank line; a line that is not a JSON object is a malformed row."""
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: json rejects a leading byte-order mark
+    """Yield one SourceRow per non-blank line; a line that is not UTF-8 or not a JSON object is a malformed row."""
+    # -sig: json rejects a leading byte-order mark; surrogateescape: a stray byte rejects its line, not the file.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
+                continue
+            problem = undecodable(text)
+            if problem:
+                yield SourceRow(str(path), number, {"__error__": problem})
                 continue
             try:
                 record = json.loads(text)
@@ -126,7 +145,21 @@ def read_jsonl(path: Path) -> Iterator[SourceRow]:
             if not isinstance(record, dict):
                 yield SourceRow(str(path), number, {"__error__": "line is not a JSON object"})
                 continue
+            if has_lone_surrogate(record):  # a \ud800-style escape: no text, and Arrow cannot store it
+                yield SourceRow(str(path), number, {"__error__": "a string holds a lone surrogate (an invalid \\u escape)"})
+                continue
             yield SourceRow(str(path), number, record)
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """True when a string anywhere in a parsed JSON value holds a surrogate code point (U+D800..U+DFFF)."""
+    if isinstance(value, str):
+        return SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(key) or has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(has_lone_surrogate(item) for item in value)
+    return False
 
 
 def hub_records(hub: dict[str, Any]) -> Iterator[SourceRow]:

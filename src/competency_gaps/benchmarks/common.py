@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from competency_gaps.benchmarks.base import MalformedRow, SourceRow
+from competency_gaps.benchmarks.base import MalformedRow, SourceRow, has_lone_surrogate, undecodable
 from competency_gaps.templates import SpannedText
 
 LETTERS = "ABCDE"
@@ -40,8 +40,10 @@ def option_texts(record: dict[str, Any], keys: list[str]) -> list[str]:
 
 
 def read_label_lines(path: Path) -> list[str]:
-    """One label per physical line (line i belongs to data line i); blank lines kept so numbering matches."""
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]  # -sig: drop a BOM
+    """One label per physical line (line i belongs to data line i); blank lines kept so numbering matches.
+    A byte that is not UTF-8 stays in its line's label (as a surrogate escape), which the adapter then rejects."""
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # -sig: drop a BOM
+    return [line.strip() for line in text.splitlines()]
 
 
 def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "label") -> Iterator[SourceRow]:
@@ -62,26 +64,52 @@ def attach_labels(rows: Iterator[SourceRow], labels_path: Path, key: str = "labe
             yield SourceRow(str(labels_path), number, {"__error__": "label line with no matching data line"})
 
 
+def counted_lines(handle: Iterator[str], counter: list[int]) -> Iterator[str]:
+    """The handle's lines, counting them in counter[0] (csv's own line_num misses lines it failed on)."""
+    for line in handle:
+        counter[0] += 1
+        yield line
+
+
 def read_csv_rows(path: Path) -> Iterator[SourceRow]:
     """CSV records (header row gives the keys); `line` is the physical line where the record ends
     (quoted cells may span lines), and `__index__` the record's 0-based position among the data rows.
-    utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise become part of the first column name."""
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        for index, record in enumerate(reader):
-            if None in record:  # more cells than header columns
-                yield SourceRow(str(path), reader.line_num, {"__error__": "row has more cells than the header"})
+    utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise become part of the first column name.
+    A record that is not UTF-8, has more cells than the header or that csv cannot parse (a cell longer than
+    csv.field_size_limit()) is a malformed row; the reader goes on after it."""
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        lines = [0]
+        reader = csv.DictReader(counted_lines(handle, lines))
+        index = 0
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                yield SourceRow(str(path), lines[0], {"__error__": f"unreadable CSV record: {error}"})
                 continue
-            yield SourceRow(str(path), reader.line_num, {**record, "__index__": index})
+            problem = next(filter(None, (undecodable(str(cell)) for cell in record.values())), None)
+            if problem or None in record:  # None: more cells than header columns
+                yield SourceRow(str(path), lines[0], {"__error__": problem or "row has more cells than the header"})
+            else:
+                yield SourceRow(str(path), lines[0], {**record, "__index__": index})
+            index += 1
 
 
 def read_json_document(path: Path) -> dict[str, Any] | str:
     """A whole-file JSON object, or an error message for a malformed-row report."""
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # -sig: json rejects a leading BOM
+    problem = undecodable(text)
+    if problem:
+        return problem
     try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: json rejects a leading BOM
+        document = json.loads(text)
     except json.JSONDecodeError as error:
         return f"invalid JSON: {error.msg}"
-    return document if isinstance(document, dict) else "file is not a JSON object"
+    if not isinstance(document, dict):
+        return "file is not a JSON object"
+    return "a string holds a lone surrogate (an invalid \\u escape)" if has_lone_surrogate(document) else document
 
 
 def gold_from_letter(letter: Any, n_options: int, field: str = "label") -> int:

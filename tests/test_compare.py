@@ -248,3 +248,64 @@ def test_unit_profile_rows_keep_a_match_exact():
     b = saliency([("b", "1", 0, 10.0), ("b", "2", 0, 20.0)])
     pairs = match_concepts(a, b, shared, 1, 1, min_similarity=0.999)
     assert pairs.height == 1 and math.isclose(pairs["similarity"][0], 1.0, rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rules, end to end: two tiny models of one width, compared and flipped
+
+
+@pytest.fixture(scope="module")
+def second_tiny_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny Llama with its weights perturbed (seeded): another model of the same width and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama-2")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_two_models_are_compared_and_the_flipped_sae_runs(tmp_path, tiny_model_dir, second_tiny_model_dir,
+                                                          random_sae_dirs):
+    from conftest import SHARED_BENCHMARKS
+    from test_workflow import BENCHMARKS, planned_jobs, snakemake, tiny_corpus, write_config
+
+    if not SHARED_BENCHMARKS.is_dir():
+        pytest.skip("../shared/benchmarks not present")
+    config = {
+        "models": {"tiny": {"source": {"path": str(tiny_model_dir)}, "batch_size": 4,
+                            "layers": [{"layer": 1, "sae": {"path": str(random_sae_dirs[1])}}]},
+                   "twin": {"source": {"path": str(second_tiny_model_dir)}, "batch_size": 4,
+                            "layers": [{"layer": 2, "sae": {"path": str(random_sae_dirs[2])}}]}},
+        "benchmarks": {name: BENCHMARKS[name] for name in ("social_iqa", "bbq")},
+        **tiny_corpus(tmp_path),
+        "gaps": {"min_benchmarks": 1, "min_support": 1, "n_bootstrap": 0},
+        "robustness": {"n_resamples": 3, "n_permutations": 5},
+        "compare": {"min_similarity": 0.0, "flipped_sae": [{"model": "twin", "sae_of": {"model": "tiny", "layer": 1}}]},
+    }
+    write_config(tmp_path, config)
+    jobs = planned_jobs(tmp_path)
+    assert jobs["compare_models"] == 1 and jobs["flipped_extract"] == 2 and jobs["flipped_sae"] == 1
+    snakemake(tmp_path)
+    pair = tmp_path / "results/compare/model_a=tiny/layer_a=1/model_b=twin/layer_b=2"
+    summary = json.loads((pair / "cross_model.json").read_text())
+    assert summary["shared_items"] == 8 and summary["matched_pairs"] > 0
+    assert pl.read_csv(pair / "benchmarks.csv")["benchmark"].to_list() == ["bbq", "social_iqa", "all"]
+    assert "# Cross-model comparison: tiny (layer 1) vs twin (layer 2)" in (pair / "cross_model.md").read_text()
+    assert (pair / "cross_model.png").stat().st_size > 0
+    flipped = tmp_path / "results/compare/flipped/model=twin/layer=1/sae_of=tiny"
+    result = json.loads((flipped / "flipped.json").read_text())
+    assert result["concepts_with_chi_model"]["own"] > 0 and result["concepts_with_chi_model"]["flipped"] > 0
+    assert result["rank_agreement"]["all"]["chi_model"]["n"] > 0
+
+    config["models"].pop("twin")
+    config["compare"]["flipped_sae"] = []
+    write_config(tmp_path, config)
+    assert "compare_models" not in planned_jobs(tmp_path)  # one model: nothing to compare, nothing scheduled

@@ -290,7 +290,7 @@ def run_compare(run_a: ModelRun, run_b: ModelRun, options: CompareOptions, out_d
         "model_a": run_a.name, "model_b": run_b.name,
         "shared_items": shared.height,
         "concepts": {"a": run_a.n_concepts, "b": run_b.n_concepts},
-        "live_on_shared_items": {"a": int(saliency_a["concept"].n_unique()), "b": int(saliency_b["concept"].n_unique())},
+        "live": {"a": int(saliency_a["concept"].n_unique()), "b": int(saliency_b["concept"].n_unique())},  # fire on an item
         "matched_pairs": pairs.height, "ranked_pairs": int(differences["ranked"].sum()),
         "min_similarity": options.min_similarity, "ordered_by": DIFFERENCES[options.by],
         "rank_agreement": agreement_summary(differences),

@@ -1020,8 +1020,9 @@ def plot_cross_model(ranked: pl.DataFrame, agreement: pl.DataFrame, summary: Map
     agreement_ranked = (summary.get("rank_agreement") or {}).get("ranked", {}).get("chi_model", {})
     rho = agreement_ranked.get("spearman")
     rho_text = f"Spearman of the two {CHI_MODEL} over them {rho:.2f}" if rho is not None else "no rank correlation"
-    _title(fig, f"Concepts whose {CHI_MODEL} differs most between {a} (A) and {b} (B)\n"
-                f"pairs matched across the two SAEs by the items they fire on (mutual best match, cosine ≥ "
-                f"{summary['min_similarity']:g} over {summary['shared_items']:,} shared items); the {rows.height} "
-                f"largest |Δ| of {summary['ranked_pairs']:,} pairs passing both support filters; {rho_text}", "")
+    _title(fig, f"Concepts whose {CHI_MODEL} differs most between two models: A = {a}, B = {b}\n"
+                f"concepts of the two SAEs matched by the items they fire on (mutual best match, cosine ≥ "
+                f"{summary['min_similarity']:g} over {summary['shared_items']:,} items both models read)\n"
+                f"the {rows.height} largest |Δ| of {summary['ranked_pairs']:,} pairs passing both support filters; "
+                f"{rho_text}", "")
     return _save(fig, stem)

@@ -1007,7 +1007,10 @@ def plot_cross_model(ranked: pl.DataFrame, agreement: pl.DataFrame, summary: Map
         y = np.arange(benchmarks.height)[::-1]
         for offset, column, colour, name in ((0.2, "mean_score_a", MODEL_COLOURS[0], a),
                                              (-0.2, "mean_score_b", MODEL_COLOURS[1], b)):
-            right.barh(y + offset, benchmarks[column].fill_null(0).to_numpy(), height=0.38, color=colour, label=name)
+            values = benchmarks[column].fill_null(0).to_numpy()
+            right.barh(y + offset, values, height=0.38, color=colour, label=name)
+            for bar_y, value in zip(y + offset, values):  # a score of 0 draws no bar: say it
+                right.text(value + 0.015, bar_y, f"{value:.2f}", va="center", fontsize=7)
         details = [f"{bench}\n{items:,} items, agree {agree:.0%}"
                    for bench, items, agree in benchmarks.select("benchmark", "n_items", "agreement").iter_rows()]
         right.set_yticks(y, details, fontsize=7.5)

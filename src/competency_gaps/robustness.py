@@ -640,7 +640,7 @@ def robustness_findings(stability_summary: Mapping[str, Any], validity_summary: 
         scope, key = "every concept with a value (none passes the support filter)", "defined"
     bench_key = "filtered" if key == "filtered" else "covered"
     runs, keep = stability_summary.get("n_resamples"), stability_summary.get("keep_fraction")
-    how = f"{runs:,} runs each keeping {keep:.0%} of every benchmark's items" if runs and keep is not None else "resamples"
+    how = f"{runs:,} runs, each keeping {keep:.0%} of every benchmark's items" if runs and keep is not None else "resamples"
     lines = ["## Robustness", "",
              f"- **Resampling** ({how}): mean per-concept std of χ_bench {_num(bench.get(f'mean_{bench_key}'))} and of "
              f"χ_model {_num(model.get(f'mean_{key}'))} (medians {_num(bench.get(f'median_{bench_key}'))} and "

@@ -44,12 +44,11 @@ DIFFERENCES = {"chi_model": "delta", "chi_model_adjusted": "delta_adjusted"}
 
 @dataclass(frozen=True)
 class CompareOptions:
-    """The `compare` config section (defaults as in resources/config.schema.yaml)."""
+    """The `compare` config section but flipped_sae, which decides which jobs run (defaults as in the schema)."""
 
     top_n: int = 25
     min_similarity: float = 0.5
     by: str = "chi_model"  # the difference the tables are ordered by: chi_model or chi_model_adjusted
-    flipped_sae: tuple = ()  # read by the workflow (which flipped jobs to run), not by the maths
 
     def __post_init__(self) -> None:
         if self.by not in DIFFERENCES:

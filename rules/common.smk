@@ -1,4 +1,5 @@
 # Helpers shared by the rule modules: config validation, result paths, targets, job inputs and resources.
+import itertools
 import json
 import os
 import shlex
@@ -159,4 +160,23 @@ def all_targets():
         for l in layers_of(m)
         for folder, names in per_layer.items()
         for name in names
-    ] + [f"{RESULTS}/explorer/index.html"]
+    ] + [f"{RESULTS}/explorer/index.html"] + compare_targets()
+
+
+def compare_targets():
+    """With several models: every pair of models (each at each of its layers) compared, and every configured
+    flipped SAE (rules/compare.smk); nothing for one model, so a single-model run schedules no comparison."""
+    if len(MODELS) < 2:
+        return []
+    pairs = [
+        f"{RESULTS}/compare/model_a={a}/layer_a={la}/model_b={b}/layer_b={lb}/{name}"
+        for a, b in itertools.combinations(MODELS, 2)
+        for la in layers_of(a)
+        for lb in layers_of(b)
+        for name in ("cross_model.md", "cross_model.png")
+    ]
+    flipped = [
+        f"{RESULTS}/compare/flipped/model={entry['model']}/layer={entry['sae_of']['layer']}/sae_of={entry['sae_of']['model']}/flipped.md"
+        for entry in config["compare"]["flipped_sae"]
+    ]
+    return pairs + flipped

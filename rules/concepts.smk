@@ -19,6 +19,9 @@ rule reduce_concepts:
         ),
         sae_cfg=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/cfg.json",
         labels=f"{RESULTS}/labels/model={{model}}/layer={{layer}}/labels.parquet",
+        # Quoted in summary.md; the robustness checks read the shards, not these tables, so no cycle.
+        stability=f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/stability.json",
+        validity=f"{RESULTS}/robustness/model={{model}}/layer={{layer}}/validity.json",
     output:
         concept_benchmark=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concept_benchmark.parquet",
         concepts=f"{RESULTS}/concepts/model={{model}}/layer={{layer}}/concepts.parquet",
@@ -41,5 +44,5 @@ rule reduce_concepts:
         runtime=30,
     shell:
         "python -m competency_gaps reduce --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "
-        "--tokens {input.tokens} --scores {input.scores} --labels {input.labels} --out-dir {params.out_dir} "
-        "--title 'Competency gaps: model {wildcards.model}, layer {wildcards.layer}' 2> {log}"
+        "--tokens {input.tokens} --scores {input.scores} --labels {input.labels} --stability {input.stability} "
+        "--validity {input.validity} --out-dir {params.out_dir} --title 'Competency gaps: model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

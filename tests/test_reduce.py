@@ -137,7 +137,8 @@ def test_cut_off_share_per_benchmark(tmp_path):
 
 def test_gap_analysis_takes_its_seed_from_gaps(tmp_path):
     assert list(inspect.signature(run_reduce).parameters) == [
-        "saliency_paths", "token_paths", "score_paths", "n_concepts", "gaps", "out_dir", "title", "labels_path"]
+        "saliency_paths", "token_paths", "score_paths", "n_concepts", "gaps", "out_dir", "title", "labels_path",
+        "stability_path", "validity_path"]
     saliency = {(f"a{i}", 0): 1.0 + i for i in range(12)}
     a = write_benchmark(tmp_path, "a", saliency, {f"a{i}": (i % 3) / 2 for i in range(12)})
     bounds = {}
@@ -254,3 +255,23 @@ def test_labels_name_the_concepts_of_the_summary_only(tmp_path):
     widths = [len(re.split(r"(?<!\\)\|", line.strip())) - 2 for line in text.splitlines() if line.startswith("|")]
     assert widths == [len(re.split(r"(?<!\\)\|", line.strip())) - 2
                       for line in before.splitlines() if line.startswith("|")]
+
+
+def test_summary_quotes_the_robustness_numbers_after_the_findings(tmp_path):
+    a = write_benchmark(tmp_path, "a", {("a1", 0): 2.0, ("a2", 0): 1.0, ("a2", 1): 1.0}, {"a1": 1.0, "a2": 0.0})
+    stability = {"chi_bench_std": {"mean_filtered": 0.0512, "median_filtered": 0.04, "n_filtered": 7},
+                 "chi_model_std": {"mean_filtered": 0.0333, "median_filtered": 0.02, "n_filtered": 7},
+                 "n_resamples": 100, "keep_fraction": 0.8, "paper": {"chi_bench_std": 0.025, "chi_model_std": 0.014},
+                 "support_filter": {"min_benchmarks": 2, "min_support": 20}}
+    validity = {"options": {"weak_fraction": 0.1},
+                "directions": {"A->B": {"effect": -0.195, "adjusted_effect": -0.018, "p_value": 0.2807,
+                                        "n_dominated": 70, "n_heldout": 280}}}
+    (tmp_path / "stability.json").write_text(json.dumps(stability))
+    (tmp_path / "validity.json").write_text(json.dumps(validity))
+    out = tmp_path / "concepts"
+    run_reduce([a[0]], [a[1]], [a[2]], n_concepts=2, gaps=GAPS, out_dir=out, title="t",
+               stability_path=tmp_path / "stability.json", validity_path=tmp_path / "validity.json")
+    summary = (out / "summary.md").read_text()
+    assert "χ_bench 0.051 and of χ_model 0.033" in summary and "the paper reports 0.025 and 0.014" in summary
+    assert "A→B" in summary and "effect -0.195, benchmark-adjusted -0.018, one-sided permutation p 0.281" in summary
+    assert summary.index("## chi_model ranking") < summary.index("## Robustness") < summary.index("## Concepts")

@@ -164,7 +164,7 @@ def cmd_reduce(args: argparse.Namespace) -> None:
     spec = _spec(args, "reduce")
     n_concepts = json.loads((Path(args.sae_dir) / "cfg.json").read_text())["d_sae"]
     run_reduce(args.saliency, args.tokens, args.scores, n_concepts, spec["gaps"], Path(args.out_dir), args.title,
-               labels_path=args.labels)
+               labels_path=args.labels, stability_path=args.stability, validity_path=args.validity)
 
 
 def cmd_figures(args: argparse.Namespace) -> None:
@@ -201,6 +201,23 @@ def cmd_explorer_index(args: argparse.Namespace) -> None:
     from competency_gaps.explorer_site import write_index
 
     write_index(json.loads(args.sites), Path(args.out_dir))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from competency_gaps.compare import CompareOptions, read_run, run_compare
+
+    options = CompareOptions(**_spec(args, "compare"))
+    runs = [read_run(getattr(args, f"name_{side}"), getattr(args, f"saliency_{side}"), getattr(args, f"tokens_{side}"),
+                     getattr(args, f"scores_{side}"), getattr(args, f"concepts_{side}"), getattr(args, f"labels_{side}"),
+                     getattr(args, f"sae_dir_{side}")) for side in ("a", "b")]
+    run_compare(*runs, options, Path(args.out_dir))
+
+
+def cmd_flipped_sae(args: argparse.Namespace) -> None:
+    from competency_gaps.compare import CompareOptions, run_flipped
+
+    run_flipped(args.own, args.flipped, args.labels, args.sae_of, args.reader, CompareOptions(**_spec(args, "compare")),
+                Path(args.out_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", nargs="+", required=True)
     c.add_argument("--scores", nargs="+", required=True)
     c.add_argument("--labels", help="labels.parquet of the labels stage: concepts named with their labels in summary.md")
+    c.add_argument("--stability", help="stability.json of the robustness stage: its resampling std quoted in summary.md")
+    c.add_argument("--validity", help="validity.json of the robustness stage: its effects and p-values quoted in summary.md")
     c.add_argument("--out-dir", required=True)
     c.add_argument("--title", default="Competency gaps")
 
@@ -316,6 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_explorer_index)
     c.add_argument("--sites", required=True, help='JSON list of {"model", "layer", "href"} (href relative to --out-dir)')
     c.add_argument("--out-dir", required=True, help="results/explorer")
+
+    c = stage("compare", cmd_compare, "compare two (model, layer)s: matched concepts by χ_model difference, benchmarks item by item")
+    for side in ("a", "b"):
+        c.add_argument(f"--name-{side}", required=True, help=f"model {side.upper()}'s name in the tables (model, layer)")
+        c.add_argument(f"--sae-dir-{side}", required=True, help="its SAE folder (its width K)")
+        c.add_argument(f"--saliency-{side}", nargs="+", required=True)
+        c.add_argument(f"--tokens-{side}", nargs="+", required=True)
+        c.add_argument(f"--scores-{side}", nargs="+", required=True)
+        c.add_argument(f"--concepts-{side}", required=True, help="its concepts.parquet")
+        c.add_argument(f"--labels-{side}", help="its labels.parquet")
+    c.add_argument("--out-dir", required=True, help="folder for cross_model.md/.csv/.json/.png/.svg and benchmarks.csv")
+
+    c = stage("flipped_sae", cmd_flipped_sae, "one SAE's concepts scored on its own model and on another model it reads, compared by rank")
+    c.add_argument("--own", required=True, help="concepts.parquet of the SAE's own model")
+    c.add_argument("--flipped", required=True, help="concepts.parquet of the other model read through the same SAE")
+    c.add_argument("--labels", help="labels.parquet of the SAE's own model")
+    c.add_argument("--sae-of", required=True, help="the SAE's own model (name in the tables)")
+    c.add_argument("--reader", required=True, help="the model the SAE reads (name in the tables)")
+    c.add_argument("--out-dir", required=True, help="folder for flipped.md/.csv/.json")
     return parser
 
 

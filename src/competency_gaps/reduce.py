@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,30 @@ def coverage_only_note(items: pl.DataFrame) -> str:
     return f"**Coverage only** (no scorer available, χ_model N/A, never imputed): {names}.\n\n"
 
 
+def before_heading(markdown: str, heading: str, section: str) -> str:
+    """`markdown` with `section` placed just before its line `heading` (appended when there is none)."""
+    marker = f"\n{heading}\n"
+    if marker not in markdown:
+        return markdown + "\n" + section
+    head, tail = markdown.split(marker, 1)
+    return f"{head}\n{section}{marker}{tail}"
+
+
+def robustness_section(stability_path: str | Path | None, validity_path: str | Path | None) -> str:
+    """The robustness checks' headline numbers for summary.md (empty without their JSON summaries)."""
+    if not stability_path or not validity_path:
+        return ""
+    from competency_gaps.robustness import robustness_findings
+
+    return robustness_findings(json.loads(Path(stability_path).read_text()), json.loads(Path(validity_path).read_text()))
+
+
 def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: list[str], n_concepts: int,
-               gaps: dict[str, Any], out_dir: Path, title: str, labels_path: str | Path | None = None) -> None:
+               gaps: dict[str, Any], out_dir: Path, title: str, labels_path: str | Path | None = None,
+               stability_path: str | Path | None = None, validity_path: str | Path | None = None) -> None:
     """Everything the analysis depends on comes from `gaps` (its own seed included), so changing the global
-    seed does not touch these tables. The benchmark means p̄_b of the adjusted and shrunk chi_model come from
+    seed does not touch these tables. stability_path/validity_path (the robustness checks' JSON summaries) add
+    their headline numbers to summary.md. The benchmark means p̄_b of the adjusted and shrunk chi_model come from
     `items` (the extracted items with their scores), the same items every χ is computed on. labels_path (the
     labels stage's labels.parquet) only names the concepts in summary.md; no table changes with it."""
     options = GapOptions(**gaps)
@@ -160,7 +181,9 @@ def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: l
     write_json(thresholds, out_dir / "thresholds.json")
     notes = (all_skipped_note(overview) + coverage_only_note(items) + context_note(overview)
              + no_tokens_note(overview) + cut_off_note(overview))
-    write_text(f"# {title}\n\n{notes}" + summary_markdown(suite, per_benchmark, thresholds, labels=labels),
-               out_dir / "summary.md")
+    findings = summary_markdown(suite, per_benchmark, thresholds, labels=labels)
+    # The robustness numbers close the findings, before the counts and thresholds.
+    findings = before_heading(findings, "## Concepts", robustness_section(stability_path, validity_path))
+    write_text(f"# {title}\n\n{notes}" + findings, out_dir / "summary.md")
     log.info("reduced %d benchmarks × %d concepts; ranking %s, shrinkage strength κ = %s",
              per_benchmark["benchmark"].n_unique(), n_concepts, thresholds["ranking"], thresholds["shrinkage_strength"])

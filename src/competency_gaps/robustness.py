@@ -626,6 +626,42 @@ def _validity_section(validity: pl.DataFrame, weak: Mapping[str, pl.DataFrame], 
     return lines
 
 
+def robustness_findings(stability_summary: Mapping[str, Any], validity_summary: Mapping[str, Any]) -> str:
+    """The robustness section of summary.md, from stability.json and validity.json: the mean resampling std
+    beside the paper's, and each validity direction's effect, adjusted effect and permutation p-value."""
+    bench, model = stability_summary.get("chi_bench_std") or {}, stability_summary.get("chi_model_std") or {}
+    paper = stability_summary.get("paper") or PAPER_STD
+    support = stability_summary.get("support_filter") or {}
+    if model.get("n_filtered"):
+        scope, key = (f"the {model['n_filtered']:,} concepts passing the support filter (scored items in ≥ "
+                      f"{support.get('min_benchmarks', '?')} benchmarks, ≥ {support.get('min_support', '?')} scored items)",
+                      "filtered")
+    else:
+        scope, key = "every concept with a value (none passes the support filter)", "defined"
+    bench_key = "filtered" if key == "filtered" else "covered"
+    runs, keep = stability_summary.get("n_resamples"), stability_summary.get("keep_fraction")
+    how = f"{runs:,} runs, each keeping {keep:.0%} of every benchmark's items" if runs and keep is not None else "resamples"
+    lines = ["## Robustness", "",
+             f"- **Resampling** ({how}): mean per-concept std of χ_bench {_num(bench.get(f'mean_{bench_key}'))} and of "
+             f"χ_model {_num(model.get(f'mean_{key}'))} (medians {_num(bench.get(f'median_{bench_key}'))} and "
+             f"{_num(model.get(f'median_{key}'))}) over {scope}; the paper reports {_num(paper.get('chi_bench_std'))} and "
+             f"{_num(paper.get('chi_model_std'))} (Llama-3.1-8B-Instruct, Goodfire SAE, full benchmarks)."]
+    options = validity_summary.get("options") or {}
+    weak = options.get("weak_fraction")
+    what = (f"the weakest {weak:.0%} of concepts by χ_model on one half of the items" if weak is not None
+            else "the weakest concepts on one half of the items")
+    for name, row in (validity_summary.get("directions") or {}).items():
+        lines.append(
+            f"- **Predictive validity** {name.replace('->', '→')} ({what}; held-out items they dominate vs the rest): "
+            f"effect {_num(row.get('effect'))}, benchmark-adjusted {_num(row.get('adjusted_effect'))}, one-sided "
+            f"permutation p {_num(row.get('p_value'), 3)} ({row.get('n_dominated', 0):,} of {row.get('n_heldout', 0):,} "
+            "held-out items dominated).")
+    lines += ["", "A negative effect with p < 0.05 means the gap list predicts failures on unseen items; a large raw "
+              "effect with an adjusted effect near 0 means it marks hard benchmarks rather than hard items. "
+              "Details: robustness.md, stability.png and validity.png in results/robustness/.", ""]
+    return "\n".join(lines)
+
+
 def robustness_markdown(stability: pl.DataFrame, stability_summary: dict, validity: pl.DataFrame,
                         weak: Mapping[str, pl.DataFrame], labels: Mapping[int, str] | None = None,
                         top_n: int = TOP_CONCEPTS, context: str = "") -> str:

@@ -28,6 +28,7 @@ STAGE_VERSIONS = {
     "robustness": 2,  # 2: robustness.md with labels
     "figures": 2,  # 2: labels in every table and card
     "explorer": 1,
+    "compare": 1,
 }
 
 # Which model keys each stage's output depends on (batch sizes are throughput, not results).
@@ -104,6 +105,8 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
         return {}
     if job == "explorer":
         return {"explorer": config["explorer"]}
+    if job == "compare":  # flipped_sae decides which jobs exist, not what one writes
+        return {key: value for key, value in config["compare"].items() if key != "flipped_sae"}
     if job == "robustness":
         return {"robustness": config["robustness"],
                 "gaps": _pick(config["gaps"], ("pooling", "min_benchmarks", "min_support"))}

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SKIP_REASONS = {"too_long": "n_skipped_too_long", "no_counted_tokens": "n_skipped_no_tokens"}
 SALIENCY_COLUMNS = ["item_id", "concept", "saliency"]
 BATCH_ROWS = 1 << 20
-"""Saliency rows read at a time (a shard's row groups hold 2^20 rows): ~30 MB a batch, whatever the shard's size."""
+"""Saliency rows read at a time (pyarrow's default row group): tens of MB a batch, whatever the shard's size."""
 
 
 def benchmark_of(path: str) -> str:
@@ -42,6 +42,7 @@ def benchmark_of(path: str) -> str:
 
 
 def check_columns(path: str, columns: list[str]) -> None:
+    """Fail with the shard's name when it lacks one of `columns`."""
     absent = [name for name in columns if name not in pl.read_parquet_schema(path)]
     if absent:  # a shard written before the column existed: say which one, not a polars plan dump
         raise ValueError(f"{path} lacks column(s) {absent}: it was written by an older version of the pipeline; "

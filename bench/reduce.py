@@ -151,9 +151,11 @@ class ReduceRun:
 
     @property
     def out_of_memory(self) -> bool:
-        # Python raises MemoryError; polars (Rust) aborts with "memory allocation of N bytes failed".
+        # Python raises MemoryError; polars (Rust) aborts with "memory allocation of N bytes failed"; torch's
+        # allocator raises a RuntimeError ending in "Cannot allocate memory".
         return self.returncode != 0 and any(sign in self.error_tail for sign in
-                                            ("MemoryError", "memory allocation of", "Unable to allocate"))
+                                            ("MemoryError", "memory allocation of", "Unable to allocate",
+                                             "Cannot allocate memory"))
 
 
 def cap_address_space(limit_bytes: int):

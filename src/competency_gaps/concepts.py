@@ -340,7 +340,7 @@ class _BenchmarkAccumulator:
         self.n_rows = 0
         self.n_boot = options.n_bootstrap
         n_scored = int((items.scored_position >= 0).sum())
-        self.counts, self.replicates = None, None
+        self.counts = self.scored_scores = self.replicates = None
         if self.n_boot > 0 and n_scored > 0:
             self.counts = _resample_counts(n_scored, options, items.name)  # (scored items, n_boot)
             self.scored_scores = items.scores[items.scored_position >= 0]

@@ -260,8 +260,8 @@ def main() -> None:
           f"per item of {args.concepts:,}; address space capped at {args.mem_limit_gb:g} GiB; "
           f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.1f}")
     print()
-    print("| reducer | items | (item, concept) rows | shard write s | reduce s | × | s per 10^6 rows | peak RSS GiB | × "
-          "| peak VM GiB | saliency B/row | saliency B/item | dense float32 B/item | tokens+scores B/item |")
+    print("| reducer | items | (item, concept) rows | shard write s | reduce s | × | s per 10^6 rows | peak RSS GiB "
+          "| × | peak VM GiB | saliency B/row | saliency B/item | dense float32 B/item | tokens+scores B/item |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     previous: dict[str, tuple[float, float] | None] = dict.fromkeys(reducers)
     exceeded: dict[str, int] = {}

@@ -513,7 +513,8 @@ def gap_statistics(saliency: Mapping[str, SaliencyBatches], items: pl.DataFrame,
 def _frame_batches(saliency: pl.DataFrame) -> dict[str, SaliencyBatches]:
     """An in-memory saliency table (benchmark, item_id, concept, saliency) as one batch per benchmark."""
     saliency = saliency.with_columns(pl.col("benchmark").cast(pl.String))
-    return {key[0]: [frame.drop("benchmark")] for key, frame in saliency.partition_by("benchmark", as_dict=True).items()}
+    partitions = saliency.partition_by("benchmark", as_dict=True)
+    return {key[0]: [frame.drop("benchmark")] for key, frame in partitions.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

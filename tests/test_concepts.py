@@ -534,8 +534,8 @@ def test_rows_in_several_batches_give_the_tables_of_one(pooling):
 
 
 def test_rows_out_of_extraction_order_give_the_same_tables():
-    """Items interleaved and concepts descending: the order check fails, the keyed second pass finds no
-    duplicate, and the sums do not depend on the order."""
+    """Rows shuffled (items interleaved, concepts out of order): the order check fails, the keyed second pass
+    finds no duplicate, and the sums do not depend on the order."""
     saliency, items = random_frames()
     options = GapOptions(n_bootstrap=30, min_ci_support=1)
     shuffled = saliency.sample(fraction=1.0, shuffle=True, seed=0)

@@ -2,8 +2,9 @@
 and the shards' bytes on disk against a dense float32 saliency vector per item.
 
 Usage: .venv/bin/python bench/reduce.py [--sizes 10000,100000,300000] [--mem-limit-gb 16] [--n-bootstrap 200]
-(about 3 minutes on 2 CPU cores with the defaults: 10^4 items take ~30 s to reduce, 10^5 items exceed the
- 16 GiB cap within ~30 s and 3×10^5 is then not attempted; nothing needs `make run`)
+                                        [--baseline-src DIR]
+(about 25 minutes on 2 CPU cores with the defaults, most of it writing and reducing the 3×10^5 items' 210 M rows;
+ nothing needs `make run`)
 
 Per size N: N items split evenly over --benchmarks benchmarks, each item with --active (700) distinct active
 concepts out of --concepts (65,536), drawn with a heavy-tailed popularity (the most popular concept fires
@@ -13,9 +14,11 @@ median of the default run's shards, scores 0/1 at a per-benchmark accuracy. The 
 runs as a child process the way the `reduce` rule runs it (--spec with the `gaps` defaults of
 resources/config.schema.yaml, --sae-dir holding a cfg.json with d_sae). Its wall time and peak RSS (wait4) are
 measured; its address space is capped (RLIMIT_AS, --mem-limit-gb) so a size that needs more fails cleanly
-("exceeded N GiB") instead of taking the machine down, and larger sizes are then not run. The cap is on
-address space, which runs above RSS (about 2.3× here: thread arenas, torch's mappings), so the peak VM column
-is printed too. Shards live in a temporary folder under /tmp, removed after each size.
+("exceeded N GiB") instead of taking the machine down, and larger sizes are then not run for that reducer. The cap
+is on address space, which runs above RSS (thread arenas, torch's mappings), so the peak VM column is printed too.
+--baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add /tmp/before <commit>` and
+`--baseline-src /tmp/before/src`), on the same shards first: before/after rows side by side. Shards live in a
+temporary folder under /tmp, removed after each size.
 """
 
 from __future__ import annotations
@@ -148,9 +151,11 @@ class ReduceRun:
 
     @property
     def out_of_memory(self) -> bool:
-        # Python raises MemoryError; polars (Rust) aborts with "memory allocation of N bytes failed".
+        # Python raises MemoryError; polars (Rust) aborts with "memory allocation of N bytes failed"; torch's
+        # allocator raises a RuntimeError ending in "Cannot allocate memory".
         return self.returncode != 0 and any(sign in self.error_tail for sign in
-                                            ("MemoryError", "memory allocation of", "Unable to allocate"))
+                                            ("MemoryError", "memory allocation of", "Unable to allocate",
+                                             "Cannot allocate memory"))
 
 
 def cap_address_space(limit_bytes: int):
@@ -159,8 +164,10 @@ def cap_address_space(limit_bytes: int):
     return preexec
 
 
-def run_reducer(folder: Path, slugs: list[str], gaps: dict, mem_limit_gib: float, timeout_s: float) -> ReduceRun:
-    """Run the reduce stage on the shards; wall time, the child's own peak RSS (wait4) and its exit status."""
+def run_reducer(folder: Path, slugs: list[str], gaps: dict, mem_limit_gib: float, timeout_s: float,
+                src: Path = REPO / "src", name: str = "reduce") -> ReduceRun:
+    """Run the reduce stage (the package under `src`) on the shards; wall time, the child's own peak RSS (wait4)
+    and its exit status."""
     def paths(name: str) -> list[str]:
         return [str(folder / f"benchmark={slug}" / name) for slug in slugs]
 
@@ -168,9 +175,9 @@ def run_reducer(folder: Path, slugs: list[str], gaps: dict, mem_limit_gib: float
                "--spec", json.dumps({"version": 0, "config": {"gaps": gaps}}),  # the reducer reads only "config"
                "--sae-dir", str(folder / "sae"), "--saliency", *paths("saliency.parquet"),
                "--tokens", *paths("item_tokens.parquet"), "--scores", *paths("scores.parquet"),
-               "--out-dir", str(folder / "out")]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    log = folder / "reduce.log"
+               "--out-dir", str(folder / f"out-{name}")]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    log = folder / f"{name}.log"
     start = time.perf_counter()
     with log.open("w") as stderr:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env,
@@ -235,6 +242,8 @@ def main() -> None:
     parser.add_argument("--n-bootstrap", type=int, default=None, help="gaps.n_bootstrap (default: the config default, 200)")
     parser.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space cap of the reducer (GiB)")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per size")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="also run the package under this folder (another checkout's src/) on the same shards")
     parser.add_argument("--tmp", default="/tmp", help="where the temporary shard folders go")
     args = parser.parse_args()
     gaps = default_gaps()
@@ -242,47 +251,55 @@ def main() -> None:
         gaps["n_bootstrap"] = args.n_bootstrap
     sizes = [int(size) for size in args.sizes.split(",")]
     dense_bytes = args.concepts * 4
+    reducers = {"this checkout": REPO / "src"}
+    if args.baseline_src is not None:
+        reducers = {f"baseline ({args.baseline_src})": args.baseline_src.resolve(), **reducers}
 
     print(f"reducer: python -m competency_gaps reduce, gaps defaults (n_bootstrap {gaps['n_bootstrap']}, pooling "
           f"{gaps['pooling']}, ranking {gaps['ranking']}); {args.benchmarks} benchmarks, {args.active} active concepts "
           f"per item of {args.concepts:,}; address space capped at {args.mem_limit_gb:g} GiB; "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.1f}")
     print()
-    print("| items | (item, concept) rows | shard write s | reduce s | × | peak RSS GiB | × | peak VM GiB "
-          "| saliency B/row | saliency B/item | dense float32 B/item | tokens+scores B/item |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    previous: tuple[float, float] | None = None
-    exceeded: int | None = None
+    print("| reducer | items | (item, concept) rows | shard write s | reduce s | × | s per 10^6 rows | peak RSS GiB "
+          "| × | peak VM GiB | saliency B/row | saliency B/item | dense float32 B/item | tokens+scores B/item |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    previous: dict[str, tuple[float, float] | None] = dict.fromkeys(reducers)
+    exceeded: dict[str, int] = {}
     for n_items in sizes:
-        if exceeded is not None and n_items >= exceeded:  # memory grows with items: it cannot fit either
-            print(f"| {n_items:,} | {n_items * args.active:,} | | not run: {exceeded:,} items already exceeded "
-                  f"{args.mem_limit_gb:g} GiB | | | | | | | | |")
+        rows = n_items * args.active
+        todo = {name: src for name, src in reducers.items() if n_items < exceeded.get(name, n_items + 1)}
+        for name in reducers.keys() - todo.keys():  # memory grows with items there: it cannot fit either
+            print(f"| {name} | {n_items:,} | {rows:,} | | not run: {exceeded[name]:,} items already exceeded "
+                  f"{args.mem_limit_gb:g} GiB | | | | | | | | | |", flush=True)
+        if not todo:
             continue
         folder = Path(tempfile.mkdtemp(prefix="bench-reduce-", dir=args.tmp))
         try:
             start = time.perf_counter()
             slugs = write_shards(folder, n_items, args.benchmarks, args.concepts, args.active)
             write_seconds = time.perf_counter() - start
-            rows = n_items * args.active
             saliency_size = shard_bytes(folder, "saliency.parquet")
             other_size = shard_bytes(folder, "item_tokens.parquet") + shard_bytes(folder, "scores.parquet")
-            run = run_reducer(folder, slugs, gaps, args.mem_limit_gb, args.timeout_s)
+            for name, src in todo.items():
+                run = run_reducer(folder, slugs, gaps, args.mem_limit_gb, args.timeout_s, src,
+                                  f"reducer{list(reducers).index(name)}")
+                seconds, peak = figure(run, args.mem_limit_gb)
+                ok, last = run.returncode == 0, previous[name]
+                print(f"| {name} | {n_items:,} | {rows:,} | {write_seconds:.1f} | {seconds} | "
+                      f"{growth(run.seconds, last[0] if last else None) if ok else ''} | "
+                      f"{run.seconds / rows * 1e6:.2f} | {peak} | "
+                      f"{growth(run.peak_rss_gib, last[1] if last else None) if ok else ''} | {run.peak_vm_gib:.1f} | "
+                      f"{saliency_size / rows:.2f} | {saliency_size / n_items:,.0f} | {dense_bytes:,} | "
+                      f"{other_size / n_items:.1f} |", flush=True)
+                previous[name] = (run.seconds, run.peak_rss_gib) if ok else None
+                if run.out_of_memory:
+                    exceeded[name] = n_items
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        seconds, peak = figure(run, args.mem_limit_gb)
-        ok = run.returncode == 0
-        print(f"| {n_items:,} | {rows:,} | {write_seconds:.1f} | {seconds} | "
-              f"{growth(run.seconds, previous[0] if previous else None) if ok else ''} | {peak} | "
-              f"{growth(run.peak_rss_gib, previous[1] if previous else None) if ok else ''} | {run.peak_vm_gib:.1f} | "
-              f"{saliency_size / rows:.2f} | {saliency_size / n_items:,.0f} | {dense_bytes:,} | {other_size / n_items:.1f} |",
-              flush=True)
-        previous = (run.seconds, run.peak_rss_gib) if ok else None
-        if run.out_of_memory:
-            exceeded = n_items
     steps = ", ".join(f"× {b / a:g}" for a, b in zip(sizes, sizes[1:]))
-    print(f"\n×: growth over the previous size{f' (sizes grow {steps})' if steps else ''}. "
+    print(f"\n×: growth over the previous size of the same reducer{f' (sizes grow {steps})' if steps else ''}. "
           f"Dense: one float32 per concept per item ({args.concepts:,} × 4 B); the sparse shard stores "
-          f"{args.active} rows of 5 columns per item.")
+          f"{args.active} rows of 5 columns per item. Load average after: {os.getloadavg()[0]:.1f}.")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from competency_gaps.concepts import (
+    POOLINGS,
     GapOptions,
     _resample_counts,
+    benchmark_table,
     concept_benchmark_table,
     concept_suite_table,
+    gap_statistics,
     jaccard_overlap,
     missing_percent,
+    suite_table,
     summary_markdown,
 )
 
@@ -490,3 +497,97 @@ def test_summary_names_concepts_with_their_labels(tmp_path):
     assert table_widths(text) == table_widths(plain)  # labels add no cell, break no row
     assert all(len(set(widths)) == 1 for widths in table_widths(text))
     assert "| 0 | " in plain and "zero" not in plain  # without labels: ids only
+
+
+# ------------------------------------------------------------------------- streaming: batches, order, duplicates
+
+
+def by_benchmark(saliency: pl.DataFrame, n_batches: int = 1) -> dict[str, list[pl.DataFrame]]:
+    """Each benchmark's rows (item_id, concept, saliency) cut into n_batches consecutive batches of unequal size."""
+    out = {}
+    for (benchmark,), frame in saliency.partition_by("benchmark", as_dict=True).items():
+        rows = frame.drop("benchmark")
+        cuts = sorted({round(rows.height * (k / n_batches) ** 2) for k in range(n_batches + 1)})
+        out[benchmark] = [rows.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
+    return out
+
+
+def streamed_tables(batches: dict, items: pl.DataFrame, n_concepts: int, options: GapOptions):
+    statistics = gap_statistics(batches, items, n_concepts, options)
+    table = benchmark_table(statistics, options)
+    return table, *suite_table(statistics, table, options)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_rows_in_several_batches_give_the_tables_of_one(pooling):
+    saliency, items = random_frames()
+    options = GapOptions(n_bootstrap=50, seed=2, min_ci_support=1, pooling=pooling)
+    table, suite, thresholds = streamed_tables(by_benchmark(saliency), items, 6, options)
+    assert table.equals(concept_benchmark_table(saliency, items, 6, options))  # the in-memory entry point
+    assert table["chi_model_lo"].null_count() == 0
+    for n_batches in (3, 7):
+        table_n, suite_n, thresholds_n = streamed_tables(by_benchmark(saliency, n_batches), items, 6, options)
+        # Sums are added batch by batch: equal up to the order of floating-point additions.
+        assert_frame_equal(table_n, table, check_exact=False, rel_tol=1e-12)
+        assert_frame_equal(suite_n, suite, check_exact=False, rel_tol=1e-12)
+        assert thresholds_n == pytest.approx(thresholds)
+
+
+def test_rows_out_of_extraction_order_give_the_same_tables():
+    """Rows shuffled (items interleaved, concepts out of order): the order check fails, the keyed second pass
+    finds no duplicate, and the sums do not depend on the order."""
+    saliency, items = random_frames()
+    options = GapOptions(n_bootstrap=30, min_ci_support=1)
+    shuffled = saliency.sample(fraction=1.0, shuffle=True, seed=0)
+    ordered = streamed_tables(by_benchmark(saliency, 2), items, 6, options)
+    for got, expected in zip(streamed_tables(by_benchmark(shuffled, 2), items, 6, options)[:2], ordered[:2]):
+        assert_frame_equal(got, expected, check_exact=False, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("duplicate", [
+    [("A", "a1", 0, 5.0)],  # item a1 again after the other items: a later run of the same item
+    [("A", "a3", 2, 5.0)],  # right after a3's own row of concept 2: same run, concept not ascending
+    [("A", "a2", 0, 0.0)],  # a stored 0 is a row too
+])
+@pytest.mark.parametrize("n_batches", [1, 3])
+def test_duplicate_rows_are_rejected_in_any_batch(duplicate, n_batches):
+    rows = SALIENCY_ROWS[:5] + duplicate + SALIENCY_ROWS[5:]
+    saliency, items = frames(rows)
+    with pytest.raises(ValueError, match="duplicate"):
+        gap_statistics(by_benchmark(saliency, n_batches), items, K, NO_BOOT)
+
+
+def test_extraction_order_is_read_once_and_any_other_order_twice():
+    saliency, items = frames()
+    one_pass = {name: iter(batches) for name, batches in by_benchmark(saliency, 2).items()}
+    gap_statistics(one_pass, items, K, NO_BOOT)  # a one-shot iterator suffices in extraction's order
+    unordered = {name: iter(batches[::-1]) for name, batches in by_benchmark(saliency, 2).items()}
+    with pytest.raises(ValueError, match="iterated twice"):
+        gap_statistics(unordered, items, K, NO_BOOT)
+
+
+def test_batches_are_released_as_the_stream_goes():
+    """The accumulation keeps no row: when a batch is read, every batch before the one just added is freed
+    (the one just added may live until the loop moves on)."""
+    saliency, items = random_frames(n_items=30)
+    alive_when_read = []
+
+    def batches(rows: pl.DataFrame, size: int = 17):
+        earlier = []
+        for start in range(0, rows.height, size):
+            gc.collect()
+            alive_when_read.append(sum(ref() is not None for ref in earlier[:-1]))
+            batch = rows.slice(start, size)  # a new frame, referenced only by whoever keeps it
+            earlier.append(weakref.ref(batch))
+            yield batch
+
+    streams = {name: batches(frame.drop("benchmark"))
+               for (name,), frame in saliency.partition_by("benchmark", as_dict=True).items()}
+    gap_statistics(streams, items, 6, GapOptions(n_bootstrap=10))
+    assert len(alive_when_read) > 4 and set(alive_when_read) == {0}
+
+
+def test_rows_of_a_benchmark_without_items_are_rejected():
+    saliency, items = frames(SALIENCY_ROWS + [("Z", "z1", 0, 1.0)])
+    with pytest.raises(ValueError, match="missing from `items`"):
+        gap_statistics(by_benchmark(saliency), items, K, NO_BOOT)

@@ -275,3 +275,35 @@ def test_summary_quotes_the_robustness_numbers_after_the_findings(tmp_path):
     assert "χ_bench 0.051 and of χ_model 0.033" in summary and "the paper reports 0.025 and 0.014" in summary
     assert "A→B" in summary and "effect -0.195, benchmark-adjusted -0.018, one-sided permutation p 0.281" in summary
     assert summary.index("## chi_model ranking") < summary.index("## Robustness") < summary.index("## Concepts")
+
+
+def test_tables_do_not_depend_on_how_the_rows_are_batched_or_sharded(tmp_path, monkeypatch):
+    """The reducer streams the shards in batches of BATCH_ROWS rows: batches of 2 rows, or a's rows split over two
+    shard files, give the files of one batch. Saliencies are multiples of 1/4, so every sum is exact."""
+    import competency_gaps.reduce as reduce_module
+
+    saliency = {(f"a{i}", c): 0.25 * (1 + (i * 7 + c) % 9) for i in range(30) for c in range(4) if (i + c) % 3}
+    scores = {f"a{i}": (i % 4) / 4 for i in range(30)}
+    a = write_benchmark(tmp_path / "one", "a", saliency, scores)
+    b = write_benchmark(tmp_path / "one", "b", {("b1", 0): 1.0, ("b2", 1): 0.5}, {"b1": 1.0, "b2": 0.0})
+    gaps = {**GAPS, "n_bootstrap": 40, "min_ci_support": 2}
+    reduce(tmp_path / "whole", a, b, n_concepts=4, gaps=gaps)
+
+    monkeypatch.setattr(reduce_module, "BATCH_ROWS", 2)
+    reduce(tmp_path / "batched", a, b, n_concepts=4, gaps=gaps)
+    monkeypatch.undo()
+    first = dict(list(saliency.items())[:25])
+    rest = dict(list(saliency.items())[25:])
+    part_one = write_benchmark(tmp_path / "split1", "a", first, scores)
+    part_two = write_benchmark(tmp_path / "split2", "a", rest, scores)
+    out = tmp_path / "split"
+    out.mkdir()
+    run_reduce([part_one[0], part_two[0], b[0]], [a[1], b[1]], [a[2], b[2]], n_concepts=4, gaps=gaps, out_dir=out,
+               title="t")
+
+    assert pl.read_parquet(tmp_path / "whole" / "concept_benchmark.parquet")["chi_model_lo"].null_count() < 8
+    for variant in ("batched", "split"):
+        for name in ("concept_benchmark.parquet", "concepts.parquet", "benchmarks.parquet", "overlap.parquet"):
+            assert pl.read_parquet(tmp_path / variant / name).equals(pl.read_parquet(tmp_path / "whole" / name)), \
+                (variant, name)
+        assert (tmp_path / variant / "summary.md").read_text() == (tmp_path / "whole" / "summary.md").read_text()

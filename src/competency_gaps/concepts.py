@@ -3,16 +3,21 @@
 Definitions follow docs/METHOD.md. Inputs are the sparse saliency rows s_i^c (> 0 only; absent pairs are 0)
 and the item universe with scores p_i (null: no scorer). All functions are pure; the reducer does the I/O.
 
-Bootstrap intervals resample items with replacement within each benchmark. The resample counts
-W (n_boot × n_items) are multiplied by the sparse saliency matrix, so a replicate of every concept's
-Σ s·p and Σ s costs one sparse matmul rather than a loop over concepts.
+The rows are never held together: `gap_statistics` streams each benchmark's rows in batches and keeps per
+concept the sufficient statistics of every table (support, Σ s, Σ s², and the same plus Σ s·p over scored
+items), so memory is bounded by concepts × benchmarks, not by rows. The tables are built from those sums.
+
+Bootstrap intervals resample items with replacement within each benchmark. Each batch's rows, as a sparse
+(concepts × items) matrix, are multiplied by the resample counts W (items × n_boot) of its items and added up,
+so a replicate of every concept's Σ s·p and Σ s costs sparse matmuls rather than a loop over concepts, and
+needs no more than one benchmark's (concepts × n_boot) sums at a time.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +30,6 @@ from competency_gaps.rankings import (
     adjusted_chi_model,
     benchmark_means,
     mean_prior,
-    pooled_prior,
     rank_concepts,
     ranking_description,
     shrinkage_strength,
@@ -139,52 +143,6 @@ def sorted_sparse(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
     return matrix
 
 
-def _saliency_rows(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> pl.DataFrame:
-    """Saliency rows (float64, > 0) joined to their item's score; every row must belong to the item universe."""
-    rows = saliency.select(
-        pl.col("benchmark").cast(pl.String),
-        pl.col("item_id").cast(pl.String),
-        pl.col("concept").cast(pl.Int32),
-        pl.col("saliency").cast(pl.Float64),  # sums over thousands of items: accumulate in float64
-    )
-    check_saliency_values(rows, n_concepts)
-    if rows.select(pl.struct("benchmark", "item_id", "concept").is_duplicated().any()).item():
-        raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
-    rows = rows.filter(pl.col("saliency") > 0)  # a stored 0 means the same as an absent pair
-    joined = rows.join(items, on=["benchmark", "item_id"], how="left", coalesce=True)
-    # An item outside the universe would make counts and normalisations silently wrong.
-    unknown = rows.join(items, on=["benchmark", "item_id"], how="anti")
-    if unknown.height:
-        first = unknown.row(0, named=True)
-        raise ValueError(f"saliency: {unknown.height} rows for items missing from `items`, e.g. {first}")
-    return joined
-
-
-SUMS = ["support", "sum_saliency", "sum_saliency_sq", "scored_support", "scored_saliency", "scored_saliency_sq",
-        "weighted_score"]
-
-
-def _concept_sums(rows: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    """Per group: support, Σ s, Σ s² over all supporting items (coverage), and the same plus Σ s·p over the
-    scored ones (chi_model and its support: an unscored item says nothing about performance)."""
-    scored = pl.col("score").is_not_null()
-    saliency = pl.col("saliency")
-    return rows.group_by(by).agg(
-        support=pl.len().cast(pl.Int64),
-        sum_saliency=saliency.sum(),
-        sum_saliency_sq=(saliency**2).sum(),
-        scored_support=scored.sum().cast(pl.Int64),
-        scored_saliency=saliency.filter(scored).sum(),
-        scored_saliency_sq=(saliency**2).filter(scored).sum(),
-        weighted_score=(saliency * pl.col("score")).filter(scored).sum(),
-    )
-
-
-def _dense(sums: pl.DataFrame, grid: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    """The sums on every row of `grid` (concepts never seen get zeros)."""
-    return grid.join(sums, on=by, how="left").with_columns(pl.col(c).fill_null(0) for c in SUMS)
-
-
 def _ess(support: str, total: str, total_sq: str) -> pl.Expr:
     """(Σ s)² / Σ s², null without support."""
     return pl.when(pl.col(support) > 0).then(pl.col(total) ** 2 / pl.col(total_sq)).otherwise(None)
@@ -212,49 +170,13 @@ def _concept_frame(n_concepts: int) -> pl.DataFrame:
 # Bootstrap
 
 
-@dataclass
-class _Replicates:
-    """Bootstrap replicates of one benchmark, for the concepts that fire on a scored item of it."""
-
-    concepts: np.ndarray  # (n,) concept indices
-    numerator: np.ndarray  # (n, n_boot) Σ_i w_i s_i p_i
-    denominator: np.ndarray  # (n, n_boot) Σ_i w_i s_i
-
-
 def _resample_counts(n_items: int, options: GapOptions, benchmark: str) -> np.ndarray:
-    """(n_items, n_boot) times each item is drawn; the stream depends on the seed and the benchmark only,
-    so a benchmark's intervals do not change when other benchmarks are added."""
+    """(n_items, n_boot) times each item is drawn (int32: kept for the whole benchmark, 800 B an item at 200
+    replicates); the stream depends on the seed and the benchmark only, so a benchmark's intervals do not change
+    when other benchmarks are added."""
     rng = np.random.default_rng([options.seed, zlib.crc32(benchmark.encode())])
     counts = rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=options.n_bootstrap)
-    return np.ascontiguousarray(counts.T, dtype=np.float64)
-
-
-def _benchmark_replicates(rows: pl.DataFrame, items: pl.DataFrame, benchmark: str, options: GapOptions) -> _Replicates:
-    """Resample the scored items of `benchmark` (rows/items already restricted to it)."""
-    scored_items = items.filter(pl.col("score").is_not_null()).select("item_id").with_row_index("item")
-    rows = rows.filter(pl.col("score").is_not_null()).join(scored_items, on="item_id")
-    empty = np.zeros((0, options.n_bootstrap))
-    if rows.height == 0:
-        return _Replicates(np.zeros(0, dtype=np.int64), empty, empty)
-    concepts, local = np.unique(rows["concept"].to_numpy(), return_inverse=True)
-    item = rows["item"].to_numpy().astype(np.int64)
-    matrix = sorted_sparse(local, item, (len(concepts), scored_items.height))  # pairs are duplicate-free (checked)
-    saliency = rows["saliency"].to_numpy()
-    weighted = saliency * rows["score"].to_numpy()
-    counts = torch.from_numpy(_resample_counts(scored_items.height, options, benchmark))
-
-    def times_counts(values: np.ndarray) -> np.ndarray:
-        return torch.sparse.mm(matrix(values), counts).numpy()
-
-    return _Replicates(concepts, times_counts(weighted), times_counts(saliency))
-
-
-def _all_replicates(rows: pl.DataFrame, items: pl.DataFrame, options: GapOptions) -> dict[str, _Replicates]:
-    rows_by = {key[0]: frame for key, frame in rows.partition_by("benchmark", as_dict=True).items()}
-    return {
-        key[0]: _benchmark_replicates(rows_by.get(key[0], rows.clear()), frame, key[0], options)
-        for key, frame in items.partition_by("benchmark", as_dict=True).items()
-    }
+    return np.ascontiguousarray(counts.T, dtype=np.int32)
 
 
 def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -265,24 +187,29 @@ def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nan_quantile_rows(values: np.ndarray, q: float) -> np.ndarray:
-    """Per row, the q-quantile (linear interpolation, as numpy's default) of the non-NaN values; NaN if none.
-    Vectorised because np.nanquantile loops in Python over 65k rows."""
+def _nan_quantile_rows(values: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
+    """Per row, each q-quantile (linear interpolation, as numpy's default) of the non-NaN values; NaN if none.
+    Vectorised because np.nanquantile loops in Python over 65k rows; the rows are sorted once for every q."""
     ordered = np.sort(values, axis=1)  # NaNs sort last
     n_valid = np.sum(~np.isnan(values), axis=1)
-    position = q * np.maximum(n_valid - 1, 0)
-    below = np.floor(position).astype(np.int64)
-    above = np.minimum(below + 1, np.maximum(n_valid - 1, 0))
-    low = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
-    high = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
-    result = low + (high - low) * (position - below)
-    result[n_valid == 0] = np.nan
-    return result
+    last = np.maximum(n_valid - 1, 0)
+    results = []
+    for q in qs:
+        position = q * last
+        below = np.floor(position).astype(np.int64)
+        above = np.minimum(below + 1, last)
+        low = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
+        high = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
+        result = low + (high - low) * (position - below)
+        result[n_valid == 0] = np.nan
+        results.append(result)
+    return results
 
 
 def _interval(ratios: np.ndarray, options: GapOptions) -> tuple[np.ndarray, np.ndarray]:
     alpha = (1 - options.ci_level) / 2
-    return _nan_quantile_rows(ratios, alpha), _nan_quantile_rows(ratios, 1 - alpha)
+    lo, hi = _nan_quantile_rows(ratios, (alpha, 1 - alpha))
+    return lo, hi
 
 
 def _interval_frame(concepts: np.ndarray, ratios: np.ndarray, options: GapOptions) -> pl.DataFrame:
@@ -291,24 +218,6 @@ def _interval_frame(concepts: np.ndarray, ratios: np.ndarray, options: GapOption
         {"concept": concepts.astype(np.int32), "chi_model_lo": lo, "chi_model_hi": hi},
         schema={"concept": pl.Int32, "chi_model_lo": pl.Float64, "chi_model_hi": pl.Float64},
     ).with_columns(pl.col("chi_model_lo", "chi_model_hi").fill_nan(None))
-
-
-def _suite_ratios(replicates: dict[str, _Replicates], n_concepts: int, options: GapOptions) -> np.ndarray:
-    """(K, n_boot) replicates of the suite chi_model: items resampled within each benchmark, then pooled
-    (Σ_b num / Σ_b den) or averaged over the benchmarks where the replicate is defined."""
-    shape = (n_concepts, options.n_bootstrap)
-    if options.pooling == "pooled":
-        numerator, denominator = np.zeros(shape), np.zeros(shape)
-        for rep in replicates.values():
-            numerator[rep.concepts] += rep.numerator
-            denominator[rep.concepts] += rep.denominator
-        return ratio(numerator, denominator)
-    total, count = np.zeros(shape), np.zeros(shape)
-    for rep in replicates.values():
-        ratios = ratio(rep.numerator, rep.denominator)
-        total[rep.concepts] += np.nan_to_num(ratios)
-        count[rep.concepts] += ~np.isnan(ratios)
-    return ratio(total, count)
 
 
 def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[str],
@@ -326,6 +235,289 @@ def _with_interval(frame: pl.DataFrame, interval: pl.DataFrame | None, on: list[
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Streaming accumulation: per benchmark and concept, sums and bootstrap replicates, one batch of rows at a time
+
+
+SUMS = ["support", "sum_saliency", "sum_saliency_sq", "scored_support", "scored_saliency", "scored_saliency_sq",
+        "weighted_score"]
+
+SaliencyBatches = Iterable[pl.DataFrame]
+"""One benchmark's saliency rows (item_id, concept, saliency) in batches of any size. Iterated once when the rows
+come in extraction's order (each item's rows together, concepts ascending), a second time otherwise (the exact
+duplicate check), so pass something that can be iterated again (a list, `reduce.ShardBatches`)."""
+
+
+def _concept_sums(concept: np.ndarray, saliency: np.ndarray, score: np.ndarray, n_concepts: int
+                  ) -> dict[str, np.ndarray]:
+    """Per concept, over these rows (saliency > 0): support, Σ s, Σ s² over all supporting items (coverage), and
+    the same plus Σ s·p over the scored ones (score not NaN: chi_model and its support)."""
+    scored = ~np.isnan(score)
+    squared = saliency * saliency
+    concept_scored, saliency_scored = concept[scored], saliency[scored]
+
+    def per_concept(where: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(where, weights, minlength=n_concepts)
+
+    return {
+        "support": per_concept(concept),
+        "sum_saliency": per_concept(concept, saliency),
+        "sum_saliency_sq": per_concept(concept, squared),
+        "scored_support": per_concept(concept_scored),
+        "scored_saliency": per_concept(concept_scored, saliency_scored),
+        "scored_saliency_sq": per_concept(concept_scored, squared[scored]),
+        "weighted_score": per_concept(concept_scored, saliency_scored * score[scored]),
+    }
+
+
+class _ExtractionOrder:
+    """Proves a benchmark's rows free of duplicate (item, concept) pairs as they stream past, as long as they
+    come in the order extraction writes them: each item's rows together, its concepts strictly ascending. It
+    keeps one flag per item, not a key per row (the row-keyed check was the reducer's memory peak)."""
+
+    def __init__(self, n_items: int) -> None:
+        self.started = np.zeros(n_items, dtype=bool)  # items whose rows have begun
+        self.last = (-1, -1)  # (item, concept) of the row before this batch
+        self.holds = True
+
+    def update(self, item: np.ndarray, concept: np.ndarray) -> None:
+        if not self.holds or item.size == 0:
+            return
+        previous_item = np.concatenate([[self.last[0]], item[:-1]])
+        previous_concept = np.concatenate([[self.last[1]], concept[:-1]])
+        same = item == previous_item
+        starts = item[~same]  # the first row of each run of an item
+        ascending = bool(np.all(concept[same] > previous_concept[same]))
+        fresh = not self.started[starts].any() and np.unique(starts).size == starts.size
+        self.started[starts] = True
+        self.last = (int(item[-1]), int(concept[-1]))
+        self.holds = ascending and fresh
+
+
+@dataclass
+class _BenchmarkItems:
+    """One benchmark's items in `items` order: the item index of an id, scores, and each scored item's position
+    among the scored ones (the row of its bootstrap resample counts)."""
+
+    name: str
+    ids: pl.Enum  # the item ids as categories: a row's category code is its item's index
+    scores: np.ndarray  # (n_items,) float64, NaN when unscored
+    scored_position: np.ndarray  # (n_items,) int64, -1 when unscored
+
+    @classmethod
+    def of(cls, name: str, items: pl.DataFrame) -> _BenchmarkItems:
+        scores = items["score"].to_numpy().astype(np.float64)  # null -> NaN
+        scored = ~np.isnan(scores)
+        position = np.full(scores.size, -1, dtype=np.int64)
+        position[scored] = np.arange(scored.sum())
+        return cls(name, pl.Enum(items["item_id"]), scores, position)
+
+    @property
+    def n_items(self) -> int:
+        return self.scores.size
+
+    def index(self, batch: pl.DataFrame) -> np.ndarray:
+        """Each row's item index; a row of an item outside the universe is an error (it would make counts and
+        normalisations silently wrong)."""
+        codes = batch["item_id"].cast(pl.String).cast(self.ids, strict=False).to_physical()
+        if codes.has_nulls():
+            unknown = batch.filter(codes.is_null())
+            first = {"benchmark": self.name, **unknown.row(0, named=True)}
+            raise ValueError(f"saliency: rows for items missing from `items` ({unknown.height} in one batch of "
+                             f"{self.name}), e.g. {first}")
+        return codes.to_numpy().astype(np.int64)
+
+
+class _BenchmarkAccumulator:
+    """One benchmark's sufficient statistics, fed a batch of rows at a time: the per-concept sums (SUMS) and,
+    with the bootstrap on, every replicate's Σ_i w_i s_i p_i and Σ_i w_i s_i (w_i: how often the replicate
+    draws item i) as one (concepts × 2·n_boot) array. Memory: concepts × n_boot, whatever the rows."""
+
+    def __init__(self, items: _BenchmarkItems, n_concepts: int, options: GapOptions) -> None:
+        self.items, self.n_concepts = items, n_concepts
+        self.sums = {name: np.zeros(n_concepts, dtype=np.int64 if name.endswith("support") else np.float64)
+                     for name in SUMS}
+        self.order = _ExtractionOrder(items.n_items)
+        self.n_rows = 0
+        self.n_boot = options.n_bootstrap
+        n_scored = int((items.scored_position >= 0).sum())
+        self.counts = self.scored_scores = self.replicates = None
+        if self.n_boot > 0 and n_scored > 0:
+            self.counts = _resample_counts(n_scored, options, items.name)  # (scored items, n_boot)
+            self.scored_scores = items.scores[items.scored_position >= 0]
+            self.replicates = np.zeros((n_concepts, 2 * self.n_boot))
+
+    def add(self, batch: pl.DataFrame) -> None:
+        rows = batch.select(pl.col("concept").cast(pl.Int64), pl.col("saliency").cast(pl.Float64))
+        check_saliency_values(rows, self.n_concepts)
+        item, concept = self.items.index(batch), rows["concept"].to_numpy()
+        saliency = rows["saliency"].to_numpy()  # sums over thousands of items: accumulate in float64
+        self.order.update(item, concept)
+        self.n_rows += item.size
+        positive = saliency > 0  # a stored 0 means the same as an absent pair
+        item, concept, saliency = item[positive], concept[positive], saliency[positive]
+        score = self.items.scores[item]
+        for name, values in _concept_sums(concept, saliency, score, self.n_concepts).items():
+            self.sums[name] += values
+        if self.replicates is not None:
+            scored = ~np.isnan(score)
+            self._add_replicates(item[scored], concept[scored], saliency[scored])
+
+    def _add_replicates(self, item: np.ndarray, concept: np.ndarray, saliency: np.ndarray) -> None:
+        """This batch's share of every replicate: (concepts × its scored items) sparse times their weights."""
+        if item.size == 0:
+            return
+        drawn, local = np.unique(self.items.scored_position[item], return_inverse=True)
+        matrix = sorted_sparse(concept, local.astype(np.int64), (self.n_concepts, drawn.size))(saliency)
+        counts = self.counts[drawn].astype(np.float64)
+        # Σ_i s_i (w_i p_i) and Σ_i s_i w_i in one sparse product: [w·p | w] per scored item of the batch.
+        weights = np.concatenate([counts * self.scored_scores[drawn, None], counts], axis=1)
+        self.replicates += torch.sparse.mm(matrix, torch.from_numpy(weights)).numpy()
+
+    def check_duplicates(self, batches: SaliencyBatches) -> None:
+        """Raise on a duplicate (item, concept) row. Rows in extraction's order were proven free of them while
+        streaming; otherwise read the batches again and compare integer keys (8 bytes a row, this benchmark only)."""
+        if self.order.holds:
+            return
+        keys = [self.items.index(batch) * self.n_concepts + batch["concept"].cast(pl.Int64).to_numpy()
+                for batch in batches]
+        keys = np.sort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+        if keys.size != self.n_rows:
+            raise ValueError(f"saliency of {self.items.name}: the batches gave {keys.size} rows on a second "
+                             f"reading and {self.n_rows} on the first; rows not in extraction's order (by item, "
+                             "concepts ascending) must come from something that can be iterated twice")
+        if np.any(keys[1:] == keys[:-1]):
+            raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
+
+    def replicate_ratios(self) -> np.ndarray | None:
+        """(concepts × n_boot) bootstrap chi_model, NaN where a replicate holds none of the concept's scored items;
+        None without bootstrap or scored items."""
+        if self.replicates is None:
+            return None
+        return ratio(self.replicates[:, :self.n_boot], self.replicates[:, self.n_boot:])
+
+
+class _SuiteReplicates:
+    """The suite chi_model's bootstrap replicates, built one benchmark at a time (items are resampled within
+    each benchmark): pooled Σ_b num / Σ_b den, or with pooling 'mean' the mean of the per-benchmark ratios over
+    the benchmarks where the replicate is defined."""
+
+    def __init__(self, n_concepts: int, options: GapOptions) -> None:
+        self.pooled = options.pooling == "pooled"
+        shape = (n_concepts, options.n_bootstrap)
+        self.numerator, self.denominator = np.zeros(shape), np.zeros(shape)  # or mean's sum and count
+
+    def add(self, benchmark: _BenchmarkAccumulator, ratios: np.ndarray) -> None:
+        if self.pooled:
+            self.numerator += benchmark.replicates[:, :benchmark.n_boot]
+            self.denominator += benchmark.replicates[:, benchmark.n_boot:]
+        else:
+            self.numerator += np.nan_to_num(ratios)
+            self.denominator += ~np.isnan(ratios)
+
+    def ratios(self) -> np.ndarray:
+        return ratio(self.numerator, self.denominator)
+
+
+SUMS_SCHEMA = {"concept": pl.Int32, "benchmark": pl.String, "n_items": pl.Int64,
+               **{name: pl.Int64 if name.endswith("support") else pl.Float64 for name in SUMS}}
+
+
+def _sums_frame(benchmark: str, n_items: int, sums: dict[str, np.ndarray]) -> pl.DataFrame:
+    n_concepts = sums["support"].size
+    return pl.DataFrame({"concept": np.arange(n_concepts, dtype=np.int32), "benchmark": [benchmark] * n_concepts,
+                         "n_items": np.full(n_concepts, n_items), **sums}, schema=SUMS_SCHEMA)
+
+
+@dataclass
+class GapStatistics:
+    """Everything the gap tables need, accumulated from the saliency rows by `gap_statistics`. Its size is
+    concepts × benchmarks, whatever the number of rows."""
+
+    n_concepts: int
+    items: pl.DataFrame
+    """The checked item universe: benchmark, item_id, score."""
+    sums: pl.DataFrame
+    """Per benchmark of `items` and concept (K rows each): concept, benchmark, n_items and SUMS."""
+    suite_sums: pl.DataFrame
+    """Per concept: SUMS over the whole suite, and prior_score = Σ_b p̄_b · scored_saliency_b (the numerator of
+    the pooled chi_model_prior, rankings.py)."""
+    intervals: pl.DataFrame | None
+    """benchmark, concept, chi_model_lo, chi_model_hi (percentile bootstrap); None when it is off."""
+    suite_interval: pl.DataFrame | None
+    """concept, chi_model_lo, chi_model_hi of the suite chi_model; None when the bootstrap is off."""
+
+
+def _benchmark_statistics(name: str, items: pl.DataFrame, batches: SaliencyBatches, n_concepts: int,
+                          options: GapOptions) -> _BenchmarkAccumulator:
+    accumulator = _BenchmarkAccumulator(_BenchmarkItems.of(name, items), n_concepts, options)
+    for batch in batches:
+        accumulator.add(batch)
+    accumulator.check_duplicates(batches)
+    return accumulator
+
+
+def _reject_unknown_benchmarks(saliency: Mapping[str, SaliencyBatches], known: list[str]) -> None:
+    """Rows of a benchmark with no items are rows of items missing from the universe."""
+    for name in sorted(set(saliency) - set(known)):
+        for batch in saliency[name]:
+            if batch.height:
+                first = {"benchmark": name, **batch.row(0, named=True)}
+                raise ValueError(f"saliency: rows for items missing from `items` (benchmark {name} has no "
+                                 f"items), e.g. {first}")
+
+
+def gap_statistics(saliency: Mapping[str, SaliencyBatches], items: pl.DataFrame, n_concepts: int,
+                   options: GapOptions) -> GapStatistics:
+    """Stream every benchmark's saliency batches (benchmark -> batches; a benchmark of `items` without any has
+    no saliency) once, keeping only per-concept sums and bootstrap replicates: one benchmark's replicates and
+    the suite's (concepts × n_boot each) are the largest arrays held, and a batch is dropped once added.
+
+    items: benchmark, item_id, score (null: no scorer). Every row must belong to an item of `items`."""
+    items = _check_items(items)
+    concepts = _concept_frame(n_concepts)
+    names = items["benchmark"].unique(maintain_order=True).to_list()
+    _reject_unknown_benchmarks(saliency, names)
+    means = dict(benchmark_means(items).iter_rows())
+    suite = {name: np.zeros(n_concepts, dtype=np.int64 if name.endswith("support") else np.float64)
+             for name in SUMS}
+    prior_score = np.zeros(n_concepts)
+    suite_replicates = _SuiteReplicates(n_concepts, options) if options.n_bootstrap > 0 else None
+    sums, intervals = [], []
+    for name in names:
+        own_items = items.filter(pl.col("benchmark") == name)
+        benchmark = _benchmark_statistics(name, own_items, saliency.get(name, ()), n_concepts, options)
+        for column, values in benchmark.sums.items():
+            suite[column] += values
+        if means[name] is not None:  # None: no scored item, so its scored saliency is 0 anyway
+            prior_score += means[name] * benchmark.sums["scored_saliency"]
+        sums.append(_sums_frame(name, own_items.height, benchmark.sums))
+        ratios = benchmark.replicate_ratios()
+        if ratios is not None:
+            intervals.append(_interval_frame(np.arange(n_concepts), ratios, options)
+                             .with_columns(benchmark=pl.lit(name, pl.String)))
+            suite_replicates.add(benchmark, ratios)
+        del benchmark, ratios  # its replicates go before the next benchmark's are allocated
+    suite_interval = None
+    if suite_replicates is not None:
+        suite_interval = _interval_frame(np.arange(n_concepts), suite_replicates.ratios(), options)
+    return GapStatistics(
+        n_concepts=n_concepts,
+        items=items,
+        sums=pl.concat(sums) if sums else pl.DataFrame(schema=SUMS_SCHEMA),
+        suite_sums=pl.DataFrame({"concept": concepts["concept"], **suite, "prior_score": prior_score}),
+        intervals=pl.concat(intervals) if intervals else None,
+        suite_interval=suite_interval,
+    )
+
+
+def _frame_batches(saliency: pl.DataFrame) -> dict[str, SaliencyBatches]:
+    """An in-memory saliency table (benchmark, item_id, concept, saliency) as one batch per benchmark."""
+    saliency = saliency.with_columns(pl.col("benchmark").cast(pl.String))
+    partitions = saliency.partition_by("benchmark", as_dict=True)
+    return {key[0]: [frame.drop("benchmark")] for key, frame in partitions.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Public tables
 
 
@@ -340,9 +532,7 @@ SUITE_COLUMNS = [
 ]
 
 
-def concept_benchmark_table(
-    saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int, options: GapOptions
-) -> pl.DataFrame:
+def benchmark_table(statistics: GapStatistics, options: GapOptions) -> pl.DataFrame:
     """One row per (concept, benchmark), K × B rows, sorted by benchmark then concept.
 
     Columns: concept (Int32), benchmark, n_items (items of the benchmark), support (#items where s > 0),
@@ -353,28 +543,26 @@ def concept_benchmark_table(
     of b; null when chi_model is null, scored_support < min_ci_support or n_bootstrap == 0), chi_model_adjusted
     (chi_model − p̄_b = Σ s (p − p̄_b) / Σ s, p̄_b the mean score of b's scored items; null with chi_model).
     """
-    items = _check_items(items)
-    rows = _saliency_rows(saliency, items, n_concepts)
-    benchmarks = items.group_by("benchmark").agg(n_items=pl.len().cast(pl.Int64))
-    grid = _concept_frame(n_concepts).join(benchmarks, how="cross")
-    table = _dense(_concept_sums(rows, ["benchmark", "concept"]), grid, ["benchmark", "concept"])
     total = pl.col("sum_saliency").sum().over("benchmark")
-    table = table.with_columns(
-        pl.when(total > 0).then(pl.col("sum_saliency") * n_concepts / total).otherwise(None).alias("chi_bench"),
+    table = statistics.sums.with_columns(
+        pl.when(total > 0).then(pl.col("sum_saliency") * statistics.n_concepts / total).otherwise(None)
+        .alias("chi_bench"),
         # Defined from support so a benchmark without saliency (chi_bench null) still reads as all-missing.
         (pl.col("support") == 0).alias("missing"),
         *_estimates(),
     )
-    intervals = [
-        _interval_frame(rep.concepts, ratio(rep.numerator, rep.denominator), options)
-        .with_columns(benchmark=pl.lit(benchmark, pl.String))
-        for benchmark, rep in (_all_replicates(rows, items, options) if options.n_bootstrap > 0 else {}).items()
-    ]
-    interval = pl.concat(intervals) if intervals else None
-    table = _with_interval(table, interval, ["benchmark", "concept"], options)
-    table = table.join(benchmark_means(items), on="benchmark", how="left").with_columns(
+    table = _with_interval(table, statistics.intervals, ["benchmark", "concept"], options)
+    table = table.join(benchmark_means(statistics.items), on="benchmark", how="left").with_columns(
         adjusted_chi_model("chi_model", "benchmark_mean"))
     return table.select(CONCEPT_BENCHMARK_COLUMNS).sort("benchmark", "concept")
+
+
+def concept_benchmark_table(
+    saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int, options: GapOptions
+) -> pl.DataFrame:
+    """`benchmark_table` of an in-memory saliency table (benchmark, item_id, concept, saliency > 0 or 0 for
+    absent) and items (benchmark, item_id, score; null: no scorer)."""
+    return benchmark_table(gap_statistics(_frame_batches(saliency), items, n_concepts, options), options)
 
 
 def _classify(chi_bench: pl.Series, options: GapOptions) -> tuple[pl.Series, float | None, float | None]:
@@ -390,14 +578,17 @@ def _classify(chi_bench: pl.Series, options: GapOptions) -> tuple[pl.Series, flo
     return pl.Series("classification", labels.tolist()), under, over
 
 
-def _with_support_aware_estimates(suite: pl.DataFrame, rows: pl.DataFrame, items: pl.DataFrame,
+def _with_support_aware_estimates(suite: pl.DataFrame, statistics: GapStatistics,
                                   concept_benchmark: pl.DataFrame, options: GapOptions
                                   ) -> tuple[pl.DataFrame, float | None]:
     """Prior, adjusted and shrunk chi_model (rankings.py), and the κ used."""
-    means = benchmark_means(items)
     if options.pooling == "pooled":
-        prior = pooled_prior(rows, means)
+        # rankings.pooled_prior, Σ_i s·p̄_b / Σ_i s over scored rows, from each benchmark's sums (it is linear in s).
+        prior = statistics.suite_sums.select(
+            "concept", chi_model_prior=pl.when(pl.col("scored_saliency") > 0)
+            .then(pl.col("prior_score") / pl.col("scored_saliency")))
     else:
+        means = benchmark_means(statistics.items)
         prior = mean_prior(concept_benchmark.with_columns(pl.col("concept").cast(pl.Int32)), means)
     suite = suite.join(prior.with_columns(pl.col("concept").cast(pl.Int32)), on="concept", how="left")
     # Prior and chi_model rest on the same scored items; keep 'null exactly where chi_model is' explicit.
@@ -407,13 +598,8 @@ def _with_support_aware_estimates(suite: pl.DataFrame, rows: pl.DataFrame, items
     return suite.with_columns(adjusted_chi_model(), shrunk_chi_model(kappa), shrunk_adjusted_chi_model(kappa)), kappa
 
 
-def concept_suite_table(
-    concept_benchmark: pl.DataFrame,
-    saliency: pl.DataFrame,
-    items: pl.DataFrame,
-    n_concepts: int,
-    options: GapOptions,
-) -> tuple[pl.DataFrame, dict]:
+def suite_table(statistics: GapStatistics, concept_benchmark: pl.DataFrame, options: GapOptions
+                ) -> tuple[pl.DataFrame, dict]:
     """One row per concept (K rows, sorted), and the thresholds used.
 
     Columns: concept, chi_bench (mean over benchmarks of chi_bench, benchmarks without saliency excluded),
@@ -430,26 +616,21 @@ def concept_suite_table(
     The dict holds the options, the chi_bench thresholds (null when no concept is covered) and the κ used
     (`shrinkage_strength`: the configured one or the estimate; null when no concept has a chi_model).
     """
-    items = _check_items(items)
-    rows = _saliency_rows(saliency, items, n_concepts)
+    n_concepts = statistics.n_concepts
     per_benchmark = concept_benchmark.group_by("concept").agg(
         chi_bench=pl.col("chi_bench").mean(),
         n_benchmarks_active=(pl.col("support") > 0).sum().cast(pl.Int64),
         n_benchmarks_scored=(pl.col("scored_support") > 0).sum().cast(pl.Int64),
         mean_chi_model=pl.col("chi_model").mean(),
     )
-    suite = _dense(_concept_sums(rows, ["concept"]), _concept_frame(n_concepts), ["concept"])
-    suite = suite.join(per_benchmark.with_columns(pl.col("concept").cast(pl.Int32)), on="concept", how="left")
+    suite = statistics.suite_sums.drop("prior_score").join(
+        per_benchmark.with_columns(pl.col("concept").cast(pl.Int32)), on="concept", how="left")
     suite = suite.with_columns(*_estimates(), pl.col("n_benchmarks_active", "n_benchmarks_scored").fill_null(0))
     if options.pooling == "mean":
         suite = suite.with_columns(chi_model=pl.col("mean_chi_model"))
 
-    interval = None
-    if options.n_bootstrap > 0:
-        ratios = _suite_ratios(_all_replicates(rows, items, options), n_concepts, options)
-        interval = _interval_frame(np.arange(n_concepts), ratios, options)
-    suite = _with_interval(suite.sort("concept"), interval, ["concept"], options)
-    suite, kappa = _with_support_aware_estimates(suite, rows, items, concept_benchmark, options)
+    suite = _with_interval(suite.sort("concept"), statistics.suite_interval, ["concept"], options)
+    suite, kappa = _with_support_aware_estimates(suite, statistics, concept_benchmark, options)
 
     classification, under, over = _classify(suite["chi_bench"], options)
     suite = suite.with_columns(
@@ -477,6 +658,18 @@ def concept_suite_table(
     return suite.select(SUITE_COLUMNS).sort("concept"), thresholds
 
 
+def concept_suite_table(
+    concept_benchmark: pl.DataFrame,
+    saliency: pl.DataFrame,
+    items: pl.DataFrame,
+    n_concepts: int,
+    options: GapOptions,
+) -> tuple[pl.DataFrame, dict]:
+    """`suite_table` of an in-memory saliency table and items (as `concept_benchmark_table`)."""
+    statistics = gap_statistics(_frame_batches(saliency), items, n_concepts, options)
+    return suite_table(statistics, concept_benchmark, options)
+
+
 def missing_percent(concept_benchmark: pl.DataFrame) -> pl.DataFrame:
     """Per benchmark: benchmark, n_items, covered (concepts that fire), missing_percent = 100·(1 − covered/K)."""
     return (
@@ -495,13 +688,12 @@ def missing_percent(concept_benchmark: pl.DataFrame) -> pl.DataFrame:
 def jaccard_overlap(concept_benchmark: pl.DataFrame) -> pl.DataFrame:
     """Every ordered pair of benchmarks (diagonal included, for heatmaps): benchmark_a, benchmark_b,
     n_intersection, n_union, jaccard = |C_a ∩ C_b| / |C_a ∪ C_b| of covered concept sets (null if both empty)."""
-    wide = (
-        concept_benchmark.select("benchmark", "concept", covered=~pl.col("missing"))
-        .pivot(on="concept", index="benchmark", values="covered", sort_columns=False)
-        .sort("benchmark")
-    )
-    names = wide["benchmark"].to_list()
-    covered = wide.drop("benchmark").fill_null(False).to_numpy().astype(np.int64)
+    names = sorted(concept_benchmark["benchmark"].unique().to_list())
+    # (benchmarks × concepts) 0/1 matrix by integer codes: a pivot to K columns took seconds at 65,536 concepts.
+    row = concept_benchmark["benchmark"].cast(pl.Enum(names)).to_physical().to_numpy()
+    column = concept_benchmark["concept"].rank("dense").to_numpy().astype(np.int64) - 1
+    covered = np.zeros((len(names), column.max(initial=-1) + 1), dtype=np.int64)
+    covered[row, column] = ~concept_benchmark["missing"].to_numpy()
     intersection = covered @ covered.T
     sizes = covered.sum(axis=1)
     union = sizes[:, None] + sizes[None, :] - intersection

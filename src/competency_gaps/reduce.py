@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from competency_gaps.concepts import (
     GapOptions,
-    concept_benchmark_table,
-    concept_suite_table,
+    SaliencyBatches,
+    benchmark_table,
+    gap_statistics,
     jaccard_overlap,
     missing_percent,
+    suite_table,
     summary_markdown,
 )
 from competency_gaps.figure_data import read_labels
@@ -23,6 +28,9 @@ from competency_gaps.tables import write_frame, write_json, write_text
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = {"too_long": "n_skipped_too_long", "no_counted_tokens": "n_skipped_no_tokens"}
+SALIENCY_COLUMNS = ["item_id", "concept", "saliency"]
+BATCH_ROWS = 1 << 20
+"""Saliency rows read at a time (pyarrow's default row group): tens of MB a batch, whatever the shard's size."""
 
 
 def benchmark_of(path: str) -> str:
@@ -34,18 +42,47 @@ def benchmark_of(path: str) -> str:
     return slugs[-1]
 
 
-def read_shard(path: str, columns: list[str]) -> pl.DataFrame:
-    """`columns` of one shard plus its benchmark (from the path) as a literal column."""
+def check_columns(path: str, columns: list[str]) -> None:
+    """Fail with the shard's name when it lacks one of `columns`."""
     absent = [name for name in columns if name not in pl.read_parquet_schema(path)]
     if absent:  # a shard written before the column existed: say which one, not a polars plan dump
         raise ValueError(f"{path} lacks column(s) {absent}: it was written by an older version of the pipeline; "
                          "delete it and rerun the stage that writes it")
+
+
+def read_shard(path: str, columns: list[str]) -> pl.DataFrame:
+    """`columns` of one shard plus its benchmark (from the path) as a literal column."""
+    check_columns(path, columns)
     frame = pl.read_parquet(path, columns=columns, hive_partitioning=False)
     return frame.with_columns(benchmark=pl.lit(benchmark_of(path), pl.String))
 
 
 def read_shards(paths: list[str], columns: list[str]) -> pl.DataFrame:
     return pl.concat(read_shard(path, columns) for path in paths)
+
+
+@dataclass(frozen=True)
+class ShardBatches:
+    """One benchmark's saliency rows (SALIENCY_COLUMNS), read from its shards BATCH_ROWS at a time and anew on
+    every iteration: the reducer holds one batch, never a whole shard."""
+
+    paths: tuple[str, ...]
+
+    def __iter__(self) -> Iterator[pl.DataFrame]:
+        for path in self.paths:
+            with pq.ParquetFile(path) as shard:
+                for batch in shard.iter_batches(batch_size=BATCH_ROWS, columns=SALIENCY_COLUMNS):
+                    yield pl.from_arrow(batch)
+
+
+def saliency_batches(paths: list[str]) -> dict[str, SaliencyBatches]:
+    """benchmark (from each path's `benchmark=` folder) -> its shards' rows in batches; columns checked now, so a
+    stale shard fails before the long computation."""
+    by_benchmark: dict[str, list[str]] = {}
+    for path in paths:
+        check_columns(path, SALIENCY_COLUMNS)
+        by_benchmark.setdefault(benchmark_of(path), []).append(path)
+    return {benchmark: ShardBatches(tuple(shards)) for benchmark, shards in by_benchmark.items()}
 
 
 def _check_every_item_has_tokens(items: pl.DataFrame) -> None:
@@ -58,15 +95,19 @@ def _check_every_item_has_tokens(items: pl.DataFrame) -> None:
                          f"{first['item_id']}: rerun extraction for that benchmark")
 
 
-def load_inputs(saliency_paths: list[str], token_paths: list[str], score_paths: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Saliency rows, and every evaluated item with its score, cut_off, truncated, skipped (null or the reason)
-    and `extracted` (skipped is null); skipped items have no saliency and count in no χ."""
-    saliency = read_shards(saliency_paths, ["item_id", "concept", "saliency"])
+def load_items(token_paths: list[str], score_paths: list[str]) -> pl.DataFrame:
+    """Every evaluated item with its score, cut_off, truncated, skipped (null or the reason) and `extracted`
+    (skipped is null); skipped items have no saliency and count in no χ."""
     tokens = read_shards(token_paths, ["item_id", "truncated", "skipped"]).with_columns(has_tokens=pl.lit(True))
     scores = read_shards(score_paths, ["item_id", "score", "cut_off"])
     items = scores.join(tokens, on=["benchmark", "item_id"], how="left")
     _check_every_item_has_tokens(items)
-    return saliency, items.drop("has_tokens").with_columns(extracted=pl.col("skipped").is_null())
+    return items.drop("has_tokens").with_columns(extracted=pl.col("skipped").is_null())
+
+
+def load_inputs(saliency_paths: list[str], token_paths: list[str], score_paths: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every saliency row in memory (robustness), and `load_items`."""
+    return read_shards(saliency_paths, SALIENCY_COLUMNS), load_items(token_paths, score_paths)
 
 
 def benchmark_overview(concept_benchmark: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
@@ -169,10 +210,12 @@ def run_reduce(saliency_paths: list[str], token_paths: list[str], score_paths: l
     labels stage's labels.parquet) only names the concepts in summary.md; no table changes with it."""
     options = GapOptions(**gaps)
     labels = read_labels(labels_path)  # first: a bad labels file fails before the long computation
-    saliency, evaluated = load_inputs(saliency_paths, token_paths, score_paths)
+    saliency = saliency_batches(saliency_paths)
+    evaluated = load_items(token_paths, score_paths)
     items = evaluated.filter("extracted").select("benchmark", "item_id", "score")
-    per_benchmark = concept_benchmark_table(saliency, items, n_concepts, options)
-    suite, thresholds = concept_suite_table(per_benchmark, saliency, items, n_concepts, options)
+    statistics = gap_statistics(saliency, items, n_concepts, options)  # one pass over the rows, batch by batch
+    per_benchmark = benchmark_table(statistics, options)
+    suite, thresholds = suite_table(statistics, per_benchmark, options)
     overview = benchmark_overview(per_benchmark, evaluated)
     write_frame(per_benchmark, out_dir / "concept_benchmark.parquet")
     write_frame(suite, out_dir / "concepts.parquet")

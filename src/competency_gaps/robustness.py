@@ -135,6 +135,23 @@ class _Suite:
         return ~np.isnan(self.scores)
 
 
+def _item_index(rows: pl.DataFrame, items: pl.DataFrame) -> np.ndarray:
+    """Each saliency row's index in `items`, -1 for an item outside them. Looked up on integer codes (Enums of
+    the benchmark names and of the item ids, then a benchmarks × ids table) rather than by a join on the
+    strings, whose copies of the rows were this stage's memory peak."""
+    def codes(frame: pl.DataFrame, column: str, categories: pl.Enum) -> np.ndarray:
+        """uint32 category codes; a value outside the categories gets the code one past the last."""
+        code = frame[column].cast(categories, strict=False).to_physical().cast(pl.UInt32)
+        return code.fill_null(len(categories.categories)).to_numpy()
+
+    benchmarks = pl.Enum(items["benchmark"].unique(maintain_order=True))
+    ids = pl.Enum(items["item_id"].unique(maintain_order=True))
+    # One more row and column than there are names: where an unknown benchmark or id looks up -1.
+    lookup = np.full((len(benchmarks.categories) + 1, len(ids.categories) + 1), -1, dtype=np.int64)
+    lookup[codes(items, "benchmark", benchmarks), codes(items, "item_id", ids)] = np.arange(items.height)
+    return lookup[codes(rows, "benchmark", benchmarks), codes(rows, "item_id", ids)]
+
+
 def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _Suite:
     """Validated as concepts.py validates (same rules), but on integer item indices: the string-keyed checks
     there cost several times the saliency table's size in memory."""
@@ -143,7 +160,6 @@ def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _S
     items = _check_items(items).sort("benchmark", "item_id")
     if items.height == 0:
         raise ValueError("items: no items to analyse")
-    indexed = items.with_row_index("item").select("benchmark", "item_id", pl.col("item").cast(pl.Int64))
     rows = saliency.select(
         pl.col("benchmark").cast(pl.String),
         pl.col("item_id").cast(pl.String),
@@ -151,16 +167,22 @@ def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _S
         pl.col("saliency").cast(pl.Float64),
     )
     check_saliency_values(rows, n_concepts)
-    rows = rows.join(indexed, on=["benchmark", "item_id"], how="left")
-    unknown = rows.filter(pl.col("item").is_null())
-    if unknown.height:
+    item = _item_index(rows, items)
+    if np.any(item < 0):
+        unknown = rows.filter(pl.Series(item < 0))
         first = unknown.row(0, named=True)
         raise ValueError(f"saliency: {unknown.height} rows for items missing from `items`, e.g. {first}")
-    rows = rows.select("item", "concept", "saliency").sort("item", "concept")
-    item, concept = rows["item"].to_numpy(), rows["concept"].to_numpy()
-    if np.any((item[1:] == item[:-1]) & (concept[1:] == concept[:-1])):
+    concept, saliency_values = rows["concept"].to_numpy(), rows["saliency"].to_numpy()
+    del rows
+    key = item * n_concepts + concept
+    if not np.all(key[1:] > key[:-1]):  # extraction's order already is (item, concept) order within a benchmark
+        order = np.argsort(key, kind="stable")
+        key, item, concept, saliency_values = key[order], item[order], concept[order], saliency_values[order]
+        del order
+    if np.any(key[1:] == key[:-1]):
         raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
-    positive = rows["saliency"].to_numpy() > 0  # a stored 0 means the same as an absent pair
+    del key
+    positive = saliency_values > 0  # a stored 0 means the same as an absent pair
     names, item_benchmark = np.unique(items["benchmark"].to_numpy().astype(str), return_inverse=True)
     bounds = np.searchsorted(item_benchmark, np.arange(len(names) + 1))
     item = item[positive]
@@ -172,7 +194,7 @@ def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _S
         scores=items["score"].to_numpy().astype(np.float64),  # null -> NaN
         item=item,
         concept=concept[positive],
-        saliency=rows["saliency"].to_numpy()[positive],
+        saliency=saliency_values[positive],
         row_bounds=np.searchsorted(item, bounds),
     )
 

@@ -583,7 +583,7 @@ def _with_support_aware_estimates(suite: pl.DataFrame, statistics: GapStatistics
                                   ) -> tuple[pl.DataFrame, float | None]:
     """Prior, adjusted and shrunk chi_model (rankings.py), and the κ used."""
     if options.pooling == "pooled":
-        # rankings.pooled_prior, Σ_i s·p̄_b / Σ_i s over scored rows, from each benchmark's sums (it is linear in s).
+        # The pooled prior m_c = Σ_i s·p̄_b / Σ_i s over scored rows, from each benchmark's sums (it is linear in s).
         prior = statistics.suite_sums.select(
             "concept", chi_model_prior=pl.when(pl.col("scored_saliency") > 0)
             .then(pl.col("prior_score") / pl.col("scored_saliency")))

@@ -64,18 +64,6 @@ def benchmark_means(items: pl.DataFrame) -> pl.DataFrame:
     return items.group_by("benchmark").agg(benchmark_mean=pl.col("score").cast(pl.Float64).fill_nan(None).mean())
 
 
-def pooled_prior(rows: pl.DataFrame, means: pl.DataFrame) -> pl.DataFrame:
-    """m_c = Σ_i s_i^c p̄_{b(i)} / Σ_i s_i^c over scored items (the pooled prior).
-
-    rows: benchmark, concept, saliency (> 0), score (null: unscored, ignored); means: from `benchmark_means`.
-    Returns concept, chi_model_prior for the concepts with a scored supporting item.
-    """
-    scored = rows.filter(pl.col("score").is_not_null()).join(means, on="benchmark", how="left")
-    return scored.group_by("concept").agg(
-        chi_model_prior=(pl.col("saliency") * pl.col("benchmark_mean")).sum() / pl.col("saliency").sum()
-    )
-
-
 def mean_prior(concept_benchmark: pl.DataFrame, means: pl.DataFrame) -> pl.DataFrame:
     """m_c = mean of p̄_b over the benchmarks where chi_model^(c,b) is defined (the prior for pooling 'mean').
 

@@ -38,6 +38,8 @@ from competency_gaps.sae import (
     load_sae,
     prompt_activations,
     row_activations,
+    run_sae_quality,
+    sae_quality,
     token_chunks,
     tokenize_corpus,
     train_sae_for_layer,
@@ -556,21 +558,44 @@ def test_chat_documents_never_touch_the_heldout_rows(tiny_model, corpus_parquet,
     assert summary["stream"]["chat_tokens"] == 300 and summary["stream"]["corpus_tokens"] == 700
 
 
-def test_train_sae_for_layer_with_a_small_buffer_and_benchmark_prompts(tiny_model, corpus_parquet, tmp_path, tiny_item):
-    _, tokenizer = tiny_model
-    prompts = {"tiny": [encode_item(tokenizer, tiny_item, "fields")] * 3, "other": [encode_item(tokenizer, tiny_item, "all")]}
+def test_train_sae_for_layer_with_a_small_buffer(tiny_model, corpus_parquet, tmp_path):
     spec = {**LAYER_SPEC, "buffer_vectors": 100, "chat_fraction": 0.0}
-    summary = run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec, eval_prompts=prompts)
-    written = json.loads((tmp_path / "sae" / "summary.json").read_text())
-    assert written == json.loads(json.dumps(summary))
-    assert written["stream"]["buffer_vectors"] == 100 and written["stream"]["chat_tokens"] == 0
-    assert written["stream"]["chat_documents"] == 0 and written["stream"]["passes"] == 1
+    summary = run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec)
+    assert summary["stream"]["buffer_vectors"] == 100 and summary["stream"]["chat_tokens"] == 0
+    assert summary["stream"]["chat_documents"] == 0 and summary["stream"]["passes"] == 1
+    assert 0.0 < summary["explained_variance"] <= 1.0
+
+
+QUALITY_SPEC = {"model": {"system_prompt": "Be brief.", "max_length": 1024}, "tokens": "fields", "layer": 1,
+                "quality": {"items_per_benchmark": 2, "seed": 0}}
+
+
+def test_sae_quality_reads_each_benchmarks_counted_tokens(tiny_model, random_sae_dirs, tiny_item, tmp_path):
+    model, tokenizer = tiny_model
+    paths = []
+    for name, n in (("tiny", 3), ("other", 1)):
+        path = tmp_path / f"benchmark={name}" / "items.parquet"
+        path.parent.mkdir()
+        pl.DataFrame([{**tiny_item, "item_id": f"{name}{i}"} for i in range(n)]).write_parquet(path)
+        paths.append(path)
+    sae_dir = random_sae_dirs[1]
+    sae = load_sae(sae_dir)
+    corpus = {"explained_variance": 0.5, "l0": 3.0, "dead_fraction": 0.1, "heldout_tokens": 200}
+    (tmp_path / "summary.json").write_text(json.dumps({"source": {"train": {}}, "layer": 1, **corpus}))
+    quality = run_sae_quality(model, tokenizer, sae, 1, paths, QUALITY_SPEC, tmp_path / "summary.json",
+                              tmp_path / "quality.json")
+    written = json.loads((tmp_path / "quality.json").read_text())
+    assert written == json.loads(json.dumps(quality))
+    assert written["corpus"] == corpus
     assert set(written["benchmarks"]) == {"tiny", "other", "all"}
+    counted = sum(encode_item(tokenizer, tiny_item, "fields", "Be brief.", None, 1024).counted)
     tiny = written["benchmarks"]["tiny"]
-    assert tiny["prompts"] == 3 and tiny["tokens"] == 3 * sum(prompts["tiny"][0].counted)
+    assert tiny["prompts"] == 2 and tiny["tokens"] == 2 * counted  # items_per_benchmark: a sample of 2 of 3
     assert written["benchmarks"]["all"]["tokens"] == tiny["tokens"] + written["benchmarks"]["other"]["tokens"]
     for result in written["benchmarks"].values():
-        assert result["explained_variance"] <= 1.0 and 0 < result["l0"] <= LAYER_SPEC["k"] and 0 <= result["dead_fraction"] <= 1
+        assert result["explained_variance"] <= 1.0 and 0 < result["l0"] and 0 <= result["dead_fraction"] <= 1
+    # An SAE trained elsewhere has no held-out corpus figures.
+    assert sae_quality(model, tokenizer, sae, 1, paths[:1], QUALITY_SPEC, {"source": {"path": "x"}})["corpus"] is None
 
 
 def test_train_sae_for_layer_with_the_buffer_on_disk(tiny_model, corpus_parquet, tmp_path):
@@ -698,3 +723,68 @@ def test_check_sae_fits_warns_on_a_non_residual_hook(random_sae_dirs, caplog):
         check_sae_fits(sae, 3, D_MODEL, "where")
     assert "not a residual-stream hook" in caplog.text and "layer 3" in caplog.text
 
+
+
+# ---------------------------------------------------------------- wiring: config -> job spec -> CLI -> training
+
+
+def train_config(tiny_model_dir, corpus_parquet) -> dict:
+    from competency_gaps.config import validate_config
+
+    return validate_config({
+        "models": {"tiny": {"source": {"path": str(tiny_model_dir)}, "system_prompt": "Be brief.",
+                            "layers": [{"layer": 1, "sae": {"train": {**LAYER_SPEC, "buffer_vectors": 300}}}]}},
+        "benchmarks": {"b": {"adapter": "probe_arithmetic", "options": {"n": 2}}},
+        "sae_corpus": {"sae_probes_package": None, "text_files": [str(corpus_parquet)], "context_length": CONTEXT_LENGTH},
+        "device": "cpu",
+    })
+
+
+def run_cmd_sae(monkeypatch, tmp_path, config: dict, tiny_model_dir, *extra: str) -> dict:
+    """`competency-gaps sae` as the rule runs it, with training replaced by a spy: what reaches the trainer."""
+    from competency_gaps.cli import main
+    from competency_gaps.workflow import spec_json
+
+    seen = {}
+    monkeypatch.setattr(sae_module, "train_sae_for_layer", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"load_from": str(tiny_model_dir)}))
+    main(["sae", "--model", "tiny", "--layer", "1", "--spec", spec_json(config, "sae", model="tiny", layer=1),
+          "--manifest", str(manifest), "--corpus", "corpus.parquet", "--out-dir", str(tmp_path / "sae"), *extra])
+    return seen
+
+
+def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
+    config = train_config(tiny_model_dir, corpus_parquet)
+    seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, "--buffer-dir", str(tmp_path), "--mem-mb", "100000")
+    train = seen["args"][3]
+    # The schema's defaults fill what the config leaves out; what it sets wins.
+    assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096}
+    assert seen["kwargs"] == {"system_prompt": "Be brief.", "buffer_dir": str(tmp_path)}
+
+
+def test_a_training_job_over_its_memory_request_refuses_to_start(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
+    config = train_config(tiny_model_dir, corpus_parquet)
+    with pytest.raises(MemoryError, match=r"SAE training needs about \d+ MB of host memory but was granted mem_mb=100"):
+        run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, "--mem-mb", "100")
+    assert not (tmp_path / "sae").exists()
+
+
+def test_the_memory_request_follows_the_buffer_not_the_training_tokens():
+    from competency_gaps.workflow import model_job_memory_mb, sae_buffer_vectors, sae_job_memory_mb
+
+    smollm2, d_model = 134_515_008, 576
+    train = {"d_sae": 4608, "training_tokens": 300_000, "heldout_tokens": 20_000, "batch_size": 256}
+    base = model_job_memory_mb(smollm2, "cpu", "auto")
+    request = sae_job_memory_mb(smollm2, d_model, train, "cpu", "auto")
+    buffer_mb, sample_mb, sae_state_mb = 131072 * d_model * 4 / 2**20, 2 * 20000 * d_model * 4 / 2**20, 32 * d_model * 4608 / 2**20
+    assert request == int(base + buffer_mb + sample_mb + sae_state_mb)
+    assert sae_job_memory_mb(smollm2, d_model, {**train, "training_tokens": 10**8}, "cpu", "auto") == request
+    # A buffer larger than the training run is capped at it; one above buffer_max_ram_mb is float16 on disk.
+    assert sae_buffer_vectors({**train, "training_tokens": 5000}) == 5000
+    assert sae_buffer_vectors({**train, "training_tokens": 300, "buffer_vectors": 100}) == 512  # two batches at least
+    on_disk = sae_job_memory_mb(smollm2, d_model, {**train, "buffer_max_ram_mb": 100}, "cpu", "auto")
+    assert on_disk == int(base + buffer_mb / 2 + sample_mb + sae_state_mb)
+    # On a GPU the SAE's training state lives on the device: host memory is the buffer and the sample.
+    gpu = sae_job_memory_mb(smollm2, d_model, train, "cuda", "auto")
+    assert gpu == int(model_job_memory_mb(smollm2, "cuda", "auto") + buffer_mb + sample_mb)

@@ -9,6 +9,7 @@ and polars are imported by the functions that use them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -23,6 +24,7 @@ from competency_gaps.hooks import residual_stream
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.tables import write_json
+from competency_gaps.workflow import NORM_SAMPLE, sae_buffer_vectors, train_setting
 
 log = logging.getLogger(__name__)
 
@@ -78,35 +80,23 @@ def fetch_sae(source: dict[str, Any], out_dir: Path) -> None:
 # held-out and benchmark evaluations accumulate their sums chunk by chunk. Memory is the model, the
 # tokenised corpus and the buffer, whatever `training_tokens` is.
 
-# Settings of `sae.train` that older configs do not have (the schema gives them their defaults).
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "chat_fraction": 0.5,  # share of training vectors read from corpus documents in the model's chat template
-    "buffer_vectors": 131072,  # shuffle-buffer size (capped at training_tokens)
-    "buffer_max_ram_mb": 4096,  # a larger buffer goes to a float16 memory-mapped file
-}
-NORM_SAMPLE = 20000  # vectors that set the decoder bias and the activation-norm scale before training
 CHAT_WINDOW = 64  # chat rows are length-sorted into batches within windows of this many batches
-
-
-def train_setting(spec: dict[str, Any], key: str) -> Any:
-    return spec.get(key, TRAIN_DEFAULTS[key])
 
 
 def tokenize_corpus(tokenizer: Any, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The corpus as one token stream (documents separated by EOS) cut into rows of `context_length`, and the
     index of the document each token comes from (int32, same shape)."""
-    stream: list[int] = []
+    parts: list[torch.Tensor] = []  # int64 tensors, one per slice: a Python list of the whole stream costs ~36 bytes a token
     lengths: list[int] = []
     for start in range(0, len(texts), 1000):  # batched (fast), in slices (a bounded peak)
-        for doc in tokenizer(list(texts[start : start + 1000]), add_special_tokens=False)["input_ids"]:
-            stream += doc
-            stream.append(tokenizer.eos_token_id)
-            lengths.append(len(doc) + 1)
+        docs = tokenizer(list(texts[start : start + 1000]), add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor([token for doc in docs for token in (*doc, tokenizer.eos_token_id)], dtype=torch.long))
+        lengths += [len(doc) + 1 for doc in docs]
+    stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     documents = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths, dtype=torch.long))
     n_rows = len(stream) // context_length
     cut = n_rows * context_length
-    return (torch.tensor(stream[:cut], dtype=torch.long).view(n_rows, context_length),
-            documents[:cut].view(n_rows, context_length))
+    return stream[:cut].view(n_rows, context_length), documents[:cut].view(n_rows, context_length)
 
 
 def token_chunks(tokenizer: Any, texts: list[str], context_length: int) -> torch.Tensor:
@@ -436,18 +426,17 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
 def train_sae_for_layer(
     model: Any, tokenizer: Any, layer: int, spec: dict[str, Any], corpus_path: Path, context_length: int,
     model_name: str, out_dir: Path, device: torch.device, batch_size: int = 16, *,
-    system_prompt: str | None = None, eval_prompts: dict[str, list[EncodedPrompt]] | None = None,
-    batch_tokens: int = 4096, buffer_dir: str | Path | None = None,
+    system_prompt: str | None = None, buffer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a TopK SAE on the layer's activations over the corpus, streamed through a shuffle buffer; save the
-    inference SAE and a summary measured on held-out corpus rows (and on `eval_prompts`, when given).
+    inference SAE and a summary measured on held-out corpus rows (`sae_quality` adds the benchmarks').
 
     Rows: the corpus's token rows in a seeded order; training reads the first ones, the held-out
     evaluation the last ones, never the same. A `chat_fraction` of the training vectors comes instead from
     corpus documents wrapped in the model's chat template as the user turn (with `system_prompt`, as
     extraction renders the benchmarks), their content tokens only, from documents that touch no held-out
     row (preferring ones the plain training rows do not read either). `batch_size` rows per forward pass
-    (chat rows: as many padded tokens); `batch_tokens` bounds the evaluation's padded batches.
+    (chat rows: as many padded tokens).
     """
     import polars as pl
 
@@ -494,7 +483,7 @@ def train_sae_for_layer(
             yield chunk
 
     d_model = model.config.get_text_config().hidden_size
-    capacity = max(2 * spec["batch_size"], min(train_setting(spec, "buffer_vectors"), n_train))
+    capacity = sae_buffer_vectors(spec)
     with ShuffleBuffer(d_model, capacity, spec["batch_size"], spec["seed"] + 2,
                        max_ram_bytes=train_setting(spec, "buffer_max_ram_mb") * 2**20, tmp_dir=buffer_dir,
                        device=device) as buffer:
@@ -523,8 +512,35 @@ def train_sae_for_layer(
             "heldout_rows": heldout_rows, "buffer_vectors": capacity, "buffer_on_disk": on_disk, "passes": passes,
         },
     }
-    if eval_prompts:
-        summary["benchmarks"] = evaluate_prompt_sets(model, sae, layer, eval_prompts, batch_tokens=batch_tokens)
     write_json(summary, out_dir / "summary.json")
     log.info("SAE trained: %s", summary)
     return summary
+
+
+# ---------------------------------------------------------------- quality on what extraction reads
+
+CORPUS_METRICS = ("explained_variance", "l0", "dead_fraction", "heldout_tokens")
+
+
+def sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
+                spec: dict[str, Any], summary: dict[str, Any], *, batch_tokens: int = 4096) -> dict[str, Any]:
+    """The SAE's explained variance, L0 and dead fraction on the benchmark prompts' counted tokens (each
+    benchmark and pooled), encoded as extraction encodes them (`spec`: the `sae_quality` job slice), beside
+    the held-out corpus figures of the SAE's own `summary` (None for an SAE trained elsewhere)."""
+    model_spec = spec["model"]
+    prompts = load_eval_prompts(tokenizer, items_paths, mode=spec["tokens"], system_prompt=model_spec.get("system_prompt"),
+                                max_length=model_spec.get("max_length"), max_items=spec["quality"]["items_per_benchmark"],
+                                seed=spec["quality"]["seed"])
+    corpus = {key: summary[key] for key in CORPUS_METRICS} if "explained_variance" in summary else None
+    return {"layer": layer, "corpus": corpus,
+            "benchmarks": evaluate_prompt_sets(model, sae, layer, prompts, batch_tokens=batch_tokens)}
+
+
+def run_sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
+                    spec: dict[str, Any], summary_path: Path, out_path: Path, *, batch_tokens: int = 4096) -> dict[str, Any]:
+    """`sae_quality` of an SAE (its summary.json at `summary_path`), written to `out_path` as JSON."""
+    summary = json.loads(summary_path.read_text())
+    quality = sae_quality(model, tokenizer, sae, layer, items_paths, spec, summary, batch_tokens=batch_tokens)
+    write_json(quality, out_path)
+    log.info("SAE quality: corpus %s, benchmarks pooled %s", quality["corpus"], quality["benchmarks"]["all"])
+    return quality

@@ -788,3 +788,14 @@ def test_the_memory_request_follows_the_buffer_not_the_training_tokens():
     # On a GPU the SAE's training state lives on the device: host memory is the buffer and the sample.
     gpu = sae_job_memory_mb(smollm2, d_model, train, "cuda", "auto")
     assert gpu == int(model_job_memory_mb(smollm2, "cuda", "auto") + buffer_mb + sample_mb)
+
+
+def test_the_runtime_request_follows_the_tokens_and_the_model():
+    from competency_gaps.workflow import sae_job_runtime_min
+
+    train = {"training_tokens": 300_000, "heldout_tokens": 20_000}
+    smollm2 = sae_job_runtime_min(134_515_008, train, "cpu")
+    assert 228 / 60 < smollm2 < 60  # above the measured 228 s on 2 quiet cores
+    assert sae_job_runtime_min(134_515_008, {**train, "training_tokens": 3_000_000}, "cpu") > 5 * smollm2 - 50
+    assert sae_job_runtime_min(134_515_008, train, "cuda") < smollm2
+    assert sae_job_runtime_min(None, train, "cpu") == 240  # a model whose size is unknown

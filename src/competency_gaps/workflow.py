@@ -182,9 +182,10 @@ def sae_job_memory_mb(n_params: int | None, d_model: int | None, train: dict[str
     return int(base + sae_buffer_mb(train, d_model) + sample + sae_state)
 
 
-# Runtime requests (minutes): model forward passes dominate SAE training; seconds per token per model
-# parameter, measured (SmolLM2-135M, 300k tokens: 228 s on 2 CPU cores) and doubled for slower machines.
-SECONDS_PER_TOKEN_PARAM = {"cpu": 1.1e-11, "cuda": 1.4e-14}
+# Runtime requests (minutes): model forward passes dominate SAE training, so seconds per token per model
+# parameter, measured and taken 4x (shared or slower machines): CPU, SmolLM2-135M, 300k tokens in 228 s on 2
+# quiet cores (5.3e-12); H100, a 1.2B random-weight Llama streamed at 42,600 vectors/s (1.9e-14, bench/README.md).
+SECONDS_PER_TOKEN_PARAM = {"cpu": 2e-11, "cuda": 8e-14}
 
 
 def sae_job_runtime_min(n_params: int | None, train: dict[str, Any], device: str) -> int:

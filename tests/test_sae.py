@@ -283,7 +283,7 @@ ACTS = torch.tensor([
 @pytest.mark.parametrize("chunk", [4096, 2])
 def test_evaluate_sae_on_a_perfect_autoencoder(chunk):
     result = evaluate_sae(SplitSignSAE(3), ACTS, chunk=chunk)
-    assert result["explained_variance"] == pytest.approx(1.0)
+    assert result["explained_variance"] == pytest.approx(1.0) and result["mse"] == pytest.approx(0.0, abs=1e-12)
     assert result["l0"] == pytest.approx(8 / 5)
     assert result["dead_fraction"] == pytest.approx(3 / 6)
     assert result["heldout_tokens"] == 5
@@ -294,6 +294,7 @@ def test_evaluate_sae_with_a_zero_decoder():
     # squared error = sum x^2 = 10; variance about the mean (2, 0) = 1 + 1 = 2; EV = 1 - 10 / 2
     result = evaluate_sae(SplitSignSAE(2, zero_decoder=True), acts, chunk=1)
     assert result["explained_variance"] == pytest.approx(-4.0)
+    assert result["mse"] == pytest.approx(10 / 2)  # per vector: comparable across sets of unequal variance
     assert result["l0"] == pytest.approx(1.0)
     assert result["dead_fraction"] == pytest.approx(3 / 4)
 
@@ -345,7 +346,7 @@ def test_streamed_evaluation_is_exact_under_a_large_mean(random_sae_dirs):
 
 
 def test_streamed_evaluation_of_nothing_has_no_metrics():
-    assert SAEEvaluation().result() == {"explained_variance": None, "l0": None, "dead_fraction": None, "tokens": 0}
+    assert SAEEvaluation().result() == {"explained_variance": None, "l0": None, "dead_fraction": None, "mse": None, "tokens": 0}
 
 
 def test_evaluate_on_prompts_reads_the_counted_tokens(tiny_model, random_sae_dirs, tiny_item):
@@ -580,7 +581,7 @@ def test_sae_quality_reads_each_benchmarks_counted_tokens(tiny_model, random_sae
         paths.append(path)
     sae_dir = random_sae_dirs[1]
     sae = load_sae(sae_dir)
-    corpus = {"explained_variance": 0.5, "l0": 3.0, "dead_fraction": 0.1, "heldout_tokens": 200}
+    corpus = {"explained_variance": 0.5, "l0": 3.0, "dead_fraction": 0.1, "mse": 2.0, "heldout_tokens": 200}
     (tmp_path / "summary.json").write_text(json.dumps({"source": {"train": {}}, "layer": 1, **corpus}))
     quality = run_sae_quality(model, tokenizer, sae, 1, paths, QUALITY_SPEC, tmp_path / "summary.json",
                               tmp_path / "quality.json")

@@ -280,9 +280,12 @@ class SAEEvaluation:
 
     def result(self) -> dict[str, Any]:
         if self.n == 0:
-            return {"explained_variance": None, "l0": None, "dead_fraction": None, "tokens": 0}
+            return {"explained_variance": None, "l0": None, "dead_fraction": None, "mse": None, "tokens": 0}
         return {
             "explained_variance": 1.0 - self.squared_error / self.m2.sum().item(),
+            # Squared reconstruction error per vector: unlike the explained variance it does not depend on how
+            # varied the vectors are, so corpus and benchmark figures compare directly.
+            "mse": self.squared_error / self.n,
             "l0": self.active / self.n,
             "dead_fraction": 1.0 - self.fired.float().mean().item(),
             "tokens": self.n,
@@ -506,6 +509,7 @@ def train_sae_for_layer(
         "l0": heldout["l0"],
         "dead_fraction": heldout["dead_fraction"],
         "heldout_tokens": heldout["tokens"],
+        "mse": heldout["mse"],
         "stream": {
             "corpus_tokens": n_plain, "chat_tokens": n_chat, "corpus_rows": train_rows, "chat_documents": len(chat),
             "trained_vectors": n_train // spec["batch_size"] * spec["batch_size"],
@@ -519,7 +523,7 @@ def train_sae_for_layer(
 
 # ---------------------------------------------------------------- quality on what extraction reads
 
-CORPUS_METRICS = ("explained_variance", "l0", "dead_fraction", "heldout_tokens")
+CORPUS_METRICS = ("explained_variance", "l0", "dead_fraction", "mse", "heldout_tokens")
 
 
 def sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
@@ -531,7 +535,7 @@ def sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: I
     prompts = load_eval_prompts(tokenizer, items_paths, mode=spec["tokens"], system_prompt=model_spec.get("system_prompt"),
                                 max_length=model_spec.get("max_length"), max_items=spec["quality"]["items_per_benchmark"],
                                 seed=spec["quality"]["seed"])
-    corpus = {key: summary[key] for key in CORPUS_METRICS} if "explained_variance" in summary else None
+    corpus = {key: summary.get(key) for key in CORPUS_METRICS} if "explained_variance" in summary else None
     return {"layer": layer, "corpus": corpus,
             "benchmarks": evaluate_prompt_sets(model, sae, layer, prompts, batch_tokens=batch_tokens)}
 

@@ -21,7 +21,7 @@ STAGE_VERSIONS = {
     "prepare_model": 2,  # 2: manifest paths relative to the manifest; hub revisions pinned
     "corpus": 1,
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
-    "sae": 2,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction)
+    "sae": 2,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse
     "sae_quality": 1,
     "extract": 3,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts
     "labels": 3,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape

@@ -11,7 +11,8 @@ from snakemake.utils import validate
 
 from competency_gaps.config import gguf_file, model_shape, resolve_device, validate_config
 from competency_gaps.templates import TEMPLATES_FILE
-from competency_gaps.workflow import alternatives, model_job_memory_mb, sae_job_memory_mb, spec_json, throughput
+from competency_gaps.workflow import (alternatives, model_job_memory_mb, sae_job_memory_mb, sae_job_runtime_min, spec_json,
+                                      throughput)
 
 # The schema (with its descriptions and defaults) ships beside the code; validate_config adds defaults deep
 # in the model/benchmark maps and the checks a schema cannot express (adapter names, layer range, SAE width).
@@ -131,6 +132,13 @@ def sae_mem_mb(wildcards):
                              config["device"], config["dtype"])
 
 
+def sae_runtime(wildcards):
+    entry = sae_entry(wildcards.model, wildcards.layer)
+    if "train" not in entry:
+        return 30  # downloading or copying a pretrained SAE
+    return sae_job_runtime_min(model_params(wildcards.model), entry["train"], config["device"])
+
+
 # Threads of a job that runs the model (capped at --cores locally; CPUs per task on a cluster).
 MODEL_THREADS = config["threads"]
 
@@ -148,6 +156,7 @@ def explorer_sites():
 
 def all_targets():
     per_layer = {
+        "sae": ("quality.json",),
         "labels": ("labels.parquet", "concept_cards.md", "label_quality.json"),
         "concepts": ("concepts.parquet", "concept_benchmark.parquet", "summary.md"),
         # Every file a person reads is a target, so a rule that gains an output reruns for it.

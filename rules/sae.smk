@@ -42,9 +42,42 @@ rule sae:
     # Only training runs the model; copying a pretrained SAE needs one thread and no GPU.
     threads: lambda wc: MODEL_THREADS if trains_sae(wc) else 1
     resources:
-        mem_mb=sae_mem_mb,
-        runtime=240,
+        mem_mb=sae_mem_mb,  # follows from d_model and the shuffle buffer, not from training_tokens
+        runtime=sae_runtime,
         gpu=lambda wc: 1 if ON_GPU and trains_sae(wc) else 0,
     shell:
         "OMP_NUM_THREADS={threads} python -m competency_gaps sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
-        "{params.inputs} --out-dir {params.out_dir} 2> {log}"
+        "{params.inputs} --out-dir {params.out_dir} --mem-mb {resources.mem_mb} 2> {log}"
+
+
+rule sae_quality:
+    """The SAE on what extraction reads: explained variance, L0 and dead fraction on every benchmark's
+    counted tokens, beside the held-out corpus figures. A rule of its own, so editing a benchmark reruns
+    this measurement, never the SAE's training."""
+    input:
+        manifest=f"{RESULTS}/models/model={{model}}/manifest.json",
+        sae_cfg=rules.sae.output.cfg,
+        sae_weights=rules.sae.output.weights,
+        summary=rules.sae.output.summary,
+        item_tables=expand(f"{RESULTS}/benchmarks/benchmark={{benchmark}}/items.parquet", benchmark=BENCHMARKS),
+    output:
+        quality=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/quality.json",
+    params:
+        spec=lambda wc: spec_json(config, "sae_quality", model=wc.model, layer=wc.layer),
+        sae_dir=lambda wc, input: os.path.dirname(input.sae_cfg),
+    conda:
+        "../envs/competency-gaps.yaml"
+    log:
+        f"{RESULTS}/logs/sae_quality/model={{model}}/layer={{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks_runtime/sae_quality/model={{model}}/layer={{layer}}.tsv"
+    threads: MODEL_THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=60,
+        gpu=1 if ON_GPU else 0,
+        batch_tokens=lambda wc: throughput(config, wc.model)["batch_tokens"],  # speed only: a resource, not a param
+    shell:
+        "OMP_NUM_THREADS={threads} python -m competency_gaps sae-quality --model {wildcards.model} --layer {wildcards.layer} "
+        "--spec {params.spec:q} --batch-tokens {resources.batch_tokens} --manifest {input.manifest} --sae-dir {params.sae_dir} "
+        "--items {input.item_tables} --out {output.quality} 2> {log}"

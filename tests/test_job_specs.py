@@ -24,7 +24,8 @@ def config(tiny_model_dir, random_sae_dirs, tmp_path) -> dict:
 def test_every_stage_carries_its_code_version(config, monkeypatch):
     for job, extra in [("prepare", {"benchmark": "b"}), ("evaluate", {"model": "tiny", "benchmark": "b"}),
                        ("extract", {"model": "tiny", "benchmark": "b", "layer": 1}), ("reduce", {}),
-                       ("sae", {"model": "tiny", "layer": 1}), ("prepare_model", {"model": "tiny"}), ("corpus", {})]:
+                       ("sae", {"model": "tiny", "layer": 1}), ("sae_quality", {"model": "tiny", "layer": 1}),
+                       ("prepare_model", {"model": "tiny"}), ("corpus", {})]:
         before = spec_json(config, job, **extra)
         assert json.loads(before)["version"] == workflow.STAGE_VERSIONS[job]
         # Bumping a stage's version changes its params, which is what makes Snakemake rerun it.

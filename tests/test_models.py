@@ -114,8 +114,8 @@ def test_memory_requests_follow_the_model():
     assert model_job_memory_mb(None, "cpu", "auto") == 16000
     small = model_job_memory_mb(134_515_008, "cpu", "auto")
     assert 2900 < small < 4000  # measured peak of SmolLM2's largest evaluation: 2.9 GB
-    train = {"training_tokens": 300_000, "heldout_tokens": 20_000}
-    assert sae_job_memory_mb(134_515_008, 576, train, "cpu", "auto") - small == pytest.approx(2 * 320_000 * 576 * 4 / 2**20, abs=1)
+    train = {"d_sae": 4608, "training_tokens": 300_000, "heldout_tokens": 20_000, "batch_size": 256}
+    assert sae_job_memory_mb(134_515_008, 576, train, "cpu", "auto") > small  # + the shuffle buffer (tests/test_sae.py)
 
 
 def test_auto_device_is_resolved(monkeypatch):

@@ -183,7 +183,8 @@ def test_planted_scores_reach_the_gap_tables_through_the_score_import(planted):
 
     workdir, concept, suite = planted["workdir"], planted["concept"], planted["suite"]
     n = len(BENCHMARK_NAMES)
-    assert planted["jobs"] == {"evaluate": n, "reduce_concepts": 1, "robustness": 1, "figures": 1, "all": 1}
+    assert planted["jobs"] == {"evaluate": n, "reduce_concepts": 1, "robustness": 1, "figures": 1, "explorer": 1,
+                               "explorer_index": 1, "all": 1}
 
     _, reread = load_run(workdir)
     expected = planted["planted_items"].join(reread.select("benchmark", "item_id", imported="score"),

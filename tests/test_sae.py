@@ -1,10 +1,14 @@
-"""SAE stage: activation collection, the training data stream, evaluation, TopK training with sae-lens,
-fetching pretrained/local SAEs, and the layer/width checks. All offline, on CPU, in seconds."""
+"""SAE stage: activation collection, the streamed training data (corpus rows and chat-formatted documents),
+streamed evaluation (held-out corpus rows, benchmark prompts), TopK training with sae-lens, fetching
+pretrained/local SAEs, and the layer/width checks. All offline, on CPU, in seconds."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,20 +18,34 @@ import torch
 from safetensors.torch import load_file
 
 from competency_gaps import sae as sae_module
+from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.sae import (
+    SAEEvaluation,
     batches_forever,
+    benchmark_name,
+    chat_prompts,
     check_sae_fits,
     collect_activations,
+    evaluate_on_prompts,
+    evaluate_prompt_sets,
     evaluate_sae,
+    evaluate_stream,
     fetch_sae,
     hook_name,
+    interleave,
     layer_of_hook,
+    load_eval_prompts,
     load_sae,
+    prompt_activations,
+    row_activations,
+    run_sae_quality,
+    sae_quality,
     token_chunks,
+    tokenize_corpus,
     train_sae_for_layer,
     train_topk_sae,
 )
-from conftest import D_MODEL, D_SAE, N_LAYERS, save_random_sae
+from conftest import D_MODEL, D_SAE, N_LAYERS, REPO, save_random_sae
 
 CPU = torch.device("cpu")
 DOCS = ["Janet has 3 apples and buys 5 more.", "How many apples does she have?", "Answer: 8", "yes no true false"]
@@ -54,6 +72,15 @@ def test_token_chunks_joins_documents_with_eos_and_drops_the_remainder(tiny_mode
     assert chunks.flatten().tolist() == stream[: n_rows * context_length]  # in order, remainder dropped
     # every document but the ones cut off is followed by exactly one EOS
     assert chunks.flatten().tolist().count(tokenizer.eos_token_id) == stream[: n_rows * context_length].count(tokenizer.eos_token_id)
+
+
+def test_tokenize_corpus_gives_each_token_its_document(tiny_model):
+    _, tokenizer = tiny_model
+    rows, documents = tokenize_corpus(tokenizer, DOCS, 5)
+    assert torch.equal(rows, token_chunks(tokenizer, DOCS, 5))
+    assert documents.shape == rows.shape and documents.dtype == torch.int32
+    expected = [i for i, text in enumerate(DOCS) for _ in range(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1)]
+    assert documents.flatten().tolist() == expected[: rows.numel()]  # each document's EOS is its own
 
 
 def test_token_chunks_of_a_corpus_shorter_than_one_row_is_empty_but_integer(tiny_model):
@@ -99,6 +126,81 @@ def test_collect_activations_fails_clearly_when_the_corpus_is_too_small(tiny_mod
     assert collect_activations(model, 1, chunks, available, 4, CPU).shape[0] == available  # exactly enough is fine
     with pytest.raises(ValueError, match=rf"corpus too small: {available} tokens, {available + 1} needed"):
         collect_activations(model, 1, chunks, available + 1, 4, CPU)
+
+
+def test_row_activations_stream_the_same_vectors_in_row_batches(tiny_model):
+    model, tokenizer = tiny_model
+    chunks = token_chunks(tokenizer, DOCS * 3, 6)
+    parts = list(row_activations(model, 1, chunks, 23, batch_size=2, device=CPU))
+    assert [len(part) for part in parts] == [10, 10, 3]  # 2 rows of 5 vectors per chunk, the last one cut
+    torch.testing.assert_close(torch.cat(parts), collect_activations(model, 1, chunks, 23, 4, CPU))
+    with pytest.raises(ValueError, match="corpus too small"):  # checked before the first forward pass
+        row_activations(model, 1, chunks[:2], 11, 2, CPU)
+
+
+def test_prompt_activations_read_the_counted_tokens(tiny_model):
+    model, tokenizer = tiny_model
+    prompts = [EncodedPrompt(tokenizer(text)["input_ids"], [i % 2 == 1 for i in range(len(tokenizer(text)["input_ids"]))])
+               for text in DOCS]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt.input_ids])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+        expected.append(hidden[0, torch.tensor(prompt.counted)])
+    expected_ND = torch.cat(expected)
+    for batch_tokens in (1, 40, 10_000):  # one prompt per batch, a few, all together (right-padded)
+        got = torch.cat(list(prompt_activations(model, 1, prompts, batch_tokens=batch_tokens)))
+        assert got.shape == expected_ND.shape
+        # the same multiset of vectors, whatever the batching (batches are length-sorted)
+        torch.testing.assert_close(got[got[:, 0].argsort()], expected_ND[expected_ND[:, 0].argsort()], rtol=1e-4, atol=1e-5)
+    cut = list(prompt_activations(model, 1, prompts, batch_tokens=10_000, n_vectors=7))
+    assert sum(len(part) for part in cut) == 7
+
+
+def test_chat_rows_count_only_the_documents_own_tokens(tiny_model):
+    _, tokenizer = tiny_model
+    texts = ["Janet has 3 apples and buys 5 more.", "  ", "How many apples does she have?", "Answer: 8"]
+    first = len(tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    prompts, skipped = chat_prompts(tokenizer, texts, [0, 1, 2, 3], n_vectors=first + 1, context_length=64)
+    assert skipped == 1  # the blank document
+    assert len(prompts) == 2, "stops once the counted tokens reach n_vectors"
+    assert sum(prompts[0].counted) == first
+    specials = set(tokenizer.all_special_ids)
+    for prompt, text in zip(prompts, [texts[0], texts[2]]):
+        whole = encode_item(tokenizer, {"messages": [{"role": "user", "content": text}], "field_spans": []}, "content")
+        # The prompt as extraction renders it, cut after the document: no later token changes its activations.
+        assert prompt.input_ids == whole.input_ids[: len(prompt.input_ids)]
+        assert tokenizer.decode(whole.input_ids[len(prompt.input_ids):]) == "<|im_end|>\n<|im_start|>assistant\n"
+        counted_ids = [i for i, c in zip(prompt.input_ids, prompt.counted) if c]
+        assert tokenizer.decode(counted_ids) == text  # exactly the document: no template, no system prompt
+        assert not specials & set(counted_ids)
+        assert not prompt.counted[0]
+        rendered = tokenizer.decode(prompt.input_ids)
+        assert rendered.startswith("<|im_start|>system\nYou are a helpful tiny assistant.<|im_end|>")  # the default system prompt...
+        head = prompt.counted.index(True)
+        assert tokenizer.decode(prompt.input_ids[:head]).endswith("<|im_start|>user\n")  # ...and header, uncounted
+        assert prompt.counted[head:] == [True] * len(counted_ids)
+
+    # A configured system prompt is not counted either; long documents are cut after context_length - 1 counted tokens.
+    long_text = " ".join(["Janet has 3 apples and buys 5 more."] * 10)
+    (prompt,), _ = chat_prompts(tokenizer, [long_text], [0], n_vectors=1, context_length=8, system_prompt="Be brief.")
+    counted_ids = [i for i, c in zip(prompt.input_ids, prompt.counted) if c]
+    assert len(counted_ids) == 7 and prompt.counted[-1]
+    assert long_text.startswith(tokenizer.decode(counted_ids))
+    assert "Be brief." in tokenizer.decode(prompt.input_ids) and "Be brief" not in tokenizer.decode(counted_ids)
+    with pytest.raises(ValueError, match="corpus too small for chat-formatted training: 7 content tokens, 8 needed"):
+        chat_prompts(tokenizer, [long_text], [0], n_vectors=8, context_length=8)
+
+
+def test_interleave_keeps_each_producer_at_its_share():
+    a = [torch.full((4, 1), 0.0)] * 10  # 40 vectors
+    b = [torch.full((2, 1), 1.0)] * 5  # 10 vectors
+    order = [int(chunk[0, 0]) for chunk in interleave([(a, 40), (b, 10), ([], 0)])]
+    assert order.count(0) == 10 and order.count(1) == 5
+    produced_b = [sum(2 for x in order[: i + 1] if x == 1) for i in range(len(order))]
+    produced_a = [sum(4 for x in order[: i + 1] if x == 0) for i in range(len(order))]
+    assert all(abs(pa / 40 - pb / 10) <= 0.2 + 1e-9 for pa, pb in zip(produced_a, produced_b))  # within one chunk
 
 
 # ---------------------------------------------------------------- batches_forever
@@ -181,7 +283,7 @@ ACTS = torch.tensor([
 @pytest.mark.parametrize("chunk", [4096, 2])
 def test_evaluate_sae_on_a_perfect_autoencoder(chunk):
     result = evaluate_sae(SplitSignSAE(3), ACTS, chunk=chunk)
-    assert result["explained_variance"] == pytest.approx(1.0)
+    assert result["explained_variance"] == pytest.approx(1.0) and result["mse"] == pytest.approx(0.0, abs=1e-12)
     assert result["l0"] == pytest.approx(8 / 5)
     assert result["dead_fraction"] == pytest.approx(3 / 6)
     assert result["heldout_tokens"] == 5
@@ -192,6 +294,7 @@ def test_evaluate_sae_with_a_zero_decoder():
     # squared error = sum x^2 = 10; variance about the mean (2, 0) = 1 + 1 = 2; EV = 1 - 10 / 2
     result = evaluate_sae(SplitSignSAE(2, zero_decoder=True), acts, chunk=1)
     assert result["explained_variance"] == pytest.approx(-4.0)
+    assert result["mse"] == pytest.approx(10 / 2)  # per vector: comparable across sets of unequal variance
     assert result["l0"] == pytest.approx(1.0)
     assert result["dead_fraction"] == pytest.approx(3 / 4)
 
@@ -206,6 +309,77 @@ def test_evaluate_sae_on_a_real_sae(random_sae_dirs):
     assert result["explained_variance"] == pytest.approx(1 - (error / (acts - acts.mean(0)).pow(2).sum()).item(), rel=1e-5)
     assert result["l0"] == pytest.approx((features > 0).sum().item() / 50)
     assert result["dead_fraction"] == pytest.approx(1 - (features > 0).any(0).float().mean().item())
+
+
+def in_memory_evaluation(sae, acts_ND):
+    """The evaluation as it was before streaming: all held-out vectors in one tensor."""
+    with torch.no_grad():
+        features = sae.encode(acts_ND)
+        error = (acts_ND - sae.decode(features)).pow(2).sum().item()
+    return {"explained_variance": 1 - error / (acts_ND - acts_ND.mean(0)).pow(2).sum().item(),
+            "l0": (features > 0).sum().item() / len(acts_ND),
+            "dead_fraction": 1 - (features > 0).any(0).float().mean().item()}
+
+
+def check_streamed_evaluation(sae, acts, tolerance):
+    expected = in_memory_evaluation(sae, acts)
+    uneven = acts.split([1, 300, 7, 450, len(acts) - 758])
+    for chunks, chunk in ((uneven, 4096), (uneven, 64), ([acts], 5)):
+        result = evaluate_stream(sae, chunks, chunk=chunk)
+        assert result["tokens"] == len(acts)
+        assert tolerance(result["explained_variance"], expected["explained_variance"])
+        assert result["l0"] == pytest.approx(expected["l0"], abs=1e-9)
+        assert result["dead_fraction"] == pytest.approx(expected["dead_fraction"], abs=1e-9)
+
+
+def test_streamed_evaluation_equals_the_in_memory_one(trained_synthetic):
+    trained, heldout = trained_synthetic
+    acts = torch.cat([heldout, sparse_synthetic_acts(4000)[-500:]])  # 1000 vectors with a common mean
+    check_streamed_evaluation(trained, acts, lambda got, want: abs(got - want) < 1e-5 and 0.2 < want < 1)
+
+
+def test_streamed_evaluation_is_exact_under_a_large_mean(random_sae_dirs):
+    # A random SAE explains nothing (EV about -7000 here): compare the unexplained fraction relatively.
+    sae = load_sae(random_sae_dirs[1])
+    acts = torch.randn(1000, D_MODEL, generator=torch.Generator().manual_seed(1)) * 3 + 50.0
+    check_streamed_evaluation(sae, acts, lambda got, want: abs((1 - got) / (1 - want) - 1) < 1e-5)
+
+
+def test_streamed_evaluation_of_nothing_has_no_metrics():
+    assert SAEEvaluation().result() == {"explained_variance": None, "l0": None, "dead_fraction": None, "mse": None, "tokens": 0}
+
+
+def test_evaluate_on_prompts_reads_the_counted_tokens(tiny_model, random_sae_dirs, tiny_item):
+    model, tokenizer = tiny_model
+    sae = load_sae(random_sae_dirs[1])
+    prompts = [encode_item(tokenizer, tiny_item, mode) for mode in ("fields", "content", "all")]
+    result = evaluate_on_prompts(model, sae, 1, prompts, batch_tokens=64)
+    counted = torch.cat(list(prompt_activations(model, 1, prompts, batch_tokens=10_000)))
+    assert result["tokens"] == len(counted) == sum(sum(p.counted) for p in prompts)
+    assert result["prompts"] == 3
+    expected = in_memory_evaluation(sae, counted)
+    # A random SAE explains nothing (EV far below 0): compare the unexplained fraction relatively.
+    assert (1 - result["explained_variance"]) == pytest.approx(1 - expected["explained_variance"], rel=1e-5)
+    assert result["l0"] == pytest.approx(expected["l0"])
+
+    sets = evaluate_prompt_sets(model, sae, 1, {"a": prompts[:1], "b": prompts[1:]}, batch_tokens=64)
+    assert set(sets) == {"a", "b", "all"}
+    assert sets["a"]["tokens"] + sets["b"]["tokens"] == sets["all"]["tokens"] == result["tokens"]
+    assert sets["all"]["explained_variance"] == pytest.approx(result["explained_variance"], rel=1e-5)
+    assert sets["b"] == pytest.approx(evaluate_on_prompts(model, sae, 1, prompts[1:]))
+
+
+def test_load_eval_prompts_encodes_items_as_extraction_does(tiny_model, tiny_item, tmp_path):
+    _, tokenizer = tiny_model
+    items = [{**tiny_item, "item_id": f"x-{i}"} for i in range(5)]
+    path = tmp_path / "benchmark=tiny" / "items.parquet"
+    path.parent.mkdir()
+    pl.DataFrame(items).write_parquet(path)
+    sets = load_eval_prompts(tokenizer, [path], mode="fields", system_prompt="Be brief.", max_length=1024, max_items=3)
+    assert list(sets) == ["tiny"] and len(sets["tiny"]) == 3
+    assert sets["tiny"][0] == encode_item(tokenizer, tiny_item, "fields", "Be brief.", None, 1024)
+    assert benchmark_name("results/benchmarks/benchmark=gsm8k/items.parquet") == "gsm8k"
+    assert benchmark_name("some/where/items.parquet") == "items"
 
 
 # ---------------------------------------------------------------- train_topk_sae
@@ -261,6 +435,22 @@ def test_trained_sae_saves_and_loads_with_sae_lens(trained_synthetic, tmp_path):
     assert evaluate_sae(loaded, heldout) == pytest.approx(evaluate_sae(trained, heldout))
 
 
+def test_train_topk_sae_on_a_stream_of_batches():
+    acts = sparse_synthetic_acts(3000)
+    train, heldout = acts[:2500], acts[2500:]
+    pulled = []
+
+    def stream():
+        for batch in batches_forever(train, TRAIN_SPEC["batch_size"], 0):
+            pulled.append(len(batch))
+            yield batch
+
+    trained = train_topk_sae(stream(), TRAIN_SPEC, 2, "tiny-model", CPU)
+    # exactly training_tokens // batch_size batches: the norm scale comes from the first batches, not extra ones
+    assert len(pulled) == TRAIN_SPEC["training_tokens"] // TRAIN_SPEC["batch_size"]
+    assert evaluate_sae(trained, heldout)["explained_variance"] > 0.3
+
+
 def test_train_topk_sae_rejects_a_batch_larger_than_the_training_budget():
     # It used to die inside sae-lens with "ZeroDivisionError: float division by zero" (zero training steps).
     spec = {**TRAIN_SPEC, "training_tokens": 1000, "batch_size": 2000}
@@ -283,9 +473,10 @@ def corpus_parquet(tmp_path_factory) -> Path:
     return path
 
 
-def run_layer_training(tiny_model, corpus_parquet, out_dir: Path, spec=LAYER_SPEC) -> dict:
+def run_layer_training(tiny_model, corpus_parquet, out_dir: Path, spec=LAYER_SPEC, **kwargs) -> dict:
     model, tokenizer = tiny_model
-    return train_sae_for_layer(model, tokenizer, 1, spec, corpus_parquet, CONTEXT_LENGTH, "tiny", out_dir, CPU, batch_size=8)
+    return train_sae_for_layer(model, tokenizer, 1, spec, corpus_parquet, CONTEXT_LENGTH, "tiny", out_dir, CPU, batch_size=8,
+                               **kwargs)
 
 
 def test_train_sae_for_layer_writes_sae_and_heldout_summary(tiny_model, corpus_parquet, tmp_path):
@@ -308,14 +499,25 @@ def test_train_sae_for_layer_writes_sae_and_heldout_summary(tiny_model, corpus_p
     assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     check_sae_fits(sae, 1, D_MODEL, "trained")
 
-    # The summary is measured on the held-out tail of the (seeded) activation sample.
+    # The summary is measured on the last rows of the seeded row order, which training never reads.
     model, tokenizer = tiny_model
     chunks = token_chunks(tokenizer, pl.read_parquet(corpus_parquet)["text"].to_list(), CONTEXT_LENGTH)
     chunks = chunks[torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(LAYER_SPEC["seed"]))]
-    acts = collect_activations(model, 1, chunks, 1200, 8, CPU)
-    expected = evaluate_sae(sae, acts[-200:])
-    assert written["explained_variance"] == pytest.approx(expected["explained_variance"])
+    heldout_rows = math.ceil(200 / (CONTEXT_LENGTH - 1))
+    acts = collect_activations(model, 1, chunks[-heldout_rows:], 200, 8, CPU)
+    expected = in_memory_evaluation(sae, acts)
+    assert abs(written["explained_variance"] - expected["explained_variance"]) < 1e-5
     assert written["l0"] == pytest.approx(expected["l0"])
+    assert written["dead_fraction"] == pytest.approx(expected["dead_fraction"])
+
+    # Half the training vectors come from chat-formatted documents; one pass of the producer feeds training.
+    stream = written["stream"]
+    assert stream["corpus_tokens"] == stream["chat_tokens"] == 500
+    assert stream["corpus_rows"] == math.ceil(500 / (CONTEXT_LENGTH - 1)) and stream["heldout_rows"] == heldout_rows
+    assert stream["corpus_rows"] + heldout_rows <= chunks.shape[0]
+    assert stream["chat_documents"] > 0 and stream["passes"] == 1
+    assert stream["buffer_vectors"] == 1000 and stream["buffer_on_disk"] is False  # capped at training_tokens
+    assert "benchmarks" not in written
 
 
 def test_train_sae_for_layer_is_deterministic(tiny_model, corpus_parquet, tmp_path):
@@ -331,6 +533,95 @@ def test_train_sae_for_layer_is_deterministic(tiny_model, corpus_parquet, tmp_pa
     c = load_file(tmp_path / "c" / "sae_weights.safetensors")
     assert not torch.equal(a["W_dec"], c["W_dec"])
     assert third["heldout_tokens"] == first["heldout_tokens"]
+
+
+def test_chat_documents_never_touch_the_heldout_rows(tiny_model, corpus_parquet, tmp_path, monkeypatch):
+    seen = {}
+    original = sae_module.chat_prompts
+
+    def spy(tokenizer, texts, documents, *args, **kwargs):
+        seen["documents"] = list(documents)
+        prompts, skipped = original(tokenizer, texts, seen["documents"], *args, **kwargs)
+        seen["used"] = len(prompts) + skipped
+        return prompts, skipped
+
+    monkeypatch.setattr(sae_module, "chat_prompts", spy)
+    spec = {**LAYER_SPEC, "chat_fraction": 0.3}
+    summary = run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec, system_prompt="Be brief.")
+
+    _, tokenizer = tiny_model
+    rows, documents = tokenize_corpus(tokenizer, pl.read_parquet(corpus_parquet)["text"].to_list(), CONTEXT_LENGTH)
+    documents = documents[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(LAYER_SPEC["seed"]))]
+    heldout_docs = set(documents[-summary["stream"]["heldout_rows"]:].flatten().tolist())
+    plain_docs = set(documents[: summary["stream"]["corpus_rows"]].flatten().tolist())
+    assert heldout_docs and not heldout_docs & set(seen["documents"])
+    assert not plain_docs & set(seen["documents"][: seen["used"]]), "documents the corpus rows read come last"
+    assert summary["stream"]["chat_tokens"] == 300 and summary["stream"]["corpus_tokens"] == 700
+
+
+def test_train_sae_for_layer_with_a_small_buffer(tiny_model, corpus_parquet, tmp_path):
+    spec = {**LAYER_SPEC, "buffer_vectors": 100, "chat_fraction": 0.0}
+    summary = run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec)
+    assert summary["stream"]["buffer_vectors"] == 100 and summary["stream"]["chat_tokens"] == 0
+    assert summary["stream"]["chat_documents"] == 0 and summary["stream"]["passes"] == 1
+    assert 0.0 < summary["explained_variance"] <= 1.0
+
+
+QUALITY_SPEC = {"model": {"system_prompt": "Be brief.", "max_length": 1024}, "tokens": "fields", "layer": 1,
+                "quality": {"items_per_benchmark": 2, "seed": 0}}
+
+
+def test_sae_quality_reads_each_benchmarks_counted_tokens(tiny_model, random_sae_dirs, tiny_item, tmp_path):
+    model, tokenizer = tiny_model
+    paths = []
+    for name, n in (("tiny", 3), ("other", 1)):
+        path = tmp_path / f"benchmark={name}" / "items.parquet"
+        path.parent.mkdir()
+        pl.DataFrame([{**tiny_item, "item_id": f"{name}{i}"} for i in range(n)]).write_parquet(path)
+        paths.append(path)
+    sae_dir = random_sae_dirs[1]
+    sae = load_sae(sae_dir)
+    corpus = {"explained_variance": 0.5, "l0": 3.0, "dead_fraction": 0.1, "mse": 2.0, "heldout_tokens": 200}
+    (tmp_path / "summary.json").write_text(json.dumps({"source": {"train": {}}, "layer": 1, **corpus}))
+    quality = run_sae_quality(model, tokenizer, sae, 1, paths, QUALITY_SPEC, tmp_path / "summary.json",
+                              tmp_path / "quality.json")
+    written = json.loads((tmp_path / "quality.json").read_text())
+    assert written == json.loads(json.dumps(quality))
+    assert written["corpus"] == corpus
+    assert set(written["benchmarks"]) == {"tiny", "other", "all"}
+    counted = sum(encode_item(tokenizer, tiny_item, "fields", "Be brief.", None, 1024).counted)
+    tiny = written["benchmarks"]["tiny"]
+    assert tiny["prompts"] == 2 and tiny["tokens"] == 2 * counted  # items_per_benchmark: a sample of 2 of 3
+    assert written["benchmarks"]["all"]["tokens"] == tiny["tokens"] + written["benchmarks"]["other"]["tokens"]
+    for result in written["benchmarks"].values():
+        assert result["explained_variance"] <= 1.0 and 0 < result["l0"] and 0 <= result["dead_fraction"] <= 1
+    # An SAE trained elsewhere has no held-out corpus figures.
+    assert sae_quality(model, tokenizer, sae, 1, paths[:1], QUALITY_SPEC, {"source": {"path": "x"}})["corpus"] is None
+
+
+def test_train_sae_for_layer_with_the_buffer_on_disk(tiny_model, corpus_parquet, tmp_path):
+    buffer_dir = tmp_path / "buffers"
+    buffer_dir.mkdir()
+    ram = run_layer_training(tiny_model, corpus_parquet, tmp_path / "ram")
+    disk = run_layer_training(tiny_model, corpus_parquet, tmp_path / "disk", {**LAYER_SPEC, "buffer_max_ram_mb": 0},
+                              buffer_dir=buffer_dir)
+    assert disk["stream"]["buffer_on_disk"] is True and ram["stream"]["buffer_on_disk"] is False
+    assert not list(buffer_dir.iterdir()), "the memory-mapped file is removed after training"
+    # The same vectors in the same order, rounded to float16: nearly the same SAE.
+    assert disk["explained_variance"] == pytest.approx(ram["explained_variance"], abs=0.02)
+
+
+def test_train_sae_for_layer_fails_clearly_when_the_corpus_is_too_small(tiny_model, corpus_parquet, tmp_path):
+    spec = {**LAYER_SPEC, "training_tokens": 100_000}
+    with pytest.raises(ValueError, match=r"corpus too small: \d+ rows of 16 tokens, \d+ training \+ 14 held-out rows needed"):
+        run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec)
+
+
+def test_importing_the_sae_module_leaves_sae_lens_and_polars_unloaded():
+    code = "import sys, competency_gaps.sae; print(sorted(m for m in ('sae_lens', 'polars', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO / "src"), "PATH": ""})
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- fetch_sae
@@ -433,3 +724,79 @@ def test_check_sae_fits_warns_on_a_non_residual_hook(random_sae_dirs, caplog):
         check_sae_fits(sae, 3, D_MODEL, "where")
     assert "not a residual-stream hook" in caplog.text and "layer 3" in caplog.text
 
+
+
+# ---------------------------------------------------------------- wiring: config -> job spec -> CLI -> training
+
+
+def train_config(tiny_model_dir, corpus_parquet) -> dict:
+    from competency_gaps.config import validate_config
+
+    return validate_config({
+        "models": {"tiny": {"source": {"path": str(tiny_model_dir)}, "system_prompt": "Be brief.",
+                            "layers": [{"layer": 1, "sae": {"train": {**LAYER_SPEC, "buffer_vectors": 300}}}]}},
+        "benchmarks": {"b": {"adapter": "probe_arithmetic", "options": {"n": 2}}},
+        "sae_corpus": {"sae_probes_package": None, "text_files": [str(corpus_parquet)], "context_length": CONTEXT_LENGTH},
+        "device": "cpu",
+    })
+
+
+def run_cmd_sae(monkeypatch, tmp_path, config: dict, tiny_model_dir, *extra: str) -> dict:
+    """`competency-gaps sae` as the rule runs it, with training replaced by a spy: what reaches the trainer."""
+    from competency_gaps.cli import main
+    from competency_gaps.workflow import spec_json
+
+    seen = {}
+    monkeypatch.setattr(sae_module, "train_sae_for_layer", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"load_from": str(tiny_model_dir)}))
+    main(["sae", "--model", "tiny", "--layer", "1", "--spec", spec_json(config, "sae", model="tiny", layer=1),
+          "--manifest", str(manifest), "--corpus", "corpus.parquet", "--out-dir", str(tmp_path / "sae"), *extra])
+    return seen
+
+
+def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
+    config = train_config(tiny_model_dir, corpus_parquet)
+    seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, "--buffer-dir", str(tmp_path), "--mem-mb", "100000")
+    train = seen["args"][3]
+    # The schema's defaults fill what the config leaves out; what it sets wins.
+    assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096}
+    assert seen["kwargs"] == {"system_prompt": "Be brief.", "buffer_dir": str(tmp_path)}
+
+
+def test_a_training_job_over_its_memory_request_refuses_to_start(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
+    config = train_config(tiny_model_dir, corpus_parquet)
+    with pytest.raises(MemoryError, match=r"SAE training needs about \d+ MB of host memory but was granted mem_mb=100"):
+        run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, "--mem-mb", "100")
+    assert not (tmp_path / "sae").exists()
+
+
+def test_the_memory_request_follows_the_buffer_not_the_training_tokens():
+    from competency_gaps.workflow import model_job_memory_mb, sae_buffer_vectors, sae_job_memory_mb
+
+    smollm2, d_model = 134_515_008, 576
+    train = {"d_sae": 4608, "training_tokens": 300_000, "heldout_tokens": 20_000, "batch_size": 256}
+    base = model_job_memory_mb(smollm2, "cpu", "auto")
+    request = sae_job_memory_mb(smollm2, d_model, train, "cpu", "auto")
+    buffer_mb, sample_mb, sae_state_mb = 131072 * d_model * 4 / 2**20, 2 * 20000 * d_model * 4 / 2**20, 32 * d_model * 4608 / 2**20
+    assert request == int(base + buffer_mb + sample_mb + sae_state_mb)
+    assert sae_job_memory_mb(smollm2, d_model, {**train, "training_tokens": 10**8}, "cpu", "auto") == request
+    # A buffer larger than the training run is capped at it; one above buffer_max_ram_mb is float16 on disk.
+    assert sae_buffer_vectors({**train, "training_tokens": 5000}) == 5000
+    assert sae_buffer_vectors({**train, "training_tokens": 300, "buffer_vectors": 100}) == 512  # two batches at least
+    on_disk = sae_job_memory_mb(smollm2, d_model, {**train, "buffer_max_ram_mb": 100}, "cpu", "auto")
+    assert on_disk == int(base + buffer_mb / 2 + sample_mb + sae_state_mb)
+    # On a GPU the SAE's training state lives on the device: host memory is the buffer and the sample.
+    gpu = sae_job_memory_mb(smollm2, d_model, train, "cuda", "auto")
+    assert gpu == int(model_job_memory_mb(smollm2, "cuda", "auto") + buffer_mb + sample_mb)
+
+
+def test_the_runtime_request_follows_the_tokens_and_the_model():
+    from competency_gaps.workflow import sae_job_runtime_min
+
+    train = {"training_tokens": 300_000, "heldout_tokens": 20_000}
+    smollm2 = sae_job_runtime_min(134_515_008, train, "cpu")
+    assert 228 / 60 < smollm2 < 60  # above the measured 228 s on 2 quiet cores
+    assert sae_job_runtime_min(134_515_008, {**train, "training_tokens": 3_000_000}, "cpu") > 5 * smollm2 - 50
+    assert sae_job_runtime_min(134_515_008, train, "cuda") < smollm2
+    assert sae_job_runtime_min(None, train, "cpu") == 240  # a model whose size is unknown

@@ -112,6 +112,13 @@ def test_outputs_have_the_expected_shape_and_values(finished_run, random_sae_dir
     assert all(name in summary for name in BENCHMARKS)
 
 
+def test_the_sae_quality_reads_every_benchmark(finished_run):
+    quality = json.loads((finished_run / "results/sae/model=tiny/layer=1/quality.json").read_text())
+    assert quality["corpus"] is None  # a pretrained SAE: no held-out corpus figures of its own
+    assert set(quality["benchmarks"]) == set(BENCHMARKS) | {"all"}
+    assert quality["benchmarks"]["all"]["tokens"] == sum(quality["benchmarks"][name]["tokens"] for name in BENCHMARKS) > 0
+
+
 def test_chi_values_match_a_recomputation_from_the_shards(finished_run, random_sae_dirs):
     """Recompute χ_bench and χ_model for every (concept, benchmark) straight from the extraction shards and scores."""
     results = finished_run / "results"
@@ -173,7 +180,8 @@ def appended(path: Path, text: str):
 # and the figures; a changed extraction also the labels (they merge every shard's top contexts).
 ANALYSES = {"reduce_concepts": 1, "robustness": 1, "figures": 1, "explorer": 1, "explorer_index": 1, "all": 1}
 EXTRACTED = {"labels": 1, **ANALYSES}
-DOWNSTREAM_OF_ONE = {"prepare_benchmark": 1, "evaluate": 1, "extract": 1, **EXTRACTED}
+# Each SAE's quality is measured on every benchmark's items: a changed benchmark reruns that measurement too.
+DOWNSTREAM_OF_ONE = {"prepare_benchmark": 1, "evaluate": 1, "extract": 1, "sae_quality": 1, **EXTRACTED}
 
 
 def test_editing_the_prompt_templates_reruns_every_benchmark(finished_run):
@@ -181,7 +189,8 @@ def test_editing_the_prompt_templates_reruns_every_benchmark(finished_run):
 
     n = len(BENCHMARKS)
     with appended(TEMPLATES_FILE, "\n# an edit\n"):
-        assert planned_jobs(finished_run) == {"prepare_benchmark": n, "evaluate": n, "extract": n, **EXTRACTED}
+        assert planned_jobs(finished_run) == {"prepare_benchmark": n, "evaluate": n, "extract": n, "sae_quality": 1,
+                                              **EXTRACTED}
 
 
 def test_editing_a_data_file_reruns_only_that_benchmark(finished_run, gsm8k_copy):
@@ -246,7 +255,7 @@ def test_adding_a_layer_schedules_only_its_sae_extractions_and_reducer(finished_
     config["models"]["tiny"]["layers"].append({"layer": 2, "sae": {"path": str(random_sae_dirs[2])}})
     write_config(finished_run, config)
     try:
-        assert planned_jobs(finished_run) == {"sae": 1, "extract": len(BENCHMARKS), **EXTRACTED}
+        assert planned_jobs(finished_run) == {"sae": 1, "sae_quality": 1, "extract": len(BENCHMARKS), **EXTRACTED}
     finally:
         write_config(finished_run, base_config)
 

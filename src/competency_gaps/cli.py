@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ INPUT_TABLES = {
     "figures": ("concept_benchmark", "concepts", "benchmarks", "overlap", "items", "scores", "saliency"),
 }
 
-STAGES = ("prepare", "convert_gguf", "prepare_model", "corpus", "evaluate", "sae", "extract", "labels", "reduce")
+# Job start-up is timed from here (the interpreter starts ~0.05 s earlier): see `_log_ready`.
+_STARTED = time.perf_counter()
+log = logging.getLogger("competency_gaps.cli")
+
 
 
 def _config_file_spec(args: argparse.Namespace, job: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,6 +56,11 @@ def _spec(args: argparse.Namespace, job: str) -> dict[str, Any]:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return spec
+
+
+def _log_ready(what: str) -> None:
+    """Log the job's start-up time: imports and loading, up to its first model work."""
+    log.info("ready after %.1f s (imports, %s loaded)", time.perf_counter() - _STARTED, what)
 
 
 def _torch_runtime(runtime: dict[str, Any]):
@@ -104,13 +113,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return
     device, dtype = _torch_runtime(spec["runtime"])
     manifest = read_manifest(args.manifest)
-    run_evaluate(load_model(manifest, device, dtype), load_tokenizer(manifest), args.items, args.out, spec["model"], spec["benchmark"],
+    model, tokenizer = load_model(manifest, device, dtype), load_tokenizer(manifest)
+    _log_ready("model")
+    run_evaluate(model, tokenizer, args.items, args.out, spec["model"], spec["benchmark"],
                  batch_size=args.batch_size or 8, generation_batch_size=args.generation_batch_size or 8)
 
 
 def cmd_sae(args: argparse.Namespace) -> None:
     from competency_gaps.models import load_model, load_tokenizer, read_manifest
     from competency_gaps.sae import fetch_sae, train_sae_for_layer
+    from competency_gaps.workflow import check_memory_request, sae_job_memory_mb
 
     spec = _spec(args, "sae")
     out_dir = Path(args.out_dir)
@@ -119,8 +131,22 @@ def cmd_sae(args: argparse.Namespace) -> None:
         return
     device, dtype = _torch_runtime(spec["runtime"])
     manifest = read_manifest(args.manifest)
-    train_sae_for_layer(load_model(manifest, device, dtype), load_tokenizer(manifest), spec["layer"], spec["sae"]["train"],
-                        Path(args.corpus), spec["context_length"], spec["model"], out_dir, device)
+    model = load_model(manifest, device, dtype)
+    train = spec["sae"]["train"]
+    needed = sae_job_memory_mb(sum(p.numel() for p in model.parameters()), model.config.get_text_config().hidden_size,
+                               train, device.type, spec["runtime"]["dtype"])
+    check_memory_request(needed, args.mem_mb, "SAE training")
+    train_sae_for_layer(model, load_tokenizer(manifest), spec["layer"], train, Path(args.corpus), spec["context_length"],
+                        spec["model"], out_dir, device, system_prompt=spec.get("system_prompt"), buffer_dir=args.buffer_dir)
+
+
+def cmd_sae_quality(args: argparse.Namespace) -> None:
+    from competency_gaps.sae import run_sae_quality
+
+    spec = _spec(args, "sae_quality")
+    model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
+    run_sae_quality(model, tokenizer, sae, spec["layer"], args.items, spec, Path(args.sae_dir) / "summary.json", Path(args.out),
+                    batch_tokens=args.batch_tokens or 4096)
 
 
 def _model_and_sae(spec: dict[str, Any], manifest_path: str, sae_dir: str):
@@ -136,7 +162,9 @@ def _model_and_sae(spec: dict[str, Any], manifest_path: str, sae_dir: str):
         raise ValueError(f"layer {layer} is out of range: the model has {len(decoder_layers(model))} decoder layers")
     sae = load_sae(sae_dir, device)
     check_sae_fits(sae, layer, model.config.get_text_config().hidden_size, f"SAE in {sae_dir}")
-    return model, load_tokenizer(manifest), sae
+    tokenizer = load_tokenizer(manifest)
+    _log_ready("model and SAE")
+    return model, tokenizer, sae
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -259,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--manifest", help="model manifest (needed to train)")
     c.add_argument("--corpus", help="corpus Parquet (needed to train)")
     c.add_argument("--out-dir", required=True, help="folder for cfg.json, sae_weights.safetensors, summary.json")
+    c.add_argument("--buffer-dir", help="folder for the shuffle buffer's file when it exceeds buffer_max_ram_mb (default: the temp dir)")
+    c.add_argument("--mem-mb", type=int, help="host memory granted to the job (Snakemake's mem_mb): training refuses to start "
+                   "when its estimate exceeds it")
+
+    c = stage("sae_quality", cmd_sae_quality, "explained variance, L0 and dead fraction of one (model, layer)'s SAE on the "
+              "benchmark prompts' counted tokens, beside its held-out corpus figures", "model", "layer")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--sae-dir", required=True, help="the SAE folder (its summary.json gives the corpus figures)")
+    c.add_argument("--items", nargs="+", required=True, help="items tables, one per benchmark")
+    c.add_argument("--out", required=True, help="output quality JSON")
+    c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
 
     c = stage("extract", cmd_extract, "per-item concept saliency of one benchmark at one layer", "model", "benchmark", "layer")
     c.add_argument("--manifest", required=True)

@@ -2,23 +2,30 @@
 
 Whatever the source, the `sae` rule leaves the SAE in the results folder in sae-lens's own format
 (cfg.json + sae_weights.safetensors), so extraction always loads it the same way.
+
+Module-level imports stay light (torch and this package): sae-lens (~6 s, it pulls in transformer-lens)
+and polars are imported by the functions that use them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import torch
 
 from competency_gaps.hooks import residual_stream
+from competency_gaps.progress import Progress
+from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.tables import write_json
+from competency_gaps.workflow import NORM_SAMPLE, sae_buffer_vectors, train_setting
 
 log = logging.getLogger(__name__)
 
@@ -72,35 +79,154 @@ def fetch_sae(source: dict[str, Any], out_dir: Path, allow_pickle: bool = False)
 
 
 # ---------------------------------------------------------------- training on this model's activations
+#
+# Nothing here holds all training activations at once: a producer runs the model over token rows batch by
+# batch and feeds a fixed-size shuffle buffer (activation_buffer.py), which feeds sae-lens's trainer; the
+# held-out and benchmark evaluations accumulate their sums chunk by chunk. Memory is the model, the
+# tokenised corpus and the buffer, whatever `training_tokens` is.
+
+CHAT_WINDOW = 64  # chat rows are length-sorted into batches within windows of this many batches
+
+
+def tokenize_corpus(tokenizer: Any, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corpus as one token stream (documents separated by EOS) cut into rows of `context_length`, and the
+    index of the document each token comes from (int32, same shape)."""
+    parts: list[torch.Tensor] = []  # int64 tensors, one per slice: a Python list of the whole stream costs ~36 bytes a token
+    lengths: list[int] = []
+    for start in range(0, len(texts), 1000):  # batched (fast), in slices (a bounded peak)
+        docs = tokenizer(list(texts[start : start + 1000]), add_special_tokens=False)["input_ids"]
+        parts.append(torch.tensor([token for doc in docs for token in (*doc, tokenizer.eos_token_id)], dtype=torch.long))
+        lengths += [len(doc) + 1 for doc in docs]
+    stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    documents = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths, dtype=torch.long))
+    n_rows = len(stream) // context_length
+    cut = n_rows * context_length
+    return stream[:cut].view(n_rows, context_length), documents[:cut].view(n_rows, context_length)
 
 
 def token_chunks(tokenizer: Any, texts: list[str], context_length: int) -> torch.Tensor:
     """The corpus as one token stream (documents separated by EOS) cut into rows of `context_length`."""
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n_rows = len(stream) // context_length
-    return torch.tensor(stream[: n_rows * context_length], dtype=torch.long).view(n_rows, context_length)
+    return tokenize_corpus(tokenizer, texts, context_length)[0]
 
 
-def collect_activations(model: Any, layer: int, chunks_NL: torch.Tensor, n_vectors: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Residual-stream vectors after `layer` for the first chunks, dropping position 0 (the attention-sink outlier)."""
+def row_activations(model: Any, layer: int, chunks_NL: torch.Tensor, n_vectors: int, batch_size: int,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    """Residual-stream vectors after `layer` over the first rows, position 0 dropped (the attention-sink
+    outlier), `batch_size` rows per chunk, exactly `n_vectors` in all; float32 on `device`."""
     per_row = chunks_NL.shape[1] - 1
     n_rows = math.ceil(n_vectors / per_row)
     if n_rows > chunks_NL.shape[0]:
         raise ValueError(f"corpus too small: {chunks_NL.shape[0] * per_row} tokens, {n_vectors} needed (raise sae_corpus.max_documents)")
-    parts = []
-    for start in range(0, n_rows, batch_size):
-        rows = chunks_NL[start : min(start + batch_size, n_rows)].to(device)
-        resid = residual_stream(model, layer, rows, torch.ones_like(rows))
-        parts.append(resid[:, 1:].reshape(-1, resid.shape[-1]).float().cpu())
-        if start // batch_size % 20 == 0:
-            log.info("activations: %d / %d rows", start + len(rows), n_rows)
-    return torch.cat(parts)[:n_vectors]
+
+    def chunks() -> Iterator[torch.Tensor]:
+        left = n_vectors
+        for start in range(0, n_rows, batch_size):
+            rows = chunks_NL[start : min(start + batch_size, n_rows)].to(device)
+            resid = residual_stream(model, layer, rows, torch.ones_like(rows))
+            chunk = resid[:, 1:].reshape(-1, resid.shape[-1])[:left].float()
+            left -= len(chunk)
+            yield chunk
+
+    return chunks()
+
+
+def collect_activations(model: Any, layer: int, chunks_NL: torch.Tensor, n_vectors: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """`row_activations` in one fp32 tensor on the CPU (for small samples: training streams instead)."""
+    return torch.cat([chunk.cpu() for chunk in row_activations(model, layer, chunks_NL, n_vectors, batch_size, device)])
+
+
+def prompt_batches(lengths: list[int], batch_tokens: int, window: int | None = None) -> list[list[int]]:
+    """Token-budget batches of prompt indices (`length_batches`), sorted by length only within windows of
+    `window` prompts (None: all at once) so that a stream keeps its order at the window's scale."""
+    from competency_gaps.saliency import length_batches
+
+    if window is None:
+        return length_batches(lengths, batch_tokens)
+    return [[start + i for i in batch] for start in range(0, len(lengths), window)
+            for batch in length_batches(lengths[start : start + window], batch_tokens)]
+
+
+def prompt_activations(model: Any, layer: int, prompts: list[EncodedPrompt], *, batch_tokens: int,
+                       n_vectors: int | None = None, window: int | None = None) -> Iterator[torch.Tensor]:
+    """Residual-stream vectors after `layer` at the prompts' counted tokens (as extraction reads them:
+    right-padded batches of at most `batch_tokens` padded tokens), in prompt and position order within a
+    batch; at most `n_vectors` in all. float32 on the model's device."""
+    from competency_gaps.saliency import model_device, pad_right
+
+    device = model_device(model)
+    left = math.inf if n_vectors is None else n_vectors
+    for batch in prompt_batches([len(p.input_ids) for p in prompts], batch_tokens, window):
+        if left <= 0:
+            return
+        ids, _, counted = pad_right([prompts[i] for i in batch], pad_id=0)
+        # Right padding under causal attention: no real token attends to the pads after it (no mask needed).
+        resid = residual_stream(model, layer, ids.to(device), None)
+        chunk = resid[counted.to(device)][: left if n_vectors is not None else None].float()
+        left -= len(chunk)
+        yield chunk
+
+
+def chat_prompts(tokenizer: Any, texts: list[str], documents: Iterable[int], n_vectors: int, context_length: int,
+                 system_prompt: str | None = None) -> tuple[list[EncodedPrompt], int]:
+    """Corpus documents as the user turn of the model's chat prompt (with the generation prompt, as the
+    benchmarks are read), taken in `documents` order until their counted tokens reach `n_vectors`.
+
+    Counted are the document's own tokens only, as extraction counts "content": not the template's
+    scaffolding, a default or configured system prompt, BOS, and never position 0. Each prompt is cut
+    after its last counted token, and after at most `context_length - 1` of them, as many as a corpus row
+    gives (causal attention: the cut changes no counted token's activation; the template's head stays
+    whole, however long). Returns the prompts and how many documents were skipped (empty, or altered by
+    the template)."""
+    prompts: list[EncodedPrompt] = []
+    total = skipped = 0
+    for document in documents:
+        if total >= n_vectors:
+            break
+        # A generous character cut first: documents can be far longer than a row.
+        text = texts[document][: 16 * context_length].strip()
+        if not text:
+            skipped += 1
+            continue
+        item = {"messages": [{"role": "user", "content": text}], "field_spans": []}
+        try:
+            prompt = encode_item(tokenizer, item, "content", system_prompt)
+        except ValueError:  # the template altered the text: its tokens cannot be located
+            skipped += 1
+            continue
+        counted = list(prompt.counted)
+        counted[0] = False
+        positions = [i for i, c in enumerate(counted) if c]
+        if not positions:
+            skipped += 1
+            continue
+        cut = positions[: context_length - 1][-1] + 1  # the uncounted closing tokens are never read
+        ids, counted = prompt.input_ids[:cut], counted[:cut]
+        prompts.append(EncodedPrompt(ids, counted))
+        total += sum(counted)
+    if total < n_vectors:
+        raise ValueError(f"corpus too small for chat-formatted training: {total} content tokens, {n_vectors} needed "
+                         "(raise sae_corpus.max_documents or lower chat_fraction)")
+    return prompts, skipped
+
+
+def interleave(sources: list[tuple[Iterable[torch.Tensor], int]]) -> Iterator[torch.Tensor]:
+    """Chunks of several producers, each next one from the producer furthest behind its share of the total
+    (`target` vectors each), so that their mix is even along the stream."""
+    active = [(iter(chunks), target) for chunks, target in sources if target > 0]
+    done = [0] * len(active)
+    live = list(range(len(active)))
+    while live:
+        index = min(live, key=lambda i: (done[i] / active[i][1], i))
+        chunk = next(active[index][0], None)
+        if chunk is None:
+            live.remove(index)
+            continue
+        done[index] += len(chunk)
+        yield chunk
 
 
 def batches_forever(acts_ND: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Shuffled training batches, reshuffled each epoch (sae-lens's DataProvider protocol)."""
+    """Shuffled batches of in-memory activations, reshuffled each epoch (sae-lens's DataProvider protocol)."""
     if acts_ND.shape[0] < batch_size:  # no full batch: the loop below would spin forever yielding nothing
         raise ValueError(f"{acts_ND.shape[0]} activation vectors are fewer than one batch (batch size {batch_size})")
     generator = torch.Generator().manual_seed(seed)
@@ -110,37 +236,164 @@ def batches_forever(acts_ND: torch.Tensor, batch_size: int, seed: int) -> Iterat
             yield acts_ND[order[start : start + batch_size]]
 
 
-@torch.no_grad()
+# ---------------------------------------------------------------- evaluation, streamed
+
+
+class SAEEvaluation:
+    """Explained variance, mean L0 and dead-latent fraction of an SAE, accumulated over chunks of vectors.
+
+    The variance about the mean is merged chunk by chunk (Chan et al.'s pairwise update, in float64), so the
+    mean of all vectors is never needed up front and nothing but per-dimension sums is kept.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.squared_error = 0.0
+        self.active = 0.0
+        self.fired: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    @staticmethod
+    @torch.no_grad()
+    def chunk_stats(sae: Any, x_ND: torch.Tensor) -> dict[str, Any]:
+        weights = getattr(sae, "W_enc", None)
+        if weights is not None:
+            x_ND = x_ND.to(weights.device, weights.dtype)
+        features = sae.encode(x_ND)
+        active = features > 0
+        x64 = x_ND.double()
+        mean = x64.mean(0)
+        return {"n": len(x_ND), "squared_error": (x_ND - sae.decode(features)).pow(2).sum().item(),
+                "active": active.sum().item(), "fired": active.any(0), "mean": mean, "m2": (x64 - mean).pow(2).sum(0)}
+
+    def add(self, stats: dict[str, Any]) -> None:
+        n = stats["n"]
+        if n == 0:
+            return
+        self.squared_error += stats["squared_error"]
+        self.active += stats["active"]
+        if self.mean is None:
+            self.fired, self.mean, self.m2 = stats["fired"].clone(), stats["mean"].clone(), stats["m2"].clone()
+        else:
+            total = self.n + n
+            delta = stats["mean"] - self.mean
+            self.mean += delta * (n / total)
+            self.m2 += stats["m2"] + delta.pow(2) * (self.n * n / total)
+            self.fired |= stats["fired"]
+        self.n += n
+
+    def result(self) -> dict[str, Any]:
+        if self.n == 0:
+            return {"explained_variance": None, "l0": None, "dead_fraction": None, "mse": None, "tokens": 0}
+        return {
+            "explained_variance": 1.0 - self.squared_error / self.m2.sum().item(),
+            # Squared reconstruction error per vector: unlike the explained variance it does not depend on how
+            # varied the vectors are, so corpus and benchmark figures compare directly.
+            "mse": self.squared_error / self.n,
+            "l0": self.active / self.n,
+            "dead_fraction": 1.0 - self.fired.float().mean().item(),
+            "tokens": self.n,
+        }
+
+
+def evaluate_stream(sae: Any, chunks: Iterable[torch.Tensor], chunk: int = 4096) -> dict[str, Any]:
+    """`SAEEvaluation` over a stream of (n, d_in) chunks (each re-cut to at most `chunk` vectors per encode)."""
+    evaluation = SAEEvaluation()
+    for part in chunks:
+        for x in part.split(chunk):
+            evaluation.add(SAEEvaluation.chunk_stats(sae, x))
+    return evaluation.result()
+
+
 def evaluate_sae(sae: Any, acts_ND: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
-    """Explained variance, mean L0 and dead-latent fraction of `sae` on held-out activations."""
-    squared_error = 0.0
-    l0_total = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for start in range(0, acts_ND.shape[0], chunk):
-        x = acts_ND[start : start + chunk]
-        features = sae.encode(x)
-        squared_error += (x - sae.decode(features)).pow(2).sum().item()
-        l0_total += (features > 0).sum().item()
-        fired |= (features > 0).any(0)
-    total_variance = (acts_ND - acts_ND.mean(0)).pow(2).sum().item()
-    return {
-        "explained_variance": 1.0 - squared_error / total_variance,
-        "l0": l0_total / acts_ND.shape[0],
-        "dead_fraction": 1.0 - fired.float().mean().item(),
-        "heldout_tokens": int(acts_ND.shape[0]),
-    }
+    """Explained variance, mean L0 and dead-latent fraction of `sae` on held-out activations in memory."""
+    result = evaluate_stream(sae, [acts_ND], chunk)
+    result["heldout_tokens"] = int(result.pop("tokens"))
+    return result
 
 
-def train_topk_sae(acts_ND: torch.Tensor, spec: dict[str, Any], layer: int, model_name: str, device: torch.device):
-    """Train a TopK SAE with sae-lens's SAETrainer on in-memory activations (with the dead-latent auxiliary loss)."""
+def evaluate_on_prompts(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], *, batch_tokens: int = 4096,
+                        chunk: int = 4096) -> dict[str, Any]:
+    """The SAE's explained variance, L0 and dead fraction on the activations of the prompts' counted tokens
+    (what extraction reads), streamed batch by batch; also the number of tokens and prompts read."""
+    result = evaluate_stream(sae, prompt_activations(model, layer, prompts, batch_tokens=batch_tokens), chunk)
+    result["prompts"] = len(prompts)
+    return result
+
+
+def evaluate_prompt_sets(model: Any, sae: Any, layer: int, prompt_sets: dict[str, list[EncodedPrompt]], *,
+                         batch_tokens: int = 4096, chunk: int = 4096) -> dict[str, dict[str, Any]]:
+    """`evaluate_on_prompts` per named set (a benchmark each), and over all of them pooled ("all")."""
+    pooled = SAEEvaluation()
+    results = {}
+    for name, prompts in prompt_sets.items():
+        evaluation = SAEEvaluation()
+        for part in prompt_activations(model, layer, prompts, batch_tokens=batch_tokens):
+            for x in part.split(chunk):
+                stats = SAEEvaluation.chunk_stats(sae, x)
+                evaluation.add(stats)
+                pooled.add(stats)
+        results[name] = {**evaluation.result(), "prompts": len(prompts)}
+        log.info("SAE on %s prompts: %s", name, results[name])
+    results["all"] = {**pooled.result(), "prompts": sum(len(p) for p in prompt_sets.values())}
+    return results
+
+
+def benchmark_name(items_path: str | Path) -> str:
+    """The benchmark slug of an items table (its hive folder `benchmark=<slug>`), else the file's stem."""
+    path = Path(items_path)
+    for part in reversed(path.parts):
+        if part.startswith("benchmark="):
+            return part.removeprefix("benchmark=")
+    return path.stem
+
+
+def load_eval_prompts(tokenizer: Any, items_paths: Iterable[str | Path], *, mode: str = "fields",
+                      system_prompt: str | None = None, max_length: int | None = None, max_items: int | None = 200,
+                      seed: int = 0) -> dict[str, list[EncodedPrompt]]:
+    """Benchmark items encoded as extraction encodes them (`encode_item`: chat template, counted tokens,
+    truncation), at most `max_items` per benchmark (a seeded sample); items with no counted token dropped."""
+    import polars as pl
+
+    sets = {}
+    for path in items_paths:
+        items = pl.read_parquet(path).to_dicts()
+        if max_items is not None and len(items) > max_items:
+            keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+            items = [items[i] for i in keep.tolist()]
+        prompts = [encode_item(tokenizer, item, mode, system_prompt, None, max_length) for item in items]
+        sets[benchmark_name(path)] = [p for p in prompts if any(p.counted)]
+    return sets
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, Any], layer: int, model_name: str,
+                   device: torch.device):
+    """Train a TopK SAE with sae-lens's SAETrainer (with the dead-latent auxiliary loss) on in-memory
+    activations (N, d_in), or on a stream of (batch_size, d_in) batches on `device` (the DataProvider
+    protocol), of which it reads exactly training_tokens // batch_size."""
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
     if spec["training_tokens"] < spec["batch_size"]:  # zero steps: sae-lens's norm estimate divides by zero
         raise ValueError(f"SAE training: training_tokens={spec['training_tokens']} is less than one batch (batch_size={spec['batch_size']})")
+    steps = spec["training_tokens"] // spec["batch_size"]
+    if isinstance(data, torch.Tensor):
+        sample_ND = data[:NORM_SAMPLE].to(device)
+        provider: Iterator[torch.Tensor] = (batch.to(device) for batch in batches_forever(data, spec["batch_size"], spec["seed"]))
+    else:
+        # The first batches set the decoder bias and the norm scale, then go on to training as usual.
+        stream = iter(data)
+        head = [next(stream) for _ in range(min(steps, math.ceil(NORM_SAMPLE / spec["batch_size"])))]
+        sample_ND = torch.cat(head)
+        provider = chain(head, stream)
+    d_in = sample_ND.shape[1]
     torch.manual_seed(spec["seed"])
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=acts_ND.shape[1],
+        d_in=d_in,
         d_sae=spec["d_sae"],
         k=spec["k"],
         normalize_activations="expected_average_only_in",
@@ -149,15 +402,19 @@ def train_topk_sae(acts_ND: torch.Tensor, spec: dict[str, Any], layer: int, mode
     sae_cfg.metadata.hook_name = hook_name(layer)
     sae_cfg.metadata.model_name = model_name
     sae = TopKTrainingSAE(sae_cfg)
-    # Start the decoder bias at the data mean, in the trainer's normalised units (inputs are scaled to
-    # norm sqrt(d_in)): the residual stream has a large mean component that otherwise eats early training.
+    # The trainer scales inputs to norm sqrt(d_in); the scale is estimated here, on the same sample as the
+    # decoder bias, so the trainer reads no extra batches for it (a stream then runs exactly one pass).
+    scale = d_in**0.5 / sample_ND.norm(dim=1).mean().item()
+    # Start the decoder bias at the data mean, in the trainer's normalised units: the residual stream has a
+    # large mean component that otherwise eats early training.
     # Measured on SmolLM2 layer 15, 200k tokens: with it and lr 1e-3, held-out EV 0.66 / 10 % dead.
-    sample_ND = acts_ND[:20000]
     with torch.no_grad():
-        sae.b_dec.copy_(sample_ND.mean(0) * acts_ND.shape[1] ** 0.5 / sample_ND.norm(dim=1).mean())
-    steps = spec["training_tokens"] // spec["batch_size"]
+        sae.b_dec.copy_(sample_ND.mean(0) * scale)
+    del sample_ND
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=spec["training_tokens"],
+        # Whole batches: the trainer steps while it has seen fewer samples than this, so a remainder would
+        # cost one more batch than a single pass of training_tokens vectors holds.
+        total_training_samples=steps * spec["batch_size"],
         train_batch_size_samples=spec["batch_size"],
         lr=spec["lr"],
         lr_end=spec["lr"] / 10,
@@ -169,36 +426,130 @@ def train_topk_sae(acts_ND: torch.Tensor, spec: dict[str, Any], layer: int, mode
         feature_sampling_window=max(10, steps // 4),
         n_batches_for_norm_estimate=min(100, steps),
     )
-    provider = (batch.to(device) for batch in batches_forever(acts_ND, spec["batch_size"], spec["seed"]))
-    return SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider).fit()
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider)
+    trainer.activation_scaler.scaling_factor = scale
+    return trainer.fit()
 
 
 def train_sae_for_layer(
     model: Any, tokenizer: Any, layer: int, spec: dict[str, Any], corpus_path: Path, context_length: int,
-    model_name: str, out_dir: Path, device: torch.device, batch_size: int = 16,
+    model_name: str, out_dir: Path, device: torch.device, batch_size: int = 16, *,
+    system_prompt: str | None = None, buffer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Collect activations over the corpus, train, save the inference SAE and its held-out summary."""
+    """Train a TopK SAE on the layer's activations over the corpus, streamed through a shuffle buffer; save the
+    inference SAE and a summary measured on held-out corpus rows (`sae_quality` adds the benchmarks').
+
+    Rows: the corpus's token rows in a seeded order; training reads the first ones, the held-out
+    evaluation the last ones, never the same. A `chat_fraction` of the training vectors comes instead from
+    corpus documents wrapped in the model's chat template as the user turn (with `system_prompt`, as
+    extraction renders the benchmarks), their content tokens only, from documents that touch no held-out
+    row (preferring ones the plain training rows do not read either). `batch_size` rows per forward pass
+    (chat rows: as many padded tokens).
+    """
+    import polars as pl
+
+    from competency_gaps.activation_buffer import ShuffleBuffer
+
     texts = pl.read_parquet(corpus_path)["text"].to_list()
-    chunks = token_chunks(tokenizer, texts, context_length)
-    generator = torch.Generator().manual_seed(spec["seed"])
-    chunks = chunks[torch.randperm(chunks.shape[0], generator=generator)]
-    n_heldout = spec["heldout_tokens"]
-    acts = collect_activations(model, layer, chunks, spec["training_tokens"] + n_heldout, batch_size, device)
-    # Held-out vectors come from the last rows, which training never sees.
-    train_acts, heldout_acts = acts[:-n_heldout], acts[-n_heldout:]
-    trained = train_topk_sae(train_acts, spec, layer, model_name, device)
+    rows, documents = tokenize_corpus(tokenizer, texts, context_length)
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(spec["seed"]))
+    rows, documents = rows[order], documents[order]
+    per_row = context_length - 1
+    n_train, n_heldout = spec["training_tokens"], spec["heldout_tokens"]
+    n_chat = round(train_setting(spec, "chat_fraction") * n_train)
+    n_plain = n_train - n_chat
+    train_rows, heldout_rows = math.ceil(n_plain / per_row), math.ceil(n_heldout / per_row)
+    if train_rows + heldout_rows > rows.shape[0]:
+        raise ValueError(f"corpus too small: {rows.shape[0]} rows of {context_length} tokens, {train_rows} training + "
+                         f"{heldout_rows} held-out rows needed (raise sae_corpus.max_documents)")
+    heldout_docs = set(documents[rows.shape[0] - heldout_rows :].unique().tolist())
+    plain_docs = set(documents[:train_rows].unique().tolist())
+    chat: list[EncodedPrompt] = []
+    skipped = 0
+    if n_chat:
+        doc_order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec["seed"] + 1)).tolist()
+        fresh = [d for d in doc_order if d not in heldout_docs and d not in plain_docs]
+        reread = [d for d in doc_order if d not in heldout_docs and d in plain_docs]
+        chat, skipped = chat_prompts(tokenizer, texts, fresh + reread, n_chat, context_length, system_prompt)
+    log.info("training stream: %d corpus rows (%d vectors) and %d chat-formatted documents (%d vectors; %d skipped); "
+             "%d held-out rows", train_rows, n_plain, len(chat), n_chat, skipped, heldout_rows)
+
+    passes = 0
+
+    def one_pass(epoch: int) -> Iterator[torch.Tensor]:
+        nonlocal passes
+        passes += 1
+        if epoch:
+            log.info("training stream: pass %d over the same rows", epoch + 1)
+        progress = Progress(log, "SAE training activations", n_train, "tokens")
+        for chunk in interleave([
+            (row_activations(model, layer, rows[:train_rows], n_plain, batch_size, device), n_plain),
+            (prompt_activations(model, layer, chat, batch_tokens=batch_size * context_length, n_vectors=n_chat,
+                                window=CHAT_WINDOW * batch_size), n_chat),
+        ]):
+            progress.update(len(chunk))
+            yield chunk
+
+    d_model = model.config.get_text_config().hidden_size
+    capacity = sae_buffer_vectors(spec)
+    with ShuffleBuffer(d_model, capacity, spec["batch_size"], spec["seed"] + 2,
+                       max_ram_bytes=train_setting(spec, "buffer_max_ram_mb") * 2**20, tmp_dir=buffer_dir,
+                       device=device) as buffer:
+        trained = train_topk_sae(buffer.epochs(one_pass), spec, layer, model_name, device)
+        on_disk = buffer.on_disk
     trained.save_inference_model(out_dir)
-    sae = load_sae(out_dir)
+    del trained
+    sae = load_sae(out_dir, device)
+    heldout = evaluate_stream(sae, row_activations(model, layer, rows[rows.shape[0] - heldout_rows :], n_heldout,
+                                                   batch_size, device))
     summary = {
         "source": {"train": spec},
         "layer": layer,
         "hook_name": hook_name(layer),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
-        "training_tokens": int(train_acts.shape[0]),
+        "training_tokens": n_train,
         "corpus_documents": len(texts),
-        **evaluate_sae(sae, heldout_acts),
+        "explained_variance": heldout["explained_variance"],
+        "l0": heldout["l0"],
+        "dead_fraction": heldout["dead_fraction"],
+        "heldout_tokens": heldout["tokens"],
+        "mse": heldout["mse"],
+        "stream": {
+            "corpus_tokens": n_plain, "chat_tokens": n_chat, "corpus_rows": train_rows, "chat_documents": len(chat),
+            "trained_vectors": n_train // spec["batch_size"] * spec["batch_size"],
+            "heldout_rows": heldout_rows, "buffer_vectors": capacity, "buffer_on_disk": on_disk, "passes": passes,
+        },
     }
     write_json(summary, out_dir / "summary.json")
     log.info("SAE trained: %s", summary)
     return summary
+
+
+# ---------------------------------------------------------------- quality on what extraction reads
+
+CORPUS_METRICS = ("explained_variance", "l0", "dead_fraction", "mse", "heldout_tokens")
+
+
+def sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
+                spec: dict[str, Any], summary: dict[str, Any], *, batch_tokens: int = 4096) -> dict[str, Any]:
+    """The SAE's explained variance, L0 and dead fraction on the benchmark prompts' counted tokens (each
+    benchmark and pooled), encoded as extraction encodes them (`spec`: the `sae_quality` job slice), beside
+    the held-out corpus figures of the SAE's own `summary` (None for an SAE trained elsewhere)."""
+    model_spec = spec["model"]
+    prompts = load_eval_prompts(tokenizer, items_paths, mode=spec["tokens"], system_prompt=model_spec.get("system_prompt"),
+                                max_length=model_spec.get("max_length"), max_items=spec["quality"]["items_per_benchmark"],
+                                seed=spec["quality"]["seed"])
+    corpus = {key: summary.get(key) for key in CORPUS_METRICS} if "explained_variance" in summary else None
+    return {"layer": layer, "corpus": corpus,
+            "benchmarks": evaluate_prompt_sets(model, sae, layer, prompts, batch_tokens=batch_tokens)}
+
+
+def run_sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
+                    spec: dict[str, Any], summary_path: Path, out_path: Path, *, batch_tokens: int = 4096) -> dict[str, Any]:
+    """`sae_quality` of an SAE (its summary.json at `summary_path`), written to `out_path` as JSON."""
+    summary = json.loads(summary_path.read_text())
+    quality = sae_quality(model, tokenizer, sae, layer, items_paths, spec, summary, batch_tokens=batch_tokens)
+    write_json(quality, out_path)
+    log.info("SAE quality: corpus %s, benchmarks pooled %s", quality["corpus"], quality["benchmarks"]["all"])
+    return quality

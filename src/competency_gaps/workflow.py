@@ -21,7 +21,8 @@ STAGE_VERSIONS = {
     "prepare_model": 2,  # 2: manifest paths relative to the manifest; hub revisions pinned
     "corpus": 1,
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
-    "sae": 1,
+    "sae": 2,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse
+    "sae_quality": 1,
     "extract": 3,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts
     "labels": 3,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape
     "reduce": 4,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels
@@ -34,6 +35,7 @@ STAGE_VERSIONS = {
 # Which model keys each stage's output depends on (batch sizes are throughput, not results).
 EVALUATE_MODEL_KEYS = ("system_prompt",)
 EXTRACT_MODEL_KEYS = ("system_prompt", "max_length")
+SAE_MODEL_KEYS = ("system_prompt",)  # chat-formatted training documents are rendered as the benchmarks are
 THROUGHPUT_KEYS = ("batch_size", "batch_tokens", "generation_batch_size")
 
 # Which benchmark keys each stage reads; the rest of the benchmark's config cannot rerun it.
@@ -89,7 +91,11 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
     if job == "sae":
         return {"model": model, "layer": int(layer), "sae": _layer_entry(config, model, layer)["sae"],
                 "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config),
-                **_pick(_permissions(config["models"][model]), ("allow_pickle",))}
+                **_pick(_permissions(config["models"][model]), ("allow_pickle",)),
+                **_pick(config["models"][model], SAE_MODEL_KEYS)}
+    if job == "sae_quality":
+        return {"model": _pick(config["models"][model], EXTRACT_MODEL_KEYS), "layer": int(layer),
+                "tokens": config["saliency"]["tokens"], "quality": config["sae_quality"], "runtime": _runtime(config)}
     if job == "extract":
         return {"model": _pick(config["models"][model], EXTRACT_MODEL_KEYS),
                 "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),
@@ -154,11 +160,60 @@ def model_job_memory_mb(n_params: int | None, device: str, dtype: str) -> int:
     return int(2500 + (2.0 * weights if device == "cpu" else 0.1 * weights + 1500))
 
 
+# SAE training (sae.train_sae_for_layer) holds, besides the model job's memory: the shuffle buffer (fixed
+# when it is made), the first batches that set the decoder bias and norm scale (kept, then concatenated:
+# twice), and on CPU the SAE with its gradients and Adam's two moments. Nothing grows with training_tokens.
+# Settings of `sae.train` that older configs lack (the schema gives them the same defaults).
+SAE_TRAIN_DEFAULTS: dict[str, Any] = {"chat_fraction": 0.5, "buffer_vectors": 131072, "buffer_max_ram_mb": 4096}
+NORM_SAMPLE = 20000  # vectors that set the decoder bias and the activation-norm scale before training
+
+
+def train_setting(train: dict[str, Any], key: str) -> Any:
+    return train.get(key, SAE_TRAIN_DEFAULTS[key])
+
+
+def sae_buffer_vectors(train: dict[str, Any]) -> int:
+    """Shuffle-buffer size: the configured one, capped at training_tokens, at least two batches."""
+    return max(2 * train["batch_size"], min(train_setting(train, "buffer_vectors"), train["training_tokens"]))
+
+
+def sae_buffer_mb(train: dict[str, Any], d_model: int) -> float:
+    """Host memory of the buffer: float32 in RAM, or float16 pages of its memory-mapped file (counted too:
+    dirty page cache counts against a job's memory limit until written back)."""
+    float32 = sae_buffer_vectors(train) * d_model * 4
+    on_disk = float32 > train_setting(train, "buffer_max_ram_mb") * 2**20
+    return (float32 / 2 if on_disk else float32) / 2**20
+
+
 def sae_job_memory_mb(n_params: int | None, d_model: int | None, train: dict[str, Any], device: str, dtype: str) -> int:
-    """Host memory (MB) for SAE training: the model job's, plus every training and held-out activation
-    vector in fp32 (collected in parts, then concatenated: twice)."""
+    """Host memory (MB) for SAE training: the model job's, plus the buffer, the norm sample and (on CPU)
+    the SAE's training state (weights, gradients, two Adam moments; on a GPU they live on the device)."""
     base = model_job_memory_mb(n_params, device, dtype)
     if d_model is None:
         return base
-    vectors = train["training_tokens"] + train["heldout_tokens"]
-    return int(base + 2 * vectors * d_model * 4 / 2**20)
+    sample = 2 * min(NORM_SAMPLE, train["training_tokens"]) * d_model * 4 / 2**20
+    sae_state = 4 * 2 * d_model * train["d_sae"] * 4 / 2**20 if device == "cpu" else 0
+    return int(base + sae_buffer_mb(train, d_model) + sample + sae_state)
+
+
+# Runtime requests (minutes): model forward passes dominate SAE training, so seconds per token per model
+# parameter, measured and taken 4x (shared or slower machines): CPU, SmolLM2-135M, 300k tokens in 228 s on 2
+# quiet cores (5.3e-12); H100, a 1.2B random-weight Llama streamed at 42,600 vectors/s (1.9e-14, bench/README.md).
+SECONDS_PER_TOKEN_PARAM = {"cpu": 2e-11, "cuda": 8e-14}
+
+
+def sae_job_runtime_min(n_params: int | None, train: dict[str, Any], device: str) -> int:
+    """Minutes to request for SAE training: start-up, then training and held-out tokens through the model."""
+    if n_params is None:
+        return 240
+    tokens = train["training_tokens"] + train["heldout_tokens"]
+    seconds = tokens * n_params * SECONDS_PER_TOKEN_PARAM.get(device, SECONDS_PER_TOKEN_PARAM["cpu"])
+    return int(10 + seconds / 60)
+
+
+def check_memory_request(needed_mb: int, requested_mb: int | None, job: str) -> None:
+    """Refuse to start a job whose estimated peak exceeds the memory it was granted (Snakemake's mem_mb,
+    passed as --mem-mb): better a clear message now than an out-of-memory kill hours in."""
+    if requested_mb is not None and needed_mb > requested_mb:
+        raise MemoryError(f"{job} needs about {needed_mb} MB of host memory but was granted mem_mb={requested_mb}: "
+                          "raise it (snakemake --set-resources) or lower the buffer (buffer_vectors, buffer_max_ram_mb)")

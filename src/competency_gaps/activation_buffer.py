@@ -1,0 +1,148 @@
+"""A bounded shuffle buffer between an activation producer and the SAE trainer.
+
+The producer runs the model over token rows a batch at a time and yields chunks of activation vectors
+(n, d_in); sae-lens's trainer wants an iterator of shuffled (batch_size, d_in) batches (its DataProvider
+protocol). Consecutive vectors of a chunk come from neighbouring tokens of the same documents, so they
+are mixed first, in a buffer of a fixed number of vectors, the way sae-lens's own ActivationsStore mixes:
+
+* fill the buffer to capacity;
+* shuffle it and emit a random half (rounded down to whole batches) as batches;
+* refill the emitted slots from the stream, shuffle, emit a half again, and so on;
+* when the stream ends, shuffle what is left and emit all of it.
+
+Memory is the buffer (capacity × d_in, fixed when it is made), plus the producer's current chunk and one
+batch: nothing grows with the number of training tokens. The buffer lives in RAM as float32, or, when
+`capacity × d_in × 4` bytes exceed `max_ram_bytes`, in a float16 memory-mapped file in a temporary
+directory (removed by `close()`, or when the buffer is garbage-collected); float16 rounds each value to
+about 3 significant digits, which is what the disk mode costs.
+
+"Every activation used once per epoch": one pass of the producer is one epoch. Every vector the
+producer yields in a pass is emitted exactly once (`batches` counts and checks this), in an order
+random within the buffer's reach: a vector sits in the buffer for a random number of half-rounds, so
+it mixes with roughly the `capacity` vectors produced around it, not with the whole pass. A further
+epoch runs the producer again (`epochs`); the fewer-than-one-batch remainder of a pass is carried into
+the next pass rather than dropped, and mixed with it. Everything is deterministic under the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from itertools import count
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ShuffleBuffer:
+    """A fixed-size mixing buffer of `capacity` activation vectors of width `d_in` (see the module doc)."""
+
+    def __init__(self, d_in: int, capacity: int, batch_size: int, seed: int, *, max_ram_bytes: int | None = None,
+                 tmp_dir: str | Path | None = None, device: torch.device | str = "cpu") -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if capacity < 2 * batch_size:
+            raise ValueError(f"a shuffle buffer of {capacity} vectors cannot emit half of itself in batches of "
+                             f"{batch_size}: it needs at least {2 * batch_size}")
+        self.d_in, self.capacity, self.batch_size = d_in, capacity, batch_size
+        self.device = torch.device(device)
+        self.on_disk = max_ram_bytes is not None and capacity * d_in * 4 > max_ram_bytes
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if self.on_disk:
+            import numpy as np
+
+            self._tmp = tempfile.TemporaryDirectory(prefix="activation-buffer-", dir=tmp_dir)
+            self.path: Path | None = Path(self._tmp.name) / "buffer.f16"
+            self._array = np.memmap(self.path, dtype=np.float16, mode="w+", shape=(capacity, d_in))
+            self.storage = torch.from_numpy(self._array)
+            log.info("shuffle buffer: %d × %d float16 vectors on disk at %s (%.0f MB)", capacity, d_in, self.path,
+                     capacity * d_in * 2 / 2**20)
+        else:
+            self.path = None
+            self.storage = torch.empty(capacity, d_in, dtype=torch.float32)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._free = torch.arange(capacity)  # slots holding no vector, filled in this order
+        self.received = 0  # vectors written in, over the buffer's life
+        self.emitted = 0  # vectors emitted
+
+    @property
+    def held(self) -> int:
+        """Vectors in the buffer now (never more than `capacity`)."""
+        return self.capacity - len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def close(self) -> None:
+        """Remove the disk buffer's file (RAM buffers: nothing to do)."""
+        if self._tmp is not None:
+            del self.storage, self._array
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ShuffleBuffer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ moving vectors in and out
+
+    def _write(self, vectors_ND: torch.Tensor) -> None:
+        slots, self._free = self._free[: len(vectors_ND)], self._free[len(vectors_ND):]
+        self.storage[slots] = vectors_ND.to(device="cpu", dtype=self.storage.dtype)
+        self.received += len(vectors_ND)
+
+    def _emit(self, slots: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Batches of the vectors in `slots` (in that order); the slots are freed once all are emitted."""
+        for start in range(0, len(slots), self.batch_size):
+            batch = self.storage[slots[start : start + self.batch_size]]
+            self.emitted += len(batch)
+            yield batch.to(device=self.device, dtype=torch.float32)
+        self._free = torch.cat([self._free, slots]).sort().values  # ascending: refills write in disk order
+
+    def _occupied(self) -> torch.Tensor:
+        mask = torch.ones(self.capacity, dtype=torch.bool)
+        mask[self._free] = False
+        return mask.nonzero().squeeze(1)
+
+    def batches(self, chunks: Iterable[torch.Tensor], *, final: bool = True) -> Iterator[torch.Tensor]:
+        """Shuffled batches of every vector in `chunks` (each (n, d_in), any n), and of any remainder
+        carried in the buffer from an earlier call.
+
+        final=True: the end of the stream drains the buffer completely, the last batch possibly short.
+        final=False: only whole batches come out; the remainder (< batch_size vectors) stays in the
+        buffer for the next call.
+        """
+        received, emitted = self.received, self.emitted
+        carried_in = self.held
+        for chunk in chunks:
+            chunk = chunk.reshape(-1, self.d_in)
+            while len(chunk):
+                room = len(self._free)
+                self._write(chunk[:room])
+                chunk = chunk[room:]
+                if not self._free.numel():  # full: emit a random half, in whole batches
+                    order = torch.randperm(self.capacity, generator=self._generator)
+                    yield from self._emit(order[: self.capacity // 2 // self.batch_size * self.batch_size])
+        occupied = self._occupied()
+        order = occupied[torch.randperm(len(occupied), generator=self._generator)]
+        keep = 0 if final else len(order) % self.batch_size
+        yield from self._emit(order[: len(order) - keep])
+        # Exact count check: what came in (plus what was carried in) left, but for what is carried out.
+        produced = self.received - received
+        if self.emitted - emitted != produced + carried_in - self.held or self.held != keep:
+            raise RuntimeError(f"shuffle buffer lost vectors: {produced} produced, {carried_in} carried in, "
+                               f"{self.emitted - emitted} emitted, {self.held} held")
+
+    def epochs(self, make_chunks: Callable[[int], Iterable[torch.Tensor]], n_epochs: int | None = None
+               ) -> Iterator[torch.Tensor]:
+        """Whole batches over `make_chunks(0)`, then `make_chunks(1)`, …: one producer pass per epoch,
+        forever (or `n_epochs` times; the last one drains the buffer). A pass's remainder of fewer than
+        `batch_size` vectors opens the next pass's stream."""
+        for epoch in count() if n_epochs is None else range(n_epochs):
+            yield from self.batches(make_chunks(epoch), final=n_epochs is not None and epoch == n_epochs - 1)

@@ -741,7 +741,7 @@ def train_config(tiny_model_dir, corpus_parquet) -> dict:
     })
 
 
-def run_cmd_sae(monkeypatch, tmp_path, config: dict, tiny_model_dir, *extra: str) -> dict:
+def run_cmd_sae(monkeypatch, tmp_path, config: dict, tiny_model_dir, corpus_parquet, *extra: str) -> dict:
     """`competency-gaps sae` as the rule runs it, with training replaced by a spy: what reaches the trainer."""
     from competency_gaps.cli import main
     from competency_gaps.workflow import spec_json
@@ -751,13 +751,13 @@ def run_cmd_sae(monkeypatch, tmp_path, config: dict, tiny_model_dir, *extra: str
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"load_from": str(tiny_model_dir)}))
     main(["sae", "--model", "tiny", "--layer", "1", "--spec", spec_json(config, "sae", model="tiny", layer=1),
-          "--manifest", str(manifest), "--corpus", "corpus.parquet", "--out-dir", str(tmp_path / "sae"), *extra])
+          "--manifest", str(manifest), "--corpus", str(corpus_parquet), "--out-dir", str(tmp_path / "sae"), *extra])
     return seen
 
 
 def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
     config = train_config(tiny_model_dir, corpus_parquet)
-    seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, "--buffer-dir", str(tmp_path), "--mem-mb", "100000")
+    seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, corpus_parquet, "--buffer-dir", str(tmp_path), "--mem-mb", "100000")
     train = seen["args"][3]
     # The schema's defaults fill what the config leaves out; what it sets wins.
     assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096}
@@ -767,7 +767,7 @@ def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_mod
 def test_a_training_job_over_its_memory_request_refuses_to_start(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
     config = train_config(tiny_model_dir, corpus_parquet)
     with pytest.raises(MemoryError, match=r"SAE training needs about \d+ MB of host memory but was granted mem_mb=100"):
-        run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, "--mem-mb", "100")
+        run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, corpus_parquet, "--mem-mb", "100")
     assert not (tmp_path / "sae").exists()
 
 

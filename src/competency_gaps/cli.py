@@ -26,12 +26,12 @@ INPUT_TABLES = {
     "reduce": ("saliency", "tokens", "scores", "labels"),
     "robustness": ("saliency", "tokens", "scores", "labels"),
     "figures": ("concept_benchmark", "concepts", "benchmarks", "overlap", "items", "scores", "saliency"),
+    "explorer": ("concepts", "labels", "items", "scores", "saliency"),
 }
 
 # Job start-up is timed from here (the interpreter starts ~0.05 s earlier): see `_log_ready`.
 _STARTED = time.perf_counter()
 log = logging.getLogger("competency_gaps.cli")
-
 
 
 def _config_file_spec(args: argparse.Namespace, job: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -262,7 +262,7 @@
 
   function drawHistogram(canvas, values, metric) {
     const ctx = canvas.getContext("2d");
-    const W = canvas.width, H = canvas.height, left = 50, bottom = 36, top = 10, right = 10;
+    const W = canvas.width, H = canvas.height, left = 50, bottom = 36, top = 10, right = 24;
     const transform = metric === "model" ? (v) => v : (v) => Math.log10(v);
     const xs = values.map(transform);
     if (!xs.length) { ctx.fillText("no values", W / 2 - 20, H / 2); return; }

@@ -50,10 +50,6 @@ def script(name: str, data: Any) -> str:
     return f"CG.receive({json.dumps(name)}, {body});\n"
 
 
-def shard_of(position: int, shard_size: int) -> int:
-    return position // shard_size
-
-
 def write_shards(folder: Path, kind: str, records: list[tuple[Any, Any]], shard_size: int) -> int:
     """Records (key, value) written `shard_size` per file as folder/<kind>/<n>.js; returns the number of files."""
     (folder / kind).mkdir(parents=True, exist_ok=True)

@@ -107,3 +107,17 @@ def tiny_item() -> dict:
                            {"question": "How many apples does Janet have?"})
     return {"item_id": "x-1", "messages": prompt.messages,
             "field_spans": [{"message": m, "start": s, "end": e} for m, s, e in prompt.field_spans]}
+
+
+def tally_printer(title: str, tally, key: str = "kind"):
+    """A module fixture that prints a bad-input test module's tally of cases by (kind, outcome) when the module
+    ends (shown with `pytest -s`)."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def print_tally():
+        yield
+        print(f"\n{title} tally ({key}: outcome -> cases):")
+        for (kind, outcome), count in sorted(tally.items()):
+            print(f"  {kind}: {outcome} -> {count}")
+
+    return print_tally

@@ -19,7 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+
 from competency_gaps.prepare import BenchmarkDataError, prepare_benchmark
+
+from conftest import tally_printer
 
 BAD_INPUT_TALLY: Counter = Counter()
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -29,12 +32,7 @@ COLUMNS = {"id": "id", "question": "question", "answer": "answer"}
 TEXT = st.builds(lambda before, after: f"{before}q{after}", st.text(max_size=30), st.text(max_size=30))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_tally():
-    yield
-    print("\nbad-input tally (kind: outcome -> cases):")
-    for (kind, outcome), count in sorted(BAD_INPUT_TALLY.items()):
-        print(f"  {kind}: {outcome} -> {count}")
+print_tally = tally_printer("bad-input", BAD_INPUT_TALLY)
 
 
 def generic_spec(folder: Path, file: str, malformed: str = "report") -> dict:

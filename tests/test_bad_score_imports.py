@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from competency_gaps.import_scores import ImportScoresError, from_table
 
+from conftest import tally_printer
+
 ITEM_IDS = [f"bench-{n:05d}" for n in range(4)]
 ITEMS = pl.DataFrame({"item_id": ITEM_IDS, "scoring": ["numeric_match"] * len(ITEM_IDS)})
 TALLY: Counter = Counter()
@@ -28,6 +30,7 @@ BAD_SCORES = st.one_of(
     st.sampled_from(["high", "", "1,0", "nan"]).map(lambda x: ("not_a_number", x)),
     st.just(("empty_cell", None)),
 )
+
 UNMATCHED_IDS = ["bench-7", "bench-00009", "BENCH-00001", "0"]
 BAD_ROW = st.one_of(
     BAD_SCORES.flatmap(lambda bad: st.tuples(st.just(bad[0]), st.sampled_from(ITEM_IDS), st.just(bad[1]))),
@@ -36,12 +39,7 @@ BAD_ROW = st.one_of(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_tally():
-    yield
-    print("\nscore-import tally (kind: outcome -> cases):")
-    for (kind, outcome), count in sorted(TALLY.items()):
-        print(f"  {kind}: {outcome} -> {count}")
+print_tally = tally_printer("score-import", TALLY)
 
 
 def write(path: Path, rows: list[tuple[str, object]]) -> None:

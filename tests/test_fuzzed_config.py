@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from competency_gaps.config import ConfigError, key_path, validate_config
-from conftest import REPO
+from conftest import REPO, tally_printer
 
 TALLY: Counter = Counter()
 # Containers whose keys the schema leaves open (adapter options, hub arguments, score-import options).
@@ -28,12 +28,7 @@ ANY_VALUE = st.one_of(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_tally():
-    yield
-    print("\nfuzzed-config tally (mutation: outcome -> cases):")
-    for (kind, outcome), count in sorted(TALLY.items()):
-        print(f"  {kind}: {outcome} -> {count}")
+print_tally = tally_printer("fuzzed-config", TALLY, "mutation")
 
 
 @pytest.fixture(scope="module")

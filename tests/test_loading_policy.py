@@ -12,21 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+
 from competency_gaps.config import validate_config
 from competency_gaps.models import UnsafeWeightsError, load_model, prepare_model, read_manifest
 from competency_gaps.sae import fetch_sae
 from competency_gaps.workflow import job_spec
 
+from conftest import tally_printer
+
 CPU = torch.device("cpu")
 TALLY: Counter = Counter()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_tally():
-    yield
-    print("\nloading-policy tally (case: outcome -> cases):")
-    for (kind, outcome), count in sorted(TALLY.items()):
-        print(f"  {kind}: {outcome} -> {count}")
+print_tally = tally_printer("loading-policy", TALLY, "case")
 
 
 def manifest_for(folder: Path, tmp_path: Path, **policy: bool) -> dict:

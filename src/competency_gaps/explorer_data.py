@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from competency_gaps.figure_data import gold_text, pairwise_correlation, prompt_text, top_item_concepts
+from competency_gaps.figure_data import benchmark_matrix, gold_text, pairwise_correlation, prompt_text, top_item_concepts
 from competency_gaps.labels import label_terms
 from competency_gaps.rankings import rank_concepts, ranking_key
 
@@ -109,20 +109,6 @@ def concept_table(concepts: pl.DataFrame, concept_benchmark: pl.DataFrame, label
 # Heatmaps: correlation of a metric across benchmarks and the Jaccard overlap, with the concepts behind each cell
 
 
-def metric_matrix(concept_benchmark: pl.DataFrame, metric: str, benchmarks: list[str]) -> tuple[list[int], np.ndarray]:
-    """(concept ids, K × B matrix) of χ_model or χ_bench per benchmark; NaN where the concept has no value (χ_model:
-    never fires or unscored; χ_bench: missing), so correlations run over concepts active in both benchmarks."""
-    column = METRIC_COLUMNS[metric]
-    frame = concept_benchmark.select(
-        "concept", "benchmark",
-        pl.when(pl.col("missing")).then(None).otherwise(pl.col(column)).cast(pl.Float64).alias("value"))
-    wide = frame.pivot(on="benchmark", index="concept", values="value").sort("concept")
-    columns = [wide[b].fill_null(np.nan).to_numpy() if b in wide.columns else np.full(wide.height, np.nan)
-               for b in benchmarks]
-    matrix = np.column_stack(columns) if columns else np.zeros((wide.height, 0))
-    return wide["concept"].to_list(), matrix
-
-
 def correlation_drivers(values: np.ndarray, ids: list[int], r: float, n: int = DRIVERS) -> list[int]:
     """The concepts contributing most to a Pearson r between two columns (K × 2, NaN = absent): the largest
     products of standardised values, in the sign of r."""
@@ -142,7 +128,7 @@ def correlation_drivers(values: np.ndarray, ids: list[int], r: float, n: int = D
 def correlation_heatmap(concept_benchmark: pl.DataFrame, metric: str, benchmarks: list[str]) -> dict[str, Any]:
     """Pearson r of the metric between every pair of benchmarks over the concepts active in both, the number of
     those concepts, and the concepts driving each cell."""
-    ids, matrix = metric_matrix(concept_benchmark, metric, benchmarks)
+    ids, matrix = benchmark_matrix(concept_benchmark, METRIC_COLUMNS[metric], benchmarks)
     r, n = pairwise_correlation(matrix)
     drivers = [[correlation_drivers(matrix[:, [i, j]], ids, r[i, j]) if i != j else []
                 for j in range(len(benchmarks))] for i in range(len(benchmarks))]
@@ -152,7 +138,7 @@ def correlation_heatmap(concept_benchmark: pl.DataFrame, metric: str, benchmarks
 def overlap_heatmap(concept_benchmark: pl.DataFrame, benchmarks: list[str], n: int = DRIVERS) -> dict[str, Any]:
     """Jaccard overlap of the covered concept sets of every pair of benchmarks; behind each cell the concepts both
     cover (largest smaller χ_bench first) and those only one covers (largest χ_bench first)."""
-    ids, coverage = metric_matrix(concept_benchmark, "bench", benchmarks)
+    ids, coverage = benchmark_matrix(concept_benchmark, "chi_bench", benchmarks)
     covered = np.isfinite(coverage) & (np.nan_to_num(coverage) > 0)
     ids_array = np.asarray(ids)
     size = len(benchmarks)

@@ -34,12 +34,13 @@ from competency_gaps.explorer_data import (
 )
 from competency_gaps.figure_data import benchmark_order
 from competency_gaps.figures import benchmark_categories
-from competency_gaps.reduce import benchmark_of
+from competency_gaps.reduce import read_shards
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).with_name("explorer_assets")
 ASSET_FILES = ("index.html", "app.js", "style.css")
+ITEM_COLUMNS = ["item_id", "messages", "gold", "choices", "gold_index"]  # what the item view shows
 
 
 def script(name: str, data: Any) -> str:
@@ -102,13 +103,6 @@ def index_page(sites: list[Mapping[str, str]]) -> str:
             f"  <p>One explorer per model and SAE layer:</p>\n  <ul>\n{links}\n  </ul>\n</body>\n</html>\n")
 
 
-def read_frames(paths: list[str], columns: list[str] | None = None) -> pl.DataFrame:
-    """The tables of several benchmarks in one frame, with their benchmark slug from the path."""
-    frames = [pl.read_parquet(path, columns=columns, hive_partitioning=False)
-              .with_columns(benchmark=pl.lit(benchmark_of(path))) for path in paths]
-    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
-
-
 def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths: list[str], score_paths: list[str],
                  saliency_paths: list[str], spec: Mapping[str, Any], out_dir: Path, model: str, layer: int) -> None:
     """Build the explorer of one (model, layer) from the reducer's, the labels stage's and the SAE's outputs."""
@@ -126,8 +120,8 @@ def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths
     map_data = concept_map(directions, [label_by_id.get(c, "") for c in range(directions.shape[0])], spec)
     log.info("concept map: %d points, %d clusters", len(map_data["x"]), len(map_data["clusters"]))
 
-    scores = read_frames(score_paths, ["item_id", "score", "response"])
-    saliency = read_frames(saliency_paths, ["item_id", "concept", "saliency"])
+    scores = read_shards(score_paths, ["item_id", "score", "response"])
+    saliency = read_shards(saliency_paths, ["item_id", "concept", "saliency"])
     n_contexts = int(spec.get("contexts", 5))
     # Only what is shown: the strongest corpus contexts and the benchmark ones (examples are picked among them).
     contexts = (pl.scan_parquet(labels_dir / "contexts.parquet")
@@ -136,7 +130,7 @@ def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths
     examples = example_rows(contexts.filter(pl.col("source") != "corpus"), scores, saliency,
                             int(spec.get("examples_per_side", 2)))
     records = concept_records(table, labels, concept_benchmark, contexts, examples, benchmarks, n_contexts)
-    items = item_records(read_frames(item_paths), scores, saliency, benchmarks, int(spec.get("item_concepts", 10)))
+    items = item_records(read_shards(item_paths, ITEM_COLUMNS), scores, saliency, benchmarks, int(spec.get("item_concepts", 10)))
 
     meta = {
         **overview(pl.read_parquet(concepts_dir / "benchmarks.parquet"), categories, benchmarks,

@@ -188,16 +188,26 @@ def cluster_order(similarity: np.ndarray, names: list[str]) -> list[str]:
     return [names[i] for i in leaves_list(tree)]
 
 
-def chi_model_matrix(concept_benchmark: pl.DataFrame, benchmarks: list[str]) -> np.ndarray:
-    """(K, B) per-benchmark chi_model, columns in the order `benchmarks`, NaN where the concept has none."""
+def benchmark_matrix(concept_benchmark: pl.DataFrame, column: str, benchmarks: list[str]) -> tuple[list[int], np.ndarray]:
+    """(concept ids, K × B matrix) of a per-benchmark column, columns in the order `benchmarks`; NaN where the concept
+    has no value there (null χ_model; for chi_bench, a missing concept), so correlations run over concepts active in
+    both benchmarks."""
+    value = pl.col(column).cast(pl.Float64)
+    if column == "chi_bench":
+        value = pl.when(pl.col("missing")).then(None).otherwise(value)
     wide = (
-        concept_benchmark.select("concept", "benchmark", "chi_model")
-        .pivot(on="benchmark", index="concept", values="chi_model")
+        concept_benchmark.select("concept", "benchmark", value.alias("value"))
+        .pivot(on="benchmark", index="concept", values="value")
         .sort("concept")
     )
-    columns = [wide[b].cast(pl.Float64).fill_null(np.nan).to_numpy() if b in wide.columns
-               else np.full(wide.height, np.nan) for b in benchmarks]
-    return np.column_stack(columns) if columns else np.zeros((wide.height, 0))
+    columns = [wide[b].fill_null(np.nan).to_numpy() if b in wide.columns else np.full(wide.height, np.nan)
+               for b in benchmarks]
+    return wide["concept"].to_list(), np.column_stack(columns) if columns else np.zeros((wide.height, 0))
+
+
+def chi_model_matrix(concept_benchmark: pl.DataFrame, benchmarks: list[str]) -> np.ndarray:
+    """(K, B) per-benchmark chi_model, columns in the order `benchmarks`, NaN where the concept has none."""
+    return benchmark_matrix(concept_benchmark, "chi_model", benchmarks)[1]
 
 
 def pairwise_correlation(values: np.ndarray, min_n: int = MIN_PAIR_CONCEPTS) -> tuple[np.ndarray, np.ndarray]:

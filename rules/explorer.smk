@@ -57,6 +57,8 @@ rule explorer_index:
     params:
         sites=lambda wc: json.dumps(explorer_sites()),
         out_dir=lambda wc, output: os.path.dirname(output.index),
+    conda:
+        "../envs/competency-gaps.yaml"
     log:
         f"{RESULTS}/logs/explorer/index.log",
     localrule: True

@@ -305,7 +305,9 @@ def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size:
     for start in range(0, len(prompts), batch_size):
         encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=not _has_chat_template(tokenizer)).to(device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+        # A static cache: the default dynamic one concatenates every layer's keys and values at every step
+        # (measured on CPU, SmolLM2, batch 40: 29 % of decoding time).
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, cache_implementation="static",
                                 eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

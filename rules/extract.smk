@@ -1,6 +1,7 @@
 rule extract:
-    """Per-item concept saliency s_i^c of one benchmark at one layer, as one sparse Parquet shard, and each
-    concept's top contexts among the benchmark's items (for the labels stage)."""
+    """Per-item concept saliency s_i^c of one benchmark at one layer, as one sparse Parquet shard, each
+    concept's top contexts among the benchmark's items (for the labels stage), and how well the SAE
+    reconstructs the tokens it read (for sae_quality)."""
     input:
         unpack(scores_if_response),
         manifest=f"{RESULTS}/models/model={{model}}/manifest.json",
@@ -11,6 +12,7 @@ rule extract:
         saliency=f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/saliency.parquet",
         tokens=f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/item_tokens.parquet",
         contexts=f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/contexts.parquet",
+        sae_fit=f"{RESULTS}/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}/sae_fit.json",
     params:
         spec=lambda wc: spec_json(config, "extract", model=wc.model, benchmark=wc.benchmark, layer=wc.layer),
         scores=lambda wc, input: f"--scores {input.scores}" if "scores" in input.keys() else "",
@@ -31,4 +33,4 @@ rule extract:
         "OMP_NUM_THREADS={threads} python -m competency_gaps extract --model {wildcards.model} --benchmark {wildcards.benchmark} "
         "--layer {wildcards.layer} --spec {params.spec:q} --batch-tokens {resources.batch_tokens} --manifest {input.manifest} "
         "--sae-dir {params.sae_dir} --items {input.item_table} {params.scores} --out {output.saliency} "
-        "--tokens {output.tokens} --contexts {output.contexts} 2> {log}"
+        "--tokens {output.tokens} --contexts {output.contexts} --sae-fit {output.sae_fit} 2> {log}"

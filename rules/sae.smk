@@ -52,32 +52,25 @@ rule sae:
 
 rule sae_quality:
     """The SAE on what extraction reads: explained variance, L0 and dead fraction on every benchmark's
-    counted tokens, beside the held-out corpus figures. A rule of its own, so editing a benchmark reruns
-    this measurement, never the SAE's training."""
+    counted tokens (measured by the extract jobs as they read them, merged here), beside the held-out corpus
+    figures. A rule of its own, so editing a benchmark reruns this merge, never the SAE's training."""
     input:
-        manifest=f"{RESULTS}/models/model={{model}}/manifest.json",
-        sae_cfg=rules.sae.output.cfg,
-        sae_weights=rules.sae.output.weights,
         summary=rules.sae.output.summary,
-        item_tables=expand(f"{RESULTS}/benchmarks/benchmark={{benchmark}}/items.parquet", benchmark=BENCHMARKS),
+        fits=expand(f"{RESULTS}/extract/model={{{{model}}}}/benchmark={{benchmark}}/layer={{{{layer}}}}/sae_fit.json",
+                    benchmark=BENCHMARKS),
     output:
         quality=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/quality.json",
     params:
         spec=lambda wc: spec_json(config, "sae_quality", model=wc.model, layer=wc.layer),
-        sae_dir=lambda wc, input: os.path.dirname(input.sae_cfg),
     conda:
         "../envs/competency-gaps.yaml"
     log:
         f"{RESULTS}/logs/sae_quality/model={{model}}/layer={{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/sae_quality/model={{model}}/layer={{layer}}.tsv"
-    threads: MODEL_THREADS
     resources:
-        mem_mb=model_mem_mb,
-        runtime=60,
-        gpu=1 if ON_GPU else 0,
-        batch_tokens=lambda wc: throughput(config, wc.model)["batch_tokens"],  # speed only: a resource, not a param
+        mem_mb=1000,
+        runtime=10,
     shell:
-        "OMP_NUM_THREADS={threads} python -m competency_gaps sae-quality --model {wildcards.model} --layer {wildcards.layer} "
-        "--spec {params.spec:q} --batch-tokens {resources.batch_tokens} --manifest {input.manifest} --sae-dir {params.sae_dir} "
-        "--items {input.item_tables} --out {output.quality} 2> {log}"
+        "python -m competency_gaps sae-quality --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
+        "--summary {input.summary} --fits {input.fits} --out {output.quality} 2> {log}"

@@ -18,23 +18,20 @@ import torch
 from safetensors.torch import load_file
 
 from competency_gaps import sae as sae_module
+from competency_gaps.extract import run_extract
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.sae import (
     SAEEvaluation,
     batches_forever,
-    benchmark_name,
     chat_prompts,
     check_sae_fits,
     collect_activations,
-    evaluate_on_prompts,
-    evaluate_prompt_sets,
     evaluate_sae,
     evaluate_stream,
     fetch_sae,
     hook_name,
     interleave,
     layer_of_hook,
-    load_eval_prompts,
     load_sae,
     prompt_activations,
     row_activations,
@@ -349,37 +346,46 @@ def test_streamed_evaluation_of_nothing_has_no_metrics():
     assert SAEEvaluation().result() == {"explained_variance": None, "l0": None, "dead_fraction": None, "mse": None, "tokens": 0}
 
 
-def test_evaluate_on_prompts_reads_the_counted_tokens(tiny_model, random_sae_dirs, tiny_item):
+def test_extraction_measures_the_sae_on_exactly_the_counted_tokens(tiny_model, random_sae_dirs, tiny_item):
+    from competency_gaps.concept_labels import read_prompts
+
     model, tokenizer = tiny_model
     sae = load_sae(random_sae_dirs[1])
     prompts = [encode_item(tokenizer, tiny_item, mode) for mode in ("fields", "content", "all")]
-    result = evaluate_on_prompts(model, sae, 1, prompts, batch_tokens=64)
+    quality = SAEEvaluation()
+    for _ in read_prompts(model, sae, 1, prompts, tokenizer.pad_token_id, 64, [], quality=quality):
+        pass
+    result = quality.result()
     counted = torch.cat(list(prompt_activations(model, 1, prompts, batch_tokens=10_000)))
     assert result["tokens"] == len(counted) == sum(sum(p.counted) for p in prompts)
-    assert result["prompts"] == 3
-    expected = in_memory_evaluation(sae, counted)
+    expected = in_memory_evaluation(sae, counted)  # dense codes; extraction decodes the sparse ones
     # A random SAE explains nothing (EV far below 0): compare the unexplained fraction relatively.
     assert (1 - result["explained_variance"]) == pytest.approx(1 - expected["explained_variance"], rel=1e-5)
     assert result["l0"] == pytest.approx(expected["l0"])
-
-    sets = evaluate_prompt_sets(model, sae, 1, {"a": prompts[:1], "b": prompts[1:]}, batch_tokens=64)
-    assert set(sets) == {"a", "b", "all"}
-    assert sets["a"]["tokens"] + sets["b"]["tokens"] == sets["all"]["tokens"] == result["tokens"]
-    assert sets["all"]["explained_variance"] == pytest.approx(result["explained_variance"], rel=1e-5)
-    assert sets["b"] == pytest.approx(evaluate_on_prompts(model, sae, 1, prompts[1:]))
+    assert result["dead_fraction"] == pytest.approx(expected["dead_fraction"])
 
 
-def test_load_eval_prompts_encodes_items_as_extraction_does(tiny_model, tiny_item, tmp_path):
-    _, tokenizer = tiny_model
-    items = [{**tiny_item, "item_id": f"x-{i}"} for i in range(5)]
-    path = tmp_path / "benchmark=tiny" / "items.parquet"
-    path.parent.mkdir()
-    pl.DataFrame(items).write_parquet(path)
-    sets = load_eval_prompts(tokenizer, [path], mode="fields", system_prompt="Be brief.", max_length=1024, max_items=3)
-    assert list(sets) == ["tiny"] and len(sets["tiny"]) == 3
-    assert sets["tiny"][0] == encode_item(tokenizer, tiny_item, "fields", "Be brief.", None, 1024)
-    assert benchmark_name("results/benchmarks/benchmark=gsm8k/items.parquet") == "gsm8k"
-    assert benchmark_name("some/where/items.parquet") == "items"
+def merged_result(*evaluations: SAEEvaluation) -> dict:
+    merged = SAEEvaluation()
+    for evaluation in evaluations:
+        merged.add({"n": evaluation.n, "squared_error": evaluation.squared_error, "active": evaluation.active,
+                    "fired": evaluation.fired, "mean": evaluation.mean, "m2": evaluation.m2})
+    return merged.result()
+
+
+def test_an_evaluation_survives_its_json_state():
+    g = torch.Generator().manual_seed(0)
+    first, second = SAEEvaluation(), SAEEvaluation()
+    for evaluation, shift in ((first, 0.0), (second, 5.0)):
+        x = torch.randn(50, 4, generator=g) + shift
+        evaluation.add(evaluation.sparse_stats(x, x * 0.5, torch.tensor([1, 1, 3]), d_sae=6))
+    restored = SAEEvaluation()
+    for evaluation in (first, second):
+        restored.add(SAEEvaluation.stats_of_state(json.loads(json.dumps(evaluation.state()))))
+    assert restored.result()["tokens"] == 100
+    assert restored.result()["explained_variance"] == pytest.approx(merged_result(first, second)["explained_variance"])
+    assert restored.result()["dead_fraction"] == pytest.approx(4 / 6)  # concepts 1 and 3 fired
+    assert restored.result()["l0"] == pytest.approx(6 / 100)
 
 
 # ---------------------------------------------------------------- train_topk_sae
@@ -567,36 +573,39 @@ def test_train_sae_for_layer_with_a_small_buffer(tiny_model, corpus_parquet, tmp
     assert 0.0 < summary["explained_variance"] <= 1.0
 
 
-QUALITY_SPEC = {"model": {"system_prompt": "Be brief.", "max_length": 1024}, "tokens": "fields", "layer": 1,
-                "quality": {"items_per_benchmark": 2, "seed": 0}}
-
-
-def test_sae_quality_reads_each_benchmarks_counted_tokens(tiny_model, random_sae_dirs, tiny_item, tmp_path):
+def test_sae_quality_merges_what_each_extract_job_measured(tiny_model, random_sae_dirs, tiny_item, tmp_path):
     model, tokenizer = tiny_model
-    paths = []
+    sae = load_sae(random_sae_dirs[1])
+    fits, prompts = [], {}
     for name, n in (("tiny", 3), ("other", 1)):
-        path = tmp_path / f"benchmark={name}" / "items.parquet"
-        path.parent.mkdir()
-        pl.DataFrame([{**tiny_item, "item_id": f"{name}{i}"} for i in range(n)]).write_parquet(path)
-        paths.append(path)
-    sae_dir = random_sae_dirs[1]
-    sae = load_sae(sae_dir)
+        folder = tmp_path / f"benchmark={name}"
+        folder.mkdir()
+        items = [{**tiny_item, "item_id": f"{name}{i}"} for i in range(n)]
+        pl.DataFrame(items).write_parquet(folder / "items.parquet")
+        run_extract(model, tokenizer, sae, 1, str(folder / "items.parquet"), None, str(folder / "saliency.parquet"),
+                    str(folder / "item_tokens.parquet"), str(folder / "contexts.parquet"),
+                    {"max_length": 1024, "system_prompt": "Be brief."}, {"context_policy": "truncate"},
+                    {"tokens": "fields", "include_response": False}, {"top_k": 2, "before": 2, "after": 1}, name,
+                    batch_tokens=64, sae_fit_path=str(folder / "sae_fit.json"))
+        fits.append(folder / "sae_fit.json")
+        prompts[name] = [encode_item(tokenizer, item, "fields", "Be brief.", None, 1024) for item in items]
     corpus = {"explained_variance": 0.5, "l0": 3.0, "dead_fraction": 0.1, "mse": 2.0, "heldout_tokens": 200}
     (tmp_path / "summary.json").write_text(json.dumps({"source": {"train": {}}, "layer": 1, **corpus}))
-    quality = run_sae_quality(model, tokenizer, sae, 1, paths, QUALITY_SPEC, tmp_path / "summary.json",
-                              tmp_path / "quality.json")
+    quality = run_sae_quality(fits, tmp_path / "summary.json", tmp_path / "quality.json", 1)
     written = json.loads((tmp_path / "quality.json").read_text())
     assert written == json.loads(json.dumps(quality))
-    assert written["corpus"] == corpus
+    assert written["corpus"] == corpus and written["layer"] == 1
     assert set(written["benchmarks"]) == {"tiny", "other", "all"}
-    counted = sum(encode_item(tokenizer, tiny_item, "fields", "Be brief.", None, 1024).counted)
-    tiny = written["benchmarks"]["tiny"]
-    assert tiny["prompts"] == 2 and tiny["tokens"] == 2 * counted  # items_per_benchmark: a sample of 2 of 3
-    assert written["benchmarks"]["all"]["tokens"] == tiny["tokens"] + written["benchmarks"]["other"]["tokens"]
-    for result in written["benchmarks"].values():
-        assert result["explained_variance"] <= 1.0 and 0 < result["l0"] and 0 <= result["dead_fraction"] <= 1
+    assert written["benchmarks"]["tiny"]["prompts"] == 3 and written["benchmarks"]["all"]["prompts"] == 4
+    # Pooled over both benchmarks: the same figures as one evaluation of all their counted tokens.
+    counted = torch.cat(list(prompt_activations(model, 1, prompts["tiny"] + prompts["other"], batch_tokens=10_000)))
+    expected = in_memory_evaluation(sae, counted)
+    pooled = written["benchmarks"]["all"]
+    assert pooled["tokens"] == len(counted)
+    assert (1 - pooled["explained_variance"]) == pytest.approx(1 - expected["explained_variance"], rel=1e-5)
+    assert pooled["dead_fraction"] == pytest.approx(expected["dead_fraction"])
     # An SAE trained elsewhere has no held-out corpus figures.
-    assert sae_quality(model, tokenizer, sae, 1, paths[:1], QUALITY_SPEC, {"source": {"path": "x"}})["corpus"] is None
+    assert sae_quality(fits[:1], {"source": {"path": "x"}}, 1)["corpus"] is None
 
 
 def test_train_sae_for_layer_with_the_buffer_on_disk(tiny_model, corpus_parquet, tmp_path):

@@ -144,9 +144,7 @@ def cmd_sae_quality(args: argparse.Namespace) -> None:
     from competency_gaps.sae import run_sae_quality
 
     spec = _spec(args, "sae_quality")
-    model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
-    run_sae_quality(model, tokenizer, sae, spec["layer"], args.items, spec, Path(args.sae_dir) / "summary.json", Path(args.out),
-                    batch_tokens=args.batch_tokens or 4096)
+    run_sae_quality(args.fits, Path(args.summary), Path(args.out), spec["layer"])
 
 
 def _model_and_sae(spec: dict[str, Any], manifest_path: str, sae_dir: str):
@@ -174,7 +172,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
     run_extract(model, tokenizer, sae, spec["layer"], args.items, args.scores, args.out, args.tokens, args.contexts,
                 spec["model"], spec["benchmark"], spec["saliency"], spec["contexts"], args.benchmark,
-                batch_tokens=args.batch_tokens or 4096)
+                batch_tokens=args.batch_tokens or 4096, sae_fit_path=args.sae_fit)
 
 
 def cmd_labels(args: argparse.Namespace) -> None:
@@ -292,12 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "when its estimate exceeds it")
 
     c = stage("sae_quality", cmd_sae_quality, "explained variance, L0 and dead fraction of one (model, layer)'s SAE on the "
-              "benchmark prompts' counted tokens, beside its held-out corpus figures", "model", "layer")
-    c.add_argument("--manifest", required=True)
-    c.add_argument("--sae-dir", required=True, help="the SAE folder (its summary.json gives the corpus figures)")
-    c.add_argument("--items", nargs="+", required=True, help="items tables, one per benchmark")
+              "benchmark prompts' counted tokens (merged from what extraction measured), beside its held-out corpus figures",
+              "model", "layer")
+    c.add_argument("--summary", required=True, help="the SAE's summary.json (its held-out corpus figures)")
+    c.add_argument("--fits", nargs="+", required=True, help="extraction's sae_fit.json files, one per benchmark")
     c.add_argument("--out", required=True, help="output quality JSON")
-    c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
 
     c = stage("extract", cmd_extract, "per-item concept saliency of one benchmark at one layer", "model", "benchmark", "layer")
     c.add_argument("--manifest", required=True)
@@ -307,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output saliency shard (sparse long form)")
     c.add_argument("--tokens", required=True, help="output per-item token counts")
     c.add_argument("--contexts", required=True, help="output: each concept's top contexts among the items")
+    c.add_argument("--sae-fit", help="output: how well the SAE reconstructs the counted tokens (JSON, for sae_quality)")
     c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
 
     c = stage("labels", cmd_labels, "top contexts, logit lens, a label and its detection score for every concept of one (model, layer)",

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -38,6 +38,9 @@ from competency_gaps.labels import (
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt
 from competency_gaps.saliency import SparseSaliency, batch_saliency, length_batches
+
+if TYPE_CHECKING:
+    from competency_gaps.sae import SAEEvaluation
 from competency_gaps.tables import CONTEXTS, LABELS, table_from_rows, write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
@@ -76,16 +79,16 @@ def context_frame(result: dict[str, Any], kind: str, source: str, item_ids: list
 
 
 def read_prompts(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int, batch_tokens: int,
-                 contexts: list[TopContexts], pool: NegativePool | None = None,
-                 what: str = "read") -> Iterator[tuple[list[int], SparseSaliency]]:
-    """Each token-budget batch's prompt indices and sparse saliency, feeding `contexts` (and `pool`) on the
-    way; progress with rate and ETA goes to the log."""
+                 contexts: list[TopContexts], pool: NegativePool | None = None, what: str = "read",
+                 quality: SAEEvaluation | None = None) -> Iterator[tuple[list[int], SparseSaliency]]:
+    """Each token-budget batch's prompt indices and sparse saliency, feeding `contexts` (and `pool`, and
+    `quality`) on the way; progress with rate and ETA goes to the log."""
     progress = Progress(log, what, sum(len(p.input_ids) for p in prompts), "tokens")
     for batch in length_batches([len(p.input_ids) for p in prompts], batch_tokens):
         chosen = [prompts[i] for i in batch]
         rows = torch.tensor(batch, dtype=torch.long)
         observe = (lambda acts, rows=rows: feed(contexts, pool, acts, rows)) if contexts else None
-        yield batch, batch_saliency(model, sae, layer, chosen, pad_id, observe)
+        yield batch, batch_saliency(model, sae, layer, chosen, pad_id, observe, quality)
         progress.update(sum(len(p.input_ids) for p in chosen))
 
 

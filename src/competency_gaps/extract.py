@@ -8,7 +8,7 @@ budget and writes the shards.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pyarrow as pa
@@ -17,7 +17,10 @@ from competency_gaps.concept_labels import TokenText, context_frame, read_prompt
 from competency_gaps.labels import TopContexts
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.saliency import SparseSaliency
-from competency_gaps.tables import CONTEXTS, ITEM_TOKENS, SALIENCY, table_from_rows, write_parquet
+from competency_gaps.tables import CONTEXTS, ITEM_TOKENS, SALIENCY, table_from_rows, write_json, write_parquet
+
+if TYPE_CHECKING:
+    from competency_gaps.sae import SAEEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,13 @@ def append_rows(columns: dict[str, list], item_ids: list[str], sparse: SparseSal
 def extract_saliency(
     model: Any, tokenizer: Any, sae: Any, layer: int, items: list[dict[str, Any]], *, mode: str,
     system_prompt: str | None, max_length: int, context_policy: str, batch_tokens: int,
-    responses: dict[str, str] | None = None, contexts: TopContexts | None = None,
+    responses: dict[str, str] | None = None, contexts: TopContexts | None = None, quality: SAEEvaluation | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Sparse saliency rows and per-item token counts for `items` (one token row per item, skipped ones too:
     a skipped item gets no saliency rows and a warning, and the other items are still extracted).
     `contexts`, when given, collects each concept's top contexts among the items' counted tokens (its
-    sequences are indices into the extracted items, in `extracted_ids` order)."""
+    sequences are indices into the extracted items, in `extracted_ids` order); `quality` accumulates how
+    well the SAE reconstructs those tokens."""
     encoded: list[tuple[str, EncodedPrompt]] = []
     token_rows = []
     for item in items:
@@ -75,7 +79,7 @@ def extract_saliency(
     columns: dict[str, list] = {name: [] for name in SALIENCY.names}
     prompts = [prompt for _, prompt in encoded]
     for batch, sparse in read_prompts(model, sae, layer, prompts, tokenizer.pad_token_id, batch_tokens,
-                                      [contexts] if contexts else [], what="extracted"):
+                                      [contexts] if contexts else [], what="extracted", quality=quality):
         append_rows(columns, [encoded[i][0] for i in batch], sparse)
     saliency = pl.from_arrow(pa.table(columns, schema=SALIENCY)).sort("item_id", "concept")
     return saliency, pl.from_arrow(table_from_rows(token_rows, ITEM_TOKENS))
@@ -84,24 +88,31 @@ def extract_saliency(
 def run_extract(model: Any, tokenizer: Any, sae: Any, layer: int, items_path: str, scores_path: str | None,
                 saliency_path: str, tokens_path: str, contexts_path: str, model_spec: dict[str, Any],
                 bench_spec: dict[str, Any], saliency_spec: dict[str, Any], context_spec: dict[str, Any],
-                benchmark: str, *, batch_tokens: int = 4096) -> None:
-    """Extract one benchmark's shard and its concepts' top contexts; `batch_tokens` is a throughput setting,
-    not part of the job's spec."""
+                benchmark: str, *, batch_tokens: int = 4096, sae_fit_path: str | None = None) -> None:
+    """Extract one benchmark's shard and its concepts' top contexts, and (to `sae_fit_path`) the SAE's
+    reconstruction of the counted tokens as an `SAEEvaluation` state for the sae_quality job; `batch_tokens`
+    is a throughput setting, not part of the job's spec."""
+    from competency_gaps.sae import SAEEvaluation
+
     items = pl.read_parquet(items_path).to_dicts()
     responses = None
     if saliency_spec["include_response"]:
         scores = pl.read_parquet(scores_path)
         responses = dict(zip(scores["item_id"].to_list(), scores["response"].to_list(), strict=True))
     contexts = TopContexts(sae.cfg.d_sae, context_spec["top_k"], context_spec["before"], context_spec["after"])
+    quality = SAEEvaluation() if sae_fit_path else None
     saliency, tokens = extract_saliency(
         model, tokenizer, sae, layer, items, mode=saliency_spec["tokens"], system_prompt=model_spec.get("system_prompt"),
         max_length=model_spec["max_length"], context_policy=bench_spec["context_policy"],
-        batch_tokens=batch_tokens, responses=responses, contexts=contexts,
+        batch_tokens=batch_tokens, responses=responses, contexts=contexts, quality=quality,
     )
     extracted_ids = tokens.filter(pl.col("skipped").is_null())["item_id"].to_list()
     top = context_frame(contexts.result(), "top", benchmark, extracted_ids, TokenText(tokenizer))
     write_parquet(saliency.to_arrow(), saliency_path, SALIENCY)
     write_parquet(tokens.to_arrow(), tokens_path, ITEM_TOKENS)
     write_parquet(top.to_arrow(), contexts_path, CONTEXTS)
+    if quality is not None:
+        write_json({"benchmark": benchmark, "prompts": len(extracted_ids), "evaluation": quality.state()}, sae_fit_path)
+        log.info("SAE on the counted tokens: %s", quality.result())
     log.info("%d items (%d skipped), %d non-zero (item, concept) pairs, %d concepts fire", tokens.height,
              tokens["skipped"].is_not_null().sum(), saliency.height, saliency["concept"].n_unique())

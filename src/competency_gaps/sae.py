@@ -243,7 +243,9 @@ class SAEEvaluation:
     """Explained variance, mean L0 and dead-latent fraction of an SAE, accumulated over chunks of vectors.
 
     The variance about the mean is merged chunk by chunk (Chan et al.'s pairwise update, in float64), so the
-    mean of all vectors is never needed up front and nothing but per-dimension sums is kept.
+    mean of all vectors is never needed up front and nothing but per-dimension sums is kept. `state` and
+    `stats_of_state` carry an accumulation through JSON (extraction writes one per benchmark shard; the
+    sae_quality job merges them).
     """
 
     def __init__(self) -> None:
@@ -255,6 +257,12 @@ class SAEEvaluation:
         self.m2: torch.Tensor | None = None
 
     @staticmethod
+    def _moments(x_ND: torch.Tensor) -> dict[str, torch.Tensor]:
+        x64 = x_ND.double()
+        mean = x64.mean(0)
+        return {"mean": mean, "m2": (x64 - mean).pow(2).sum(0)}
+
+    @staticmethod
     @torch.no_grad()
     def chunk_stats(sae: Any, x_ND: torch.Tensor) -> dict[str, Any]:
         weights = getattr(sae, "W_enc", None)
@@ -262,10 +270,18 @@ class SAEEvaluation:
             x_ND = x_ND.to(weights.device, weights.dtype)
         features = sae.encode(x_ND)
         active = features > 0
-        x64 = x_ND.double()
-        mean = x64.mean(0)
         return {"n": len(x_ND), "squared_error": (x_ND - sae.decode(features)).pow(2).sum().item(),
-                "active": active.sum().item(), "fired": active.any(0), "mean": mean, "m2": (x64 - mean).pow(2).sum(0)}
+                "active": active.sum().item(), "fired": active.any(0), **SAEEvaluation._moments(x_ND)}
+
+    @staticmethod
+    @torch.no_grad()
+    def sparse_stats(x_ND: torch.Tensor, reconstruction_ND: torch.Tensor, concept: torch.Tensor, d_sae: int) -> dict[str, Any]:
+        """A chunk's stats from its reconstruction and the concepts of its positive activations (one entry
+        per active (token, concept)), as extraction has them: no dense (tokens × concepts) matrix."""
+        fired = torch.zeros(d_sae, dtype=torch.bool, device=concept.device)
+        fired[concept] = True
+        return {"n": len(x_ND), "squared_error": (x_ND.double() - reconstruction_ND.double()).pow(2).sum().item(),
+                "active": len(concept), "fired": fired, **SAEEvaluation._moments(x_ND)}
 
     def add(self, stats: dict[str, Any]) -> None:
         n = stats["n"]
@@ -282,6 +298,23 @@ class SAEEvaluation:
             self.m2 += stats["m2"] + delta.pow(2) * (self.n * n / total)
             self.fired |= stats["fired"]
         self.n += n
+
+    def state(self) -> dict[str, Any]:
+        """The accumulation as JSON-able values (the fired concepts as their indices)."""
+        if self.n == 0:
+            return {"n": 0}
+        return {"n": self.n, "squared_error": self.squared_error, "active": self.active, "d_sae": len(self.fired),
+                "fired": self.fired.nonzero().squeeze(1).tolist(), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @staticmethod
+    def stats_of_state(state: dict[str, Any]) -> dict[str, Any]:
+        """A `state` as stats for `add`."""
+        if state["n"] == 0:
+            return {"n": 0}
+        fired = torch.zeros(state["d_sae"], dtype=torch.bool)
+        fired[torch.tensor(state["fired"], dtype=torch.long)] = True
+        return {"n": state["n"], "squared_error": state["squared_error"], "active": state["active"], "fired": fired,
+                "mean": torch.tensor(state["mean"], dtype=torch.float64), "m2": torch.tensor(state["m2"], dtype=torch.float64)}
 
     def result(self) -> dict[str, Any]:
         if self.n == 0:
@@ -311,60 +344,6 @@ def evaluate_sae(sae: Any, acts_ND: torch.Tensor, chunk: int = 4096) -> dict[str
     result = evaluate_stream(sae, [acts_ND], chunk)
     result["heldout_tokens"] = int(result.pop("tokens"))
     return result
-
-
-def evaluate_on_prompts(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], *, batch_tokens: int = 4096,
-                        chunk: int = 4096) -> dict[str, Any]:
-    """The SAE's explained variance, L0 and dead fraction on the activations of the prompts' counted tokens
-    (what extraction reads), streamed batch by batch; also the number of tokens and prompts read."""
-    result = evaluate_stream(sae, prompt_activations(model, layer, prompts, batch_tokens=batch_tokens), chunk)
-    result["prompts"] = len(prompts)
-    return result
-
-
-def evaluate_prompt_sets(model: Any, sae: Any, layer: int, prompt_sets: dict[str, list[EncodedPrompt]], *,
-                         batch_tokens: int = 4096, chunk: int = 4096) -> dict[str, dict[str, Any]]:
-    """`evaluate_on_prompts` per named set (a benchmark each), and over all of them pooled ("all")."""
-    pooled = SAEEvaluation()
-    results = {}
-    for name, prompts in prompt_sets.items():
-        evaluation = SAEEvaluation()
-        for part in prompt_activations(model, layer, prompts, batch_tokens=batch_tokens):
-            for x in part.split(chunk):
-                stats = SAEEvaluation.chunk_stats(sae, x)
-                evaluation.add(stats)
-                pooled.add(stats)
-        results[name] = {**evaluation.result(), "prompts": len(prompts)}
-        log.info("SAE on %s prompts: %s", name, results[name])
-    results["all"] = {**pooled.result(), "prompts": sum(len(p) for p in prompt_sets.values())}
-    return results
-
-
-def benchmark_name(items_path: str | Path) -> str:
-    """The benchmark slug of an items table (its hive folder `benchmark=<slug>`), else the file's stem."""
-    path = Path(items_path)
-    for part in reversed(path.parts):
-        if part.startswith("benchmark="):
-            return part.removeprefix("benchmark=")
-    return path.stem
-
-
-def load_eval_prompts(tokenizer: Any, items_paths: Iterable[str | Path], *, mode: str = "fields",
-                      system_prompt: str | None = None, max_length: int | None = None, max_items: int | None = 200,
-                      seed: int = 0) -> dict[str, list[EncodedPrompt]]:
-    """Benchmark items encoded as extraction encodes them (`encode_item`: chat template, counted tokens,
-    truncation), at most `max_items` per benchmark (a seeded sample); items with no counted token dropped."""
-    import polars as pl
-
-    sets = {}
-    for path in items_paths:
-        items = pl.read_parquet(path).to_dicts()
-        if max_items is not None and len(items) > max_items:
-            keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
-            items = [items[i] for i in keep.tolist()]
-        prompts = [encode_item(tokenizer, item, mode, system_prompt, None, max_length) for item in items]
-        sets[benchmark_name(path)] = [p for p in prompts if any(p.counted)]
-    return sets
 
 
 # ---------------------------------------------------------------- training
@@ -531,25 +510,28 @@ def train_sae_for_layer(
 CORPUS_METRICS = ("explained_variance", "l0", "dead_fraction", "mse", "heldout_tokens")
 
 
-def sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
-                spec: dict[str, Any], summary: dict[str, Any], *, batch_tokens: int = 4096) -> dict[str, Any]:
-    """The SAE's explained variance, L0 and dead fraction on the benchmark prompts' counted tokens (each
-    benchmark and pooled), encoded as extraction encodes them (`spec`: the `sae_quality` job slice), beside
-    the held-out corpus figures of the SAE's own `summary` (None for an SAE trained elsewhere)."""
-    model_spec = spec["model"]
-    prompts = load_eval_prompts(tokenizer, items_paths, mode=spec["tokens"], system_prompt=model_spec.get("system_prompt"),
-                                max_length=model_spec.get("max_length"), max_items=spec["quality"]["items_per_benchmark"],
-                                seed=spec["quality"]["seed"])
+def sae_quality(fit_paths: Iterable[str | Path], summary: dict[str, Any], layer: int) -> dict[str, Any]:
+    """The SAE's explained variance, L0 and dead fraction on the benchmark prompts' counted tokens, each
+    benchmark's and pooled, from the accumulations extraction wrote beside each shard (it reads exactly those
+    tokens anyway), beside the held-out corpus figures of the SAE's own `summary` (None for an SAE trained
+    elsewhere)."""
+    pooled = SAEEvaluation()
+    benchmarks = {}
+    for path in fit_paths:
+        state = json.loads(Path(path).read_text())
+        stats = SAEEvaluation.stats_of_state(state["evaluation"])
+        evaluation = SAEEvaluation()
+        evaluation.add(stats)
+        pooled.add(stats)
+        benchmarks[state["benchmark"]] = {**evaluation.result(), "prompts": state["prompts"]}
+    benchmarks["all"] = {**pooled.result(), "prompts": sum(b["prompts"] for b in benchmarks.values())}
     corpus = {key: summary.get(key) for key in CORPUS_METRICS} if "explained_variance" in summary else None
-    return {"layer": layer, "corpus": corpus,
-            "benchmarks": evaluate_prompt_sets(model, sae, layer, prompts, batch_tokens=batch_tokens)}
+    return {"layer": layer, "corpus": corpus, "benchmarks": benchmarks}
 
 
-def run_sae_quality(model: Any, tokenizer: Any, sae: Any, layer: int, items_paths: Iterable[str | Path],
-                    spec: dict[str, Any], summary_path: Path, out_path: Path, *, batch_tokens: int = 4096) -> dict[str, Any]:
+def run_sae_quality(fit_paths: Iterable[str | Path], summary_path: Path, out_path: Path, layer: int) -> dict[str, Any]:
     """`sae_quality` of an SAE (its summary.json at `summary_path`), written to `out_path` as JSON."""
-    summary = json.loads(summary_path.read_text())
-    quality = sae_quality(model, tokenizer, sae, layer, items_paths, spec, summary, batch_tokens=batch_tokens)
+    quality = sae_quality(fit_paths, json.loads(Path(summary_path).read_text()), layer)
     write_json(quality, out_path)
     log.info("SAE quality: corpus %s, benchmarks pooled %s", quality["corpus"], quality["benchmarks"]["all"])
     return quality

@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from competency_gaps.hooks import residual_stream
 from competency_gaps.prompts import EncodedPrompt
+
+if TYPE_CHECKING:
+    from competency_gaps.sae import SAEEvaluation
 
 ENCODE_CHUNK = 4096  # counted tokens per SAE encode: bounds the dense (chunk × concepts) pre-activations
 
@@ -102,10 +105,13 @@ def sparse_topk_output(sae: Any) -> Iterator[None]:
         activation.use_sparse_activations = before
 
 
-def encode_sparse(sae: Any, vectors_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, concept, value) of every positive activation of `vectors_ND`, on their device."""
+def encode_sparse(sae: Any, vectors_ND: torch.Tensor, quality: SAEEvaluation | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, concept, value) of every positive activation of `vectors_ND`, on their device. `quality`, when
+    given, also accumulates how well the SAE reconstructs these vectors (its decoder reads the sparse codes)."""
     with sparse_topk_output(sae):
         acts = sae.encode(vectors_ND)
+        reconstruction = sae.decode(acts) if quality is not None else None
     if acts.is_sparse:
         token, concept = acts._indices()  # TopK: k entries per token, uncoalesced (no duplicates to merge)
         value = acts._values()
@@ -114,15 +120,19 @@ def encode_sparse(sae: Any, vectors_ND: torch.Tensor) -> tuple[torch.Tensor, tor
         value = acts[token, concept]
     value = value.float()
     positive = value > 0  # TopK keeps k values per token, some of them ReLU'd to 0
-    return token[positive], concept[positive], value[positive]
+    token, concept, value = token[positive], concept[positive], value[positive]
+    if quality is not None:
+        quality.add(quality.sparse_stats(vectors_ND, reconstruction, concept, sae.cfg.d_sae))
+    return token, concept, value
 
 
 @torch.inference_mode()
 def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,
-                      observe: BatchObserver | None = None, chunk: int = ENCODE_CHUNK
+                      observe: BatchObserver | None = None, chunk: int = ENCODE_CHUNK, quality: SAEEvaluation | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per item, on the model's device: mean activation (B, K), max activation (B, K) and the number of
-    active counted tokens (B, K). `observe`, when given, sees the batch's non-zero activations."""
+    active counted tokens (B, K). `observe`, when given, sees the batch's non-zero activations; `quality`
+    accumulates the SAE's reconstruction of the counted tokens."""
     device = model_device(model)
     ids, _, counted = (tensor.to(device, non_blocking=True) for tensor in pad_right(prompts, pad_id))
     # Right padding under causal attention: no real token attends to the pads after it, so the batch needs no
@@ -134,7 +144,7 @@ def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPro
     total, peak, active = (torch.zeros(len(prompts) * n_concepts, device=device) for _ in range(3))
     entries = []
     for start in range(0, len(rows), chunk):
-        token, concept, value = encode_sparse(sae, vectors_ND[start : start + chunk])
+        token, concept, value = encode_sparse(sae, vectors_ND[start : start + chunk], quality)
         flat = rows[start + token] * n_concepts + concept
         total.index_add_(0, flat, value)
         active.index_add_(0, flat, torch.ones_like(value))
@@ -158,6 +168,6 @@ def sparsify(mean_BK: torch.Tensor, peak_BK: torch.Tensor, active_BK: torch.Tens
 
 
 def batch_saliency(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,
-                   observe: BatchObserver | None = None) -> SparseSaliency:
+                   observe: BatchObserver | None = None, quality: SAEEvaluation | None = None) -> SparseSaliency:
     """The sparse saliency of one batch of prompts."""
-    return sparsify(*batch_activations(model, sae, layer, prompts, pad_id, observe))
+    return sparsify(*batch_activations(model, sae, layer, prompts, pad_id, observe, quality=quality))

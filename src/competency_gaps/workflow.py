@@ -22,8 +22,8 @@ STAGE_VERSIONS = {
     "corpus": 1,
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
     "sae": 2,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse
-    "sae_quality": 1,
-    "extract": 3,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts
+    "sae_quality": 2,  # 2: merged from extraction's measurement on every extracted item (was a sample, read again)
+    "extract": 4,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts; 4: sae_fit.json
     "labels": 3,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape
     "reduce": 4,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels
     "robustness": 2,  # 2: robustness.md with labels
@@ -94,8 +94,7 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
                 **_pick(_permissions(config["models"][model]), ("allow_pickle",)),
                 **_pick(config["models"][model], SAE_MODEL_KEYS)}
     if job == "sae_quality":
-        return {"model": _pick(config["models"][model], EXTRACT_MODEL_KEYS), "layer": int(layer),
-                "tokens": config["saliency"]["tokens"], "quality": config["sae_quality"], "runtime": _runtime(config)}
+        return {"model": model, "layer": int(layer)}
     if job == "extract":
         return {"model": _pick(config["models"][model], EXTRACT_MODEL_KEYS),
                 "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),

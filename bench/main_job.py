@@ -49,6 +49,15 @@ def main() -> None:
         print(table)
     print(f"sum of job times: {table['seconds'].sum():.0f} s; largest job RSS (Snakemake): {table['max_rss_mb'].max():.0f} MB")
     print(f"wall time: {wall:.0f} s ({wall / 60:.1f} min) on {args.cores} cores; peak process RSS: {peak_mb:.0f} MB")
+    # Jobs run side by side only when their threads fit the cores; model jobs take all of them here, so the
+    # run is bounded by the sum of its jobs, and the matmul rate says how fast this machine does that work.
+    import torch
+
+    from extraction import matmul_rate
+
+    torch.set_num_threads(int(args.cores))
+    print(f"this machine's fp32 matmul rate on {args.cores} threads: "
+          f"{matmul_rate(torch.device('cpu'), torch.float32, 576) / 1e9:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from competency_gaps.explorer_data import (
     concept_map,
     concept_table,
     correlation_drivers,
+    exact_neighbours,
     label_words,
     overlap_heatmap,
 )
@@ -95,6 +96,18 @@ def test_concept_table_marks_never_firing_as_na_and_ranks_like_the_lists():
     assert table["per_benchmark"]["bench"][1][0] == 0.0
     expected = rank_concepts(concepts, "shrunk_adjusted")["concept"].to_list()
     assert [c for _, c in sorted(zip(table["rank"], table["concept"]))] == expected == [1, 3, 0, 2]
+
+
+def test_the_maps_neighbour_graph_is_the_exact_cosine_one(monkeypatch):
+    directions = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    indices, distances, _ = exact_neighbours(directions, 5)
+    unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    cosine_distance = 1 - unit @ unit.T
+    assert (indices[:, 0] == np.arange(300)).all()  # each concept is its own nearest neighbour, as UMAP expects
+    np.testing.assert_allclose(distances, np.sort(cosine_distance, axis=1)[:, :5], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(cosine_distance, indices, 1), distances, atol=1e-5)
+    monkeypatch.setattr("competency_gaps.explorer_data.EXACT_NEIGHBOURS_MAX", 299)
+    assert exact_neighbours(directions, 5) == (None, None, None)  # above the limit UMAP searches itself
 
 
 def test_concept_map_is_seeded_and_clusters_every_point():

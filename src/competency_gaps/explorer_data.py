@@ -207,14 +207,15 @@ def project_directions(directions_KD: np.ndarray, n_neighbors: int, min_dist: fl
     return reducer.fit_transform(directions)
 
 
-EXACT_NEIGHBOURS_MAX = 65536  # concepts up to which the neighbour graph is computed exactly (brute force)
+EXACT_NEIGHBOURS_MAX = 16384  # concepts up to which the neighbour graph is computed exactly (brute force)
 
 
 def exact_neighbours(directions_KD: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray, None] | tuple[None, None, None]:
     """UMAP's `precomputed_knn` for up to EXACT_NEIGHBOURS_MAX concepts: each concept's nearest directions by
     cosine distance (itself first), by brute force. Measured at 4,608 concepts on 2 CPU cores: 13 s for the whole
-    map against 48 s with UMAP's own approximate search, most of which is compiling it (numba). Above the
-    limit the quadratic cost outgrows that, and UMAP searches itself."""
+    map against 48 s with UMAP's own approximate search, most of which is compiling it (numba). The cost grows
+    with the square of the concepts (16,384 × 16,384 × d_model multiply-adds at the limit: seconds); above it,
+    UMAP searches itself."""
     if directions_KD.shape[0] > EXACT_NEIGHBOURS_MAX:
         return None, None, None
     from sklearn.neighbors import NearestNeighbors

@@ -149,17 +149,10 @@ def print_machine() -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores ({usable} usable); RAM {memory_gib():.1f} GiB; GPU: {gpu}")
     print(f"Python {platform.python_version()}, torch {torch_version}; {platform.platform()}")
     print(f"load average (1/5/15 min) at start: {load_average()}; date {time.strftime('%Y-%m-%d %H:%M')}")
+    from extraction import cpu_matmul_gflops
+
     print(f"fp32 matmul rate: {cpu_matmul_gflops():.0f} GFLOP/s (all usable cores; the 2-vCPU VMs this project runs on "
           "measured 135 to 300, so compare timings from different days through it)")
-
-
-def cpu_matmul_gflops() -> float:
-    """This machine's fp32 matmul rate on the CPU (SmolLM2's MLP shape), from extraction.py's measurement."""
-    import torch
-
-    from extraction import matmul_rate
-
-    return matmul_rate(torch.device("cpu"), torch.float32, 576) / 1e9
 
 
 # --- running --------------------------------------------------------------------------------------------

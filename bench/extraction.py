@@ -143,6 +143,14 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, d_model: int) -> float
     return repeats * 2 * 4096 * d_model * 4 * d_model / (time.perf_counter() - start)
 
 
+def cpu_matmul_gflops(threads: int | None = None) -> float:
+    """This machine's fp32 matmul rate on the CPU in GFLOP/s (SmolLM2's MLP shape), on `threads` threads (None:
+    torch's default, every usable core): the figure that makes timings from different machines comparable."""
+    if threads:
+        torch.set_num_threads(threads)
+    return matmul_rate(torch.device("cpu"), torch.float32, 576) / 1e9
+
+
 def flops_per_token(model, layer: int, d_sae: int, mean_length: float) -> float:
     """Matmul FLOPs per counted token: the weights of decoder layers 0..layer, attention over the prompt, and
     the SAE encoder (an upper bound of the useful work: template tokens are computed but not counted)."""

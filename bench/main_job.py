@@ -51,13 +51,9 @@ def main() -> None:
     print(f"wall time: {wall:.0f} s ({wall / 60:.1f} min) on {args.cores} cores; peak process RSS: {peak_mb:.0f} MB")
     # Jobs run side by side only when their threads fit the cores; model jobs take all of them here, so the
     # run is bounded by the sum of its jobs, and the matmul rate says how fast this machine does that work.
-    import torch
+    from extraction import cpu_matmul_gflops
 
-    from extraction import matmul_rate
-
-    torch.set_num_threads(int(args.cores))
-    print(f"this machine's fp32 matmul rate on {args.cores} threads: "
-          f"{matmul_rate(torch.device('cpu'), torch.float32, 576) / 1e9:.0f} GFLOP/s")
+    print(f"this machine's fp32 matmul rate on {args.cores} threads: {cpu_matmul_gflops(int(args.cores)):.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

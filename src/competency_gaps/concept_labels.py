@@ -38,10 +38,10 @@ from competency_gaps.labels import (
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt
 from competency_gaps.saliency import SparseSaliency, batch_saliency, length_batches
+from competency_gaps.tables import CONTEXTS, LABELS, table_from_rows, write_json, write_parquet, write_text
 
 if TYPE_CHECKING:
     from competency_gaps.sae import SAEEvaluation
-from competency_gaps.tables import CONTEXTS, LABELS, table_from_rows, write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 

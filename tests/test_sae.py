@@ -135,6 +135,41 @@ def test_row_activations_stream_the_same_vectors_in_row_batches(tiny_model):
         row_activations(model, 1, chunks[:2], 11, 2, CPU)
 
 
+def test_drop_massive_leaves_out_attention_sink_norms_only():
+    x = torch.ones(50, 4)
+    x[7] *= 11  # 11x the median norm: an attention-sink outlier
+    x[9] *= 9  # 9x: large, but under the ratio of 10, so kept
+    kept, dropped = sae_module.drop_massive(x)
+    assert dropped == 1
+    assert kept.shape == (49, 4)
+    assert kept.norm(dim=1).max() == x[9].norm()
+
+
+def test_row_activations_replace_massive_vectors_from_the_next_row(tiny_model, monkeypatch):
+    """A massive activation is left out and counted, and the stream reads on so that it still gives exactly
+    n_vectors; without spare rows it says the corpus is too small."""
+    model, tokenizer = tiny_model
+    chunks = token_chunks(tokenizer, DOCS * 3, 6)  # 5 vectors per row
+    real = sae_module.residual_stream
+
+    def with_a_sink(model, layer, ids, mask):  # the second vector of every batch's first row: 100x its norm
+        resid = real(model, layer, ids, mask).clone()
+        resid[0, 2] *= 100
+        return resid
+
+    monkeypatch.setattr(sae_module, "residual_stream", with_a_sink)
+    dropped: dict[str, int] = {}
+    parts = list(row_activations(model, 1, chunks, 10, batch_size=2, device=CPU, dropped=dropped))
+    assert [len(part) for part in parts] == [9, 1]  # 2 rows gave 9 vectors, a third row the tenth
+    assert dropped == {"massive": 2}  # one in each batch: rows 0 and 2
+    monkeypatch.setattr(sae_module, "residual_stream", real)
+    plain = collect_activations(model, 1, chunks, 15, 4, CPU)
+    torch.testing.assert_close(torch.cat(parts), torch.cat([plain[:1], plain[2:11]]))
+    monkeypatch.setattr(sae_module, "residual_stream", with_a_sink)
+    with pytest.raises(ValueError, match="once 2 massive activations are left out"):
+        list(row_activations(model, 1, chunks[:2], 10, batch_size=1, device=CPU))
+
+
 def test_prompt_activations_read_the_counted_tokens(tiny_model):
     model, tokenizer = tiny_model
     prompts = [EncodedPrompt(tokenizer(text)["input_ids"], [i % 2 == 1 for i in range(len(tokenizer(text)["input_ids"]))])
@@ -509,7 +544,7 @@ def test_train_sae_for_layer_writes_sae_and_heldout_summary(tiny_model, corpus_p
     model, tokenizer = tiny_model
     chunks = token_chunks(tokenizer, pl.read_parquet(corpus_parquet)["text"].to_list(), CONTEXT_LENGTH)
     chunks = chunks[torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(LAYER_SPEC["seed"]))]
-    heldout_rows = math.ceil(200 / (CONTEXT_LENGTH - 1))
+    heldout_rows = math.ceil(200 / (CONTEXT_LENGTH - 1)) + 1  # one spare row, for left-out massive activations
     acts = collect_activations(model, 1, chunks[-heldout_rows:], 200, 8, CPU)
     expected = in_memory_evaluation(sae, acts)
     assert abs(written["explained_variance"] - expected["explained_variance"]) < 1e-5
@@ -523,6 +558,7 @@ def test_train_sae_for_layer_writes_sae_and_heldout_summary(tiny_model, corpus_p
     assert stream["corpus_rows"] + heldout_rows <= chunks.shape[0]
     assert stream["chat_documents"] > 0 and stream["passes"] == 1
     assert stream["buffer_vectors"] == 1000 and stream["buffer_on_disk"] is False  # capped at training_tokens
+    assert stream["massive_dropped"] == {"train": 0, "heldout": 0}  # a random tiny model has no attention sinks
     assert "benchmarks" not in written
 
 
@@ -622,7 +658,7 @@ def test_train_sae_for_layer_with_the_buffer_on_disk(tiny_model, corpus_parquet,
 
 def test_train_sae_for_layer_fails_clearly_when_the_corpus_is_too_small(tiny_model, corpus_parquet, tmp_path):
     spec = {**LAYER_SPEC, "training_tokens": 100_000}
-    with pytest.raises(ValueError, match=r"corpus too small: \d+ rows of 16 tokens, \d+ training \+ 14 held-out rows needed"):
+    with pytest.raises(ValueError, match=r"corpus too small: \d+ rows of 16 tokens, \d+ training \+ 15 held-out rows needed"):
         run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec)
 
 

@@ -21,7 +21,7 @@ STAGE_VERSIONS = {
     "prepare_model": 2,  # 2: manifest paths relative to the manifest; hub revisions pinned
     "corpus": 1,
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
-    "sae": 2,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse
+    "sae": 3,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse; 3: massive activations left out of training and held-out figures
     "sae_quality": 2,  # 2: merged from extraction's measurement on every extracted item (was a sample, read again)
     "extract": 4,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts; 4: sae_fit.json
     "labels": 3,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape

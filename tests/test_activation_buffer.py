@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from competency_gaps.activation_buffer import ShuffleBuffer
+from competency_gaps.activation_buffer import ReplayCache, ShuffleBuffer
 
 D = 3
 
@@ -141,3 +141,32 @@ def test_batches_come_out_on_the_requested_device():
 def test_a_buffer_smaller_than_two_batches_is_refused():
     with pytest.raises(ValueError, match="at least 16"):
         ShuffleBuffer(D, 15, 8, seed=0)
+
+
+# ---------------------------------------------------------------- ReplayCache
+
+
+def test_the_replay_cache_gives_back_its_vectors_in_order_as_float16(tmp_path):
+    vectors = torch.randn(10, 3) * 100
+    with ReplayCache(3, 10) as ram, ReplayCache(3, 10, max_ram_bytes=0, tmp_dir=tmp_path) as disk:
+        for cache in (ram, disk):
+            cache.append(vectors[:4])
+            cache.append(vectors[4:])
+        assert not ram.on_disk and disk.on_disk and disk.path.parent.parent == tmp_path
+        replayed = [torch.cat(list(cache.chunks(size=3))) for cache in (ram, disk)]
+        assert [len(chunk) for chunk in ram.chunks(size=3)] == [3, 3, 3, 1]
+    expected = vectors.half().float()
+    assert not torch.equal(expected, vectors), "float16 rounds these values"
+    for got in replayed:
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not list(tmp_path.iterdir()), "the disk cache's file is removed on close"
+
+
+def test_the_replay_cache_refuses_too_many_vectors_and_a_partial_replay():
+    cache = ReplayCache(2, 4)
+    cache.append(torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match="holds 3 of its 4 vectors"):
+        next(cache.chunks(size=2))
+    with pytest.raises(ValueError, match="replay cache of 4 vectors offered 5"):
+        cache.append(torch.zeros(2, 2))

@@ -656,6 +656,33 @@ def test_train_sae_for_layer_with_the_buffer_on_disk(tiny_model, corpus_parquet,
     assert disk["explained_variance"] == pytest.approx(ram["explained_variance"], abs=0.02)
 
 
+def test_further_epochs_replay_the_first_pass_without_the_model(tiny_model, corpus_parquet, tmp_path, monkeypatch):
+    """epochs=2: the model reads half the training tokens once (one producer call each for corpus rows and chat
+    documents, one more for the held-out rows) and the second epoch comes from the replay cache."""
+    calls = {"rows": 0, "prompts": 0}
+    rows_of, prompts_of = sae_module.row_activations, sae_module.prompt_activations
+
+    def count(name, real):
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(sae_module, "row_activations", count("rows", rows_of))
+    monkeypatch.setattr(sae_module, "prompt_activations", count("prompts", prompts_of))
+    buffer_dir = tmp_path / "buffers"
+    buffer_dir.mkdir()
+    spec = {**LAYER_SPEC, "epochs": 2, "buffer_max_ram_mb": 0}  # the cache (and the buffer) on disk
+    summary = run_layer_training(tiny_model, corpus_parquet, tmp_path / "sae", spec, buffer_dir=buffer_dir)
+    stream = summary["stream"]
+    assert stream["read_tokens"] == stream["corpus_tokens"] + stream["chat_tokens"] == 500
+    assert (stream["epochs"], stream["passes"], stream["replayed_passes"]) == (2, 2, 1)
+    assert stream["trained_vectors"] == LAYER_SPEC["training_tokens"] and stream["replay_on_disk"] is True
+    assert calls == {"rows": 2, "prompts": 1}  # training's corpus rows, the held-out rows; the chat documents
+    assert not list(buffer_dir.iterdir()), "the cache's file is removed after training"
+    assert 0.0 < summary["explained_variance"] <= 1.0
+
+
 def test_train_sae_for_layer_fails_clearly_when_the_corpus_is_too_small(tiny_model, corpus_parquet, tmp_path):
     spec = {**LAYER_SPEC, "training_tokens": 100_000}
     with pytest.raises(ValueError, match=r"corpus too small: \d+ rows of 16 tokens, \d+ training \+ 15 held-out rows needed"):
@@ -805,7 +832,7 @@ def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_mod
     seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, corpus_parquet, "--buffer-dir", str(tmp_path), "--mem-mb", "100000")
     train = seen["args"][3]
     # The schema's defaults fill what the config leaves out; what it sets wins.
-    assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096}
+    assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096, "epochs": 1}
     assert seen["kwargs"] == {"system_prompt": "Be brief.", "buffer_dir": str(tmp_path)}
 
 
@@ -826,6 +853,9 @@ def test_the_memory_request_follows_the_buffer_not_the_training_tokens():
     buffer_mb, sample_mb, sae_state_mb = 131072 * d_model * 4 / 2**20, 2 * 20000 * d_model * 4 / 2**20, 32 * d_model * 4608 / 2**20
     assert request == int(base + buffer_mb + sample_mb + sae_state_mb)
     assert sae_job_memory_mb(smollm2, d_model, {**train, "training_tokens": 10**8}, "cpu", "auto") == request
+    # Two epochs: the tokens read once (150k) wait in a float16 replay cache.
+    replay_mb = 150_000 * d_model * 2 / 2**20
+    assert sae_job_memory_mb(smollm2, d_model, {**train, "epochs": 2}, "cpu", "auto") == int(base + buffer_mb + sample_mb + sae_state_mb + replay_mb)
     # A buffer larger than the training run is capped at it; one above buffer_max_ram_mb is float16 on disk.
     assert sae_buffer_vectors({**train, "training_tokens": 5000}) == 5000
     assert sae_buffer_vectors({**train, "training_tokens": 300, "buffer_vectors": 100}) == 512  # two batches at least

@@ -22,6 +22,9 @@ random within the buffer's reach: a vector sits in the buffer for a random numbe
 it mixes with roughly the `capacity` vectors produced around it, not with the whole pass. A further
 epoch runs the producer again (`epochs`); the fewer-than-one-batch remainder of a pass is carried into
 the next pass rather than dropped, and mixed with it. Everything is deterministic under the seed.
+
+`ReplayCache` keeps a first pass's vectors (float16) so that further epochs replay them instead of running
+the model again: for small runs, where reading more tokens costs more than training on them again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def float16_file(rows: int, d_in: int, tmp_dir: str | Path | None, name: str
+                 ) -> tuple[tempfile.TemporaryDirectory, Path, torch.Tensor]:
+    """A (rows, d_in) float16 tensor backed by a memory-mapped file in a new temporary directory (the
+    caller removes the directory with `cleanup()` once the tensor is dropped)."""
+    import numpy as np
+
+    tmp = tempfile.TemporaryDirectory(prefix=f"activation-{name}-", dir=tmp_dir)
+    path = Path(tmp.name) / f"{name}.f16"
+    return tmp, path, torch.from_numpy(np.memmap(path, dtype=np.float16, mode="w+", shape=(rows, d_in)))
 
 
 class ShuffleBuffer:
@@ -52,12 +66,7 @@ class ShuffleBuffer:
         self.on_disk = max_ram_bytes is not None and capacity * d_in * 4 > max_ram_bytes
         self._tmp: tempfile.TemporaryDirectory | None = None
         if self.on_disk:
-            import numpy as np
-
-            self._tmp = tempfile.TemporaryDirectory(prefix="activation-buffer-", dir=tmp_dir)
-            self.path: Path | None = Path(self._tmp.name) / "buffer.f16"
-            self._array = np.memmap(self.path, dtype=np.float16, mode="w+", shape=(capacity, d_in))
-            self.storage = torch.from_numpy(self._array)
+            self._tmp, self.path, self.storage = float16_file(capacity, d_in, tmp_dir, "buffer")
             log.info("shuffle buffer: %d × %d float16 vectors on disk at %s (%.0f MB)", capacity, d_in, self.path,
                      capacity * d_in * 2 / 2**20)
         else:
@@ -80,7 +89,7 @@ class ShuffleBuffer:
     def close(self) -> None:
         """Remove the disk buffer's file (RAM buffers: nothing to do)."""
         if self._tmp is not None:
-            del self.storage, self._array
+            del self.storage
             self._tmp.cleanup()
             self._tmp = None
 
@@ -146,3 +155,54 @@ class ShuffleBuffer:
         `batch_size` vectors opens the next pass's stream."""
         for epoch in count() if n_epochs is None else range(n_epochs):
             yield from self.batches(make_chunks(epoch), final=n_epochs is not None and epoch == n_epochs - 1)
+
+
+class ReplayCache:
+    """The activation vectors of a training stream's first pass, kept as float16 so that further epochs replay
+    them instead of running the model again (`sae.train.epochs`). Holds exactly `n_vectors` (`d_in` wide): in
+    RAM, or in a memory-mapped file in a temporary directory when `n_vectors × d_in × 2` bytes exceed
+    `max_ram_bytes` (removed by `close()`). float16 rounds each value to about 3 significant digits, so a
+    replayed epoch reads the first pass's vectors to that precision."""
+
+    def __init__(self, d_in: int, n_vectors: int, *, max_ram_bytes: int | None = None,
+                 tmp_dir: str | Path | None = None) -> None:
+        self.d_in, self.n_vectors = d_in, n_vectors
+        self.on_disk = max_ram_bytes is not None and n_vectors * d_in * 2 > max_ram_bytes
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if self.on_disk:
+            self._tmp, self.path, self.storage = float16_file(n_vectors, d_in, tmp_dir, "replay")
+            log.info("replay cache: %d × %d float16 vectors on disk at %s (%.0f MB)", n_vectors, d_in, self.path,
+                     n_vectors * d_in * 2 / 2**20)
+        else:
+            self.path = None
+            self.storage = torch.empty(n_vectors, d_in, dtype=torch.float16)
+        self.held = 0
+
+    @property
+    def full(self) -> bool:
+        return self.held == self.n_vectors
+
+    def append(self, vectors_ND: torch.Tensor) -> None:
+        if self.held + len(vectors_ND) > self.n_vectors:
+            raise ValueError(f"replay cache of {self.n_vectors} vectors offered {self.held + len(vectors_ND)}")
+        self.storage[self.held : self.held + len(vectors_ND)] = vectors_ND.to(device="cpu", dtype=torch.float16)
+        self.held += len(vectors_ND)
+
+    def chunks(self, size: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+        """The cached vectors in the order they came, `size` at a time, as float32 on `device`."""
+        if not self.full:  # a partial pass would silently shorten every replayed epoch
+            raise RuntimeError(f"replay cache holds {self.held} of its {self.n_vectors} vectors")
+        for start in range(0, self.n_vectors, size):
+            yield self.storage[start : start + size].to(device=device, dtype=torch.float32)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            del self.storage
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ReplayCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -25,7 +25,7 @@ from competency_gaps.hooks import residual_stream
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.tables import write_json
-from competency_gaps.workflow import NORM_SAMPLE, sae_buffer_vectors, train_setting
+from competency_gaps.workflow import NORM_SAMPLE, sae_buffer_vectors, sae_read_tokens, train_setting
 
 log = logging.getLogger(__name__)
 
@@ -448,11 +448,12 @@ def train_sae_for_layer(
     corpus documents wrapped in the model's chat template as the user turn (with `system_prompt`, as
     extraction renders the benchmarks), their content tokens only, from documents that touch no held-out
     row (preferring ones the plain training rows do not read either). `batch_size` rows per forward pass
-    (chat rows: as many padded tokens).
+    (chat rows: as many padded tokens). With `epochs` > 1 the model reads training_tokens / epochs tokens and
+    the further epochs replay their vectors from a float16 `ReplayCache`.
     """
     import polars as pl
 
-    from competency_gaps.activation_buffer import ShuffleBuffer
+    from competency_gaps.activation_buffer import ReplayCache, ShuffleBuffer
 
     texts = pl.read_parquet(corpus_path)["text"].to_list()
     rows, documents = tokenize_corpus(tokenizer, texts, context_length)
@@ -460,8 +461,9 @@ def train_sae_for_layer(
     rows, documents = rows[order], documents[order]
     per_row = context_length - 1
     n_train, n_heldout = spec["training_tokens"], spec["heldout_tokens"]
-    n_chat = round(train_setting(spec, "chat_fraction") * n_train)
-    n_plain = n_train - n_chat
+    epochs, n_read = train_setting(spec, "epochs"), sae_read_tokens(spec)  # the model reads n_read tokens once
+    n_chat = round(train_setting(spec, "chat_fraction") * n_read)
+    n_plain = n_read - n_chat
     # One spare held-out row: room for the massive activations `row_activations` leaves out.
     train_rows, heldout_rows = math.ceil(n_plain / per_row), math.ceil(n_heldout / per_row) + 1
     if train_rows + heldout_rows > rows.shape[0]:
@@ -479,16 +481,24 @@ def train_sae_for_layer(
     log.info("training stream: %d corpus rows (%d vectors) and %d chat-formatted documents (%d vectors; %d skipped); "
              "%d held-out rows", train_rows, n_plain, len(chat), n_chat, skipped, heldout_rows)
 
-    passes = 0
-    train_dropped: dict[str, int] = {}  # massive activations left out, in the latest pass
+    passes = replayed = 0
+    train_dropped: dict[str, int] = {}  # massive activations left out, in the latest pass the model read
+    d_model = model.config.get_text_config().hidden_size
+    max_ram_bytes = train_setting(spec, "buffer_max_ram_mb") * 2**20
+    cache = ReplayCache(d_model, n_read if epochs > 1 else 0, max_ram_bytes=max_ram_bytes, tmp_dir=buffer_dir)
 
     def one_pass(epoch: int) -> Iterator[torch.Tensor]:
-        nonlocal passes
+        nonlocal passes, replayed
         passes += 1
+        if epoch and epochs > 1:
+            replayed += 1
+            log.info("training stream: epoch %d of %d, replayed from the cache", epoch + 1, epochs)
+            yield from cache.chunks(batch_size * context_length, device)
+            return
         if epoch:
             log.info("training stream: pass %d over the same rows", epoch + 1)
         train_dropped["massive"] = 0
-        progress = Progress(log, "SAE training activations", n_train, "tokens")
+        progress = Progress(log, "SAE training activations", n_read, "tokens")
         for chunk in interleave([
             # Rows past train_rows are read only to replace left-out massive activations, never held-out ones.
             (row_activations(model, layer, rows[: rows.shape[0] - heldout_rows], n_plain, batch_size, device,
@@ -497,13 +507,13 @@ def train_sae_for_layer(
                                 window=CHAT_WINDOW * batch_size), n_chat),
         ]):
             progress.update(len(chunk))
+            if epochs > 1:
+                cache.append(chunk)
             yield chunk
 
-    d_model = model.config.get_text_config().hidden_size
     capacity = sae_buffer_vectors(spec)
-    with ShuffleBuffer(d_model, capacity, spec["batch_size"], spec["seed"] + 2,
-                       max_ram_bytes=train_setting(spec, "buffer_max_ram_mb") * 2**20, tmp_dir=buffer_dir,
-                       device=device) as buffer:
+    with cache, ShuffleBuffer(d_model, capacity, spec["batch_size"], spec["seed"] + 2, max_ram_bytes=max_ram_bytes,
+                              tmp_dir=buffer_dir, device=device) as buffer:
         trained = train_topk_sae(buffer.epochs(one_pass), spec, layer, model_name, device)
         on_disk = buffer.on_disk
     trained.save_inference_model(out_dir)
@@ -526,6 +536,7 @@ def train_sae_for_layer(
         "heldout_tokens": heldout["tokens"],
         "mse": heldout["mse"],
         "stream": {
+            "epochs": epochs, "read_tokens": n_read, "replayed_passes": replayed, "replay_on_disk": cache.on_disk,
             "corpus_tokens": n_plain, "chat_tokens": n_chat, "corpus_rows": train_rows, "chat_documents": len(chat),
             "trained_vectors": n_train // spec["batch_size"] * spec["batch_size"],
             "heldout_rows": heldout_rows, "buffer_vectors": capacity, "buffer_on_disk": on_disk, "passes": passes,

@@ -9,6 +9,7 @@ passed to the CLI as flags (`throughput`), so tuning them reruns nothing.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -163,12 +164,23 @@ def model_job_memory_mb(n_params: int | None, device: str, dtype: str) -> int:
 # when it is made), the first batches that set the decoder bias and norm scale (kept, then concatenated:
 # twice), and on CPU the SAE with its gradients and Adam's two moments. Nothing grows with training_tokens.
 # Settings of `sae.train` that older configs lack (the schema gives them the same defaults).
-SAE_TRAIN_DEFAULTS: dict[str, Any] = {"chat_fraction": 0.5, "buffer_vectors": 131072, "buffer_max_ram_mb": 4096}
+SAE_TRAIN_DEFAULTS: dict[str, Any] = {"chat_fraction": 0.5, "buffer_vectors": 131072, "buffer_max_ram_mb": 4096, "epochs": 1}
 NORM_SAMPLE = 20000  # vectors that set the decoder bias and the activation-norm scale before training
 
 
 def train_setting(train: dict[str, Any], key: str) -> Any:
     return train.get(key, SAE_TRAIN_DEFAULTS[key])
+
+
+def sae_read_tokens(train: dict[str, Any]) -> int:
+    """Tokens whose activations the model produces for training: training_tokens over `epochs` (the further
+    epochs replay them from a cache)."""
+    return math.ceil(train["training_tokens"] / train_setting(train, "epochs"))
+
+
+def sae_replay_mb(train: dict[str, Any], d_model: int) -> float:
+    """Host memory of the replay cache (float16, in RAM or as the pages of its file): none for one epoch."""
+    return sae_read_tokens(train) * d_model * 2 / 2**20 if train_setting(train, "epochs") > 1 else 0.0
 
 
 def sae_buffer_vectors(train: dict[str, Any]) -> int:
@@ -185,14 +197,15 @@ def sae_buffer_mb(train: dict[str, Any], d_model: int) -> float:
 
 
 def sae_job_memory_mb(n_params: int | None, d_model: int | None, train: dict[str, Any], device: str, dtype: str) -> int:
-    """Host memory (MB) for SAE training: the model job's, plus the buffer, the norm sample and (on CPU)
-    the SAE's training state (weights, gradients, two Adam moments; on a GPU they live on the device)."""
+    """Host memory (MB) for SAE training: the model job's, plus the buffer, the replay cache, the norm sample
+    and (on CPU) the SAE's training state (weights, gradients, two Adam moments; on a GPU they live on the
+    device)."""
     base = model_job_memory_mb(n_params, device, dtype)
     if d_model is None:
         return base
     sample = 2 * min(NORM_SAMPLE, train["training_tokens"]) * d_model * 4 / 2**20
     sae_state = 4 * 2 * d_model * train["d_sae"] * 4 / 2**20 if device == "cpu" else 0
-    return int(base + sae_buffer_mb(train, d_model) + sample + sae_state)
+    return int(base + sae_buffer_mb(train, d_model) + sae_replay_mb(train, d_model) + sample + sae_state)
 
 
 # Runtime requests (minutes): model forward passes dominate SAE training, so seconds per token per model
@@ -205,7 +218,10 @@ def sae_job_runtime_min(n_params: int | None, train: dict[str, Any], device: str
     """Minutes to request for SAE training: start-up, then training and held-out tokens through the model."""
     if n_params is None:
         return 240
-    tokens = train["training_tokens"] + train["heldout_tokens"]
+    # A replayed vector skips the model and costs training only: about half a model token's time, measured
+    # for SmolLM2-135M on CPU (less for larger models, so this errs long).
+    read = sae_read_tokens(train)
+    tokens = read + train["heldout_tokens"] + (train["training_tokens"] - read) / 2
     seconds = tokens * n_params * SECONDS_PER_TOKEN_PARAM.get(device, SECONDS_PER_TOKEN_PARAM["cpu"])
     return int(10 + seconds / 60)
 

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -435,37 +436,52 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
     return trainer.fit()
 
 
-def train_sae_for_layer(
-    model: Any, tokenizer: Any, layer: int, spec: dict[str, Any], corpus_path: Path, context_length: int,
-    model_name: str, out_dir: Path, device: torch.device, batch_size: int = 16, *,
-    system_prompt: str | None = None, buffer_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Train a TopK SAE on the layer's activations over the corpus, streamed through a shuffle buffer; save the
-    inference SAE and a summary measured on held-out corpus rows (`sae_quality` adds the benchmarks').
+@dataclass
+class TrainingData:
+    """What an SAE trains and is measured on. `rows`: the corpus's token rows in a seeded order; training reads
+    from the front (`train_rows` planned, a few more to replace left-out massive activations), the held-out
+    evaluation the last `heldout_rows`, never the same. `chat`: corpus documents in the chat template."""
 
-    Rows: the corpus's token rows in a seeded order; training reads the first ones, the held-out
-    evaluation the last ones, never the same. A `chat_fraction` of the training vectors comes instead from
-    corpus documents wrapped in the model's chat template as the user turn (with `system_prompt`, as
-    extraction renders the benchmarks), their content tokens only, from documents that touch no held-out
-    row (preferring ones the plain training rows do not read either). `batch_size` rows per forward pass
-    (chat rows: as many padded tokens). With `epochs` > 1 the model reads training_tokens / epochs tokens and
-    the further epochs replay their vectors from a float16 `ReplayCache`.
-    """
-    import polars as pl
+    rows: torch.Tensor
+    train_rows: int
+    heldout_rows: int
+    n_plain: int
+    chat: list[EncodedPrompt]
+    n_chat: int
+    skipped: int
+    context_length: int
 
-    from competency_gaps.activation_buffer import ReplayCache, ShuffleBuffer
+    def first_pass(self, model: Any, layer: int, batch_size: int, device: torch.device,
+                   dropped: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
+        """The training vectors the model produces, corpus rows and chat documents evenly mixed along the stream."""
+        return interleave([
+            (row_activations(model, layer, self.rows[: self.rows.shape[0] - self.heldout_rows], self.n_plain, batch_size,
+                             device, dropped=dropped), self.n_plain),
+            (prompt_activations(model, layer, self.chat, batch_tokens=batch_size * self.context_length,
+                                n_vectors=self.n_chat, window=CHAT_WINDOW * batch_size), self.n_chat),
+        ])
 
-    texts = pl.read_parquet(corpus_path)["text"].to_list()
+    def heldout(self, model: Any, layer: int, n_vectors: int, batch_size: int, device: torch.device,
+                dropped: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
+        return row_activations(model, layer, self.rows[self.rows.shape[0] - self.heldout_rows :], n_vectors, batch_size,
+                               device, dropped=dropped)
+
+
+def training_data(tokenizer: Any, texts: list[str], spec: dict[str, Any], context_length: int,
+                  system_prompt: str | None = None) -> TrainingData:
+    """Plan the training stream of `spec` over the corpus `texts`: sae_read_tokens(spec) vectors, a
+    `chat_fraction` of them from corpus documents wrapped in the model's chat template as the user turn (with
+    `system_prompt`, as extraction renders the benchmarks), their content tokens only, from documents that
+    touch no held-out row (preferring ones the plain training rows do not read either)."""
     rows, documents = tokenize_corpus(tokenizer, texts, context_length)
     order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(spec["seed"]))
     rows, documents = rows[order], documents[order]
     per_row = context_length - 1
-    n_train, n_heldout = spec["training_tokens"], spec["heldout_tokens"]
-    epochs, n_read = train_setting(spec, "epochs"), sae_read_tokens(spec)  # the model reads n_read tokens once
+    n_read = sae_read_tokens(spec)
     n_chat = round(train_setting(spec, "chat_fraction") * n_read)
     n_plain = n_read - n_chat
     # One spare held-out row: room for the massive activations `row_activations` leaves out.
-    train_rows, heldout_rows = math.ceil(n_plain / per_row), math.ceil(n_heldout / per_row) + 1
+    train_rows, heldout_rows = math.ceil(n_plain / per_row), math.ceil(spec["heldout_tokens"] / per_row) + 1
     if train_rows + heldout_rows > rows.shape[0]:
         raise ValueError(f"corpus too small: {rows.shape[0]} rows of {context_length} tokens, {train_rows} training + "
                          f"{heldout_rows} held-out rows needed (raise sae_corpus.max_documents)")
@@ -480,6 +496,28 @@ def train_sae_for_layer(
         chat, skipped = chat_prompts(tokenizer, texts, fresh + reread, n_chat, context_length, system_prompt)
     log.info("training stream: %d corpus rows (%d vectors) and %d chat-formatted documents (%d vectors; %d skipped); "
              "%d held-out rows", train_rows, n_plain, len(chat), n_chat, skipped, heldout_rows)
+    return TrainingData(rows, train_rows, heldout_rows, n_plain, chat, n_chat, skipped, context_length)
+
+
+def train_sae_for_layer(
+    model: Any, tokenizer: Any, layer: int, spec: dict[str, Any], corpus_path: Path, context_length: int,
+    model_name: str, out_dir: Path, device: torch.device, batch_size: int = 16, *,
+    system_prompt: str | None = None, buffer_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train a TopK SAE on the layer's activations over the corpus (`training_data`), streamed through a
+    shuffle buffer; save the inference SAE and a summary measured on held-out corpus rows (`sae_quality` adds
+    the benchmarks'). `batch_size` rows per forward pass (chat rows: as many padded tokens). With `epochs` > 1
+    the model reads training_tokens / epochs tokens and the further epochs replay their vectors from a
+    float16 `ReplayCache`.
+    """
+    import polars as pl
+
+    from competency_gaps.activation_buffer import ReplayCache, ShuffleBuffer
+
+    texts = pl.read_parquet(corpus_path)["text"].to_list()
+    data = training_data(tokenizer, texts, spec, context_length, system_prompt)
+    n_train, n_heldout = spec["training_tokens"], spec["heldout_tokens"]
+    epochs, n_read = train_setting(spec, "epochs"), sae_read_tokens(spec)  # the model reads n_read tokens once
 
     passes = replayed = 0
     train_dropped: dict[str, int] = {}  # massive activations left out, in the latest pass the model read
@@ -499,13 +537,7 @@ def train_sae_for_layer(
             log.info("training stream: pass %d over the same rows", epoch + 1)
         train_dropped["massive"] = 0
         progress = Progress(log, "SAE training activations", n_read, "tokens")
-        for chunk in interleave([
-            # Rows past train_rows are read only to replace left-out massive activations, never held-out ones.
-            (row_activations(model, layer, rows[: rows.shape[0] - heldout_rows], n_plain, batch_size, device,
-                             dropped=train_dropped), n_plain),
-            (prompt_activations(model, layer, chat, batch_tokens=batch_size * context_length, n_vectors=n_chat,
-                                window=CHAT_WINDOW * batch_size), n_chat),
-        ]):
+        for chunk in data.first_pass(model, layer, batch_size, device, dropped=train_dropped):
             progress.update(len(chunk))
             if epochs > 1:
                 cache.append(chunk)
@@ -520,8 +552,7 @@ def train_sae_for_layer(
     del trained
     sae = load_sae(out_dir, device)
     heldout_dropped: dict[str, int] = {}
-    heldout = evaluate_stream(sae, row_activations(model, layer, rows[rows.shape[0] - heldout_rows :], n_heldout,
-                                                   batch_size, device, dropped=heldout_dropped))
+    heldout = evaluate_stream(sae, data.heldout(model, layer, n_heldout, batch_size, device, dropped=heldout_dropped))
     summary = {
         "source": {"train": spec},
         "layer": layer,
@@ -537,9 +568,10 @@ def train_sae_for_layer(
         "mse": heldout["mse"],
         "stream": {
             "epochs": epochs, "read_tokens": n_read, "replayed_passes": replayed, "replay_on_disk": cache.on_disk,
-            "corpus_tokens": n_plain, "chat_tokens": n_chat, "corpus_rows": train_rows, "chat_documents": len(chat),
+            "corpus_tokens": data.n_plain, "chat_tokens": data.n_chat, "corpus_rows": data.train_rows,
+            "chat_documents": len(data.chat),
             "trained_vectors": n_train // spec["batch_size"] * spec["batch_size"],
-            "heldout_rows": heldout_rows, "buffer_vectors": capacity, "buffer_on_disk": on_disk, "passes": passes,
+            "heldout_rows": data.heldout_rows, "buffer_vectors": capacity, "buffer_on_disk": on_disk, "passes": passes,
             "massive_dropped": {"train": train_dropped["massive"], "heldout": heldout_dropped["massive"]},
         },
     }

@@ -1,0 +1,114 @@
+"""SAE quality against training settings, on the `sae` stage's own training stream, read through the model once.
+
+Usage: .venv/bin/python bench/sae_variants.py [--read-tokens 300000] [--variant "epochs=1 training_tokens=300000" ...]
+(run `make run` first: it needs the converted model, the SAE corpus and the benchmarks' items; about 9 minutes
+to collect 300k tokens on 2 CPU cores, then 2.5 minutes per 300k vectors trained)
+
+- Collects, once: the stage's first pass (`sae.training_data(...).first_pass`, the default config's model, layer,
+  corpus, chat_fraction and seed) over --read-tokens tokens, float16 in memory; the held-out corpus rows
+  (`TrainingData.heldout`); every default benchmark's counted tokens, read as extraction reads them.
+- Trains each variant (key=value over the default config's `sae.train`) with `sae.train_topk_sae` on the first
+  training_tokens / epochs collected vectors, held in memory and reshuffled each epoch (the stage mixes
+  within its shuffle buffer of 131,072 vectors and replays later epochs from its cache).
+- Prints, per variant: held-out corpus explained variance and dead fraction, the same pooled over the
+  benchmarks' counted tokens and per benchmark, and the training seconds. Massive activations (attention
+  sinks) are left out of the corpus vectors, as the stage does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from competency_gaps.config import load_config  # noqa: E402
+from competency_gaps.models import load_model, load_tokenizer, read_manifest  # noqa: E402
+from competency_gaps.prompts import encode_item  # noqa: E402
+from competency_gaps.sae import evaluate_sae, prompt_activations, train_topk_sae, training_data  # noqa: E402
+from competency_gaps.workflow import sae_read_tokens, train_setting  # noqa: E402
+
+DEFAULT_VARIANTS = ["epochs=1 training_tokens=300000", "epochs=1 training_tokens=150000",
+                    "epochs=2 training_tokens=300000", "epochs=3 training_tokens=450000"]
+
+
+def parse_variant(text: str, base: dict) -> dict:
+    spec = dict(base)
+    for pair in text.split():
+        key, value = pair.split("=")
+        spec[key] = float(value) if key in ("lr", "chat_fraction") else int(value)
+    return spec
+
+
+def collect(config: dict, read_tokens: int, batch_size: int) -> tuple[int, dict, torch.Tensor, torch.Tensor, dict]:
+    """The default model's layer, its train spec, the first pass, the held-out vectors and each benchmark's."""
+    import polars as pl
+
+    results = REPO / config["results"]
+    model_name, model_cfg = next(iter(config["models"].items()))
+    layer_cfg = model_cfg["layers"][0]
+    spec = {**layer_cfg["sae"]["train"], "training_tokens": read_tokens, "epochs": 1}
+    manifest = read_manifest(results / "models" / f"model={model_name}" / "manifest.json")
+    model = load_model(manifest, torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(manifest)
+    texts = pl.read_parquet(results / "sae_corpus" / "corpus.parquet")["text"].to_list()
+    data = training_data(tokenizer, texts, spec, config["sae_corpus"]["context_length"], model_cfg.get("system_prompt"))
+    layer, cpu = layer_cfg["layer"], torch.device("cpu")
+    start = time.perf_counter()
+    train = torch.cat([chunk.half() for chunk in data.first_pass(model, layer, batch_size, cpu)])
+    heldout = torch.cat(list(data.heldout(model, layer, spec["heldout_tokens"], batch_size, cpu)))
+    print(f"collected {len(train):,} training and {len(heldout):,} held-out vectors in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    benchmarks = {}
+    for name in config["benchmarks"]:
+        items = pl.read_parquet(results / "benchmarks" / f"benchmark={name}" / "items.parquet").to_dicts()
+        prompts = [encode_item(tokenizer, item, config["saliency"]["tokens"], model_cfg.get("system_prompt"), None,
+                               model_cfg["max_length"]) for item in items]
+        benchmarks[name] = torch.cat(list(prompt_activations(model, layer, prompts, batch_tokens=4096)))
+    return layer, spec, train, heldout, benchmarks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "config.yaml"))
+    parser.add_argument("--read-tokens", type=int, default=300_000, help="vectors collected (the largest variant's read)")
+    parser.add_argument("--variant", action="append", help=f"key=value ... over sae.train (default: {DEFAULT_VARIANTS})")
+    parser.add_argument("--batch-size", type=int, default=16, help="corpus rows per forward pass, as the stage")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = load_config(args.config)
+    layer, base, train, heldout, benchmarks = collect(config, args.read_tokens, args.batch_size)
+    pooled = torch.cat(list(benchmarks.values()))
+    print("| variant | read | trained | held-out EV | dead | benchmarks EV | dead | per benchmark EV | train s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    for text in args.variant or DEFAULT_VARIANTS:
+        spec = parse_variant(text, base)
+        read = sae_read_tokens(spec)
+        if read > len(train):
+            print(f"| {text} | {read:,} | skipped: more than the {len(train):,} vectors collected (--read-tokens) |")
+            continue
+        start = time.perf_counter()
+        sae = train_topk_sae(train[:read].float(), spec, layer, "bench", torch.device("cpu"))
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            held, bench = evaluate_sae(sae, heldout), evaluate_sae(sae, pooled)
+            each = " ".join(f"{name} {evaluate_sae(sae, x)['explained_variance']:.3f}" for name, x in benchmarks.items())
+        print(f"| {text} | {read:,} | {spec['training_tokens']:,} | {held['explained_variance']:.3f} | "
+              f"{held['dead_fraction']:.1%} | {bench['explained_variance']:.3f} | {bench['dead_fraction']:.1%} | {each} | "
+              f"{seconds:.0f} |", flush=True)
+    print(f"(layer {layer}, k {base['k']}, d_sae {base['d_sae']}, batch {base['batch_size']}, lr {base['lr']}, "
+          f"chat_fraction {train_setting(base, 'chat_fraction')} unless the variant says otherwise)")
+
+
+if __name__ == "__main__":
+    main()

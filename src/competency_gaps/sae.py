@@ -81,10 +81,11 @@ def fetch_sae(source: dict[str, Any], out_dir: Path, allow_pickle: bool = False)
 
 # ---------------------------------------------------------------- training on this model's activations
 #
-# Nothing here holds all training activations at once: a producer runs the model over token rows batch by
-# batch and feeds a fixed-size shuffle buffer (activation_buffer.py), which feeds sae-lens's trainer; the
-# held-out and benchmark evaluations accumulate their sums chunk by chunk. Memory is the model, the
-# tokenised corpus and the buffer, whatever `training_tokens` is.
+# With one epoch nothing here holds all training activations at once: a producer runs the model over token
+# rows batch by batch and feeds a fixed-size shuffle buffer (activation_buffer.py), which feeds sae-lens's
+# trainer; the held-out and benchmark evaluations accumulate their sums chunk by chunk. Memory is the model,
+# the tokenised corpus and the buffer, whatever `training_tokens` is. With `epochs` > 1 the tokens read once
+# are also kept (float16, in RAM or on disk) for the replayed epochs.
 
 CHAT_WINDOW = 64  # chat rows are length-sorted into batches within windows of this many batches
 

@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import count
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -51,7 +52,27 @@ def float16_file(rows: int, d_in: int, tmp_dir: str | Path | None, name: str
     return tmp, path, torch.from_numpy(np.memmap(path, dtype=np.float16, mode="w+", shape=(rows, d_in)))
 
 
-class ShuffleBuffer:
+class _FileBacked:
+    """Storage that may live in a temporary memory-mapped file (`float16_file`): `close()` (or leaving the
+    `with` block) removes the file; storage in RAM needs nothing."""
+
+    storage: torch.Tensor
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            del self.storage
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ShuffleBuffer(_FileBacked):
     """A fixed-size mixing buffer of `capacity` activation vectors of width `d_in` (see the module doc)."""
 
     def __init__(self, d_in: int, capacity: int, batch_size: int, seed: int, *, max_ram_bytes: int | None = None,
@@ -64,7 +85,6 @@ class ShuffleBuffer:
         self.d_in, self.capacity, self.batch_size = d_in, capacity, batch_size
         self.device = torch.device(device)
         self.on_disk = max_ram_bytes is not None and capacity * d_in * 4 > max_ram_bytes
-        self._tmp: tempfile.TemporaryDirectory | None = None
         if self.on_disk:
             self._tmp, self.path, self.storage = float16_file(capacity, d_in, tmp_dir, "buffer")
             log.info("shuffle buffer: %d × %d float16 vectors on disk at %s (%.0f MB)", capacity, d_in, self.path,
@@ -85,19 +105,6 @@ class ShuffleBuffer:
     @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
-
-    def close(self) -> None:
-        """Remove the disk buffer's file (RAM buffers: nothing to do)."""
-        if self._tmp is not None:
-            del self.storage
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> ShuffleBuffer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------ moving vectors in and out
 
@@ -157,7 +164,7 @@ class ShuffleBuffer:
             yield from self.batches(make_chunks(epoch), final=n_epochs is not None and epoch == n_epochs - 1)
 
 
-class ReplayCache:
+class ReplayCache(_FileBacked):
     """The activation vectors of a training stream's first pass, kept as float16 so that further epochs replay
     them instead of running the model again (`sae.train.epochs`). Holds exactly `n_vectors` (`d_in` wide): in
     RAM, or in a memory-mapped file in a temporary directory when `n_vectors × d_in × 2` bytes exceed
@@ -168,7 +175,6 @@ class ReplayCache:
                  tmp_dir: str | Path | None = None) -> None:
         self.d_in, self.n_vectors = d_in, n_vectors
         self.on_disk = max_ram_bytes is not None and n_vectors * d_in * 2 > max_ram_bytes
-        self._tmp: tempfile.TemporaryDirectory | None = None
         if self.on_disk:
             self._tmp, self.path, self.storage = float16_file(n_vectors, d_in, tmp_dir, "replay")
             log.info("replay cache: %d × %d float16 vectors on disk at %s (%.0f MB)", n_vectors, d_in, self.path,
@@ -194,15 +200,3 @@ class ReplayCache:
             raise RuntimeError(f"replay cache holds {self.held} of its {self.n_vectors} vectors")
         for start in range(0, self.n_vectors, size):
             yield self.storage[start : start + size].to(device=device, dtype=torch.float32)
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            del self.storage
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> ReplayCache:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -57,7 +57,18 @@ class _FileBacked:
     `with` block) removes the file; storage in RAM needs nothing."""
 
     storage: torch.Tensor
+    path: Path | None = None
     _tmp: tempfile.TemporaryDirectory | None = None
+
+    def _allocate(self, rows: int, d_in: int, on_disk: bool, ram_dtype: torch.dtype, tmp_dir: str | Path | None,
+                  name: str) -> None:
+        """`storage` of (rows, d_in): float16 in a memory-mapped file when `on_disk`, else `ram_dtype` in RAM."""
+        if on_disk:
+            self._tmp, self.path, self.storage = float16_file(rows, d_in, tmp_dir, name)
+            log.info("activation %s: %d × %d float16 vectors on disk at %s (%.0f MB)", name, rows, d_in, self.path,
+                     rows * d_in * 2 / 2**20)
+        else:
+            self.storage = torch.empty(rows, d_in, dtype=ram_dtype)
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -85,13 +96,7 @@ class ShuffleBuffer(_FileBacked):
         self.d_in, self.capacity, self.batch_size = d_in, capacity, batch_size
         self.device = torch.device(device)
         self.on_disk = max_ram_bytes is not None and capacity * d_in * 4 > max_ram_bytes
-        if self.on_disk:
-            self._tmp, self.path, self.storage = float16_file(capacity, d_in, tmp_dir, "buffer")
-            log.info("shuffle buffer: %d × %d float16 vectors on disk at %s (%.0f MB)", capacity, d_in, self.path,
-                     capacity * d_in * 2 / 2**20)
-        else:
-            self.path = None
-            self.storage = torch.empty(capacity, d_in, dtype=torch.float32)
+        self._allocate(capacity, d_in, self.on_disk, torch.float32, tmp_dir, "buffer")
         self._generator = torch.Generator().manual_seed(seed)
         self._free = torch.arange(capacity)  # slots holding no vector, filled in this order
         self.received = 0  # vectors written in, over the buffer's life
@@ -175,13 +180,7 @@ class ReplayCache(_FileBacked):
                  tmp_dir: str | Path | None = None) -> None:
         self.d_in, self.n_vectors = d_in, n_vectors
         self.on_disk = max_ram_bytes is not None and n_vectors * d_in * 2 > max_ram_bytes
-        if self.on_disk:
-            self._tmp, self.path, self.storage = float16_file(n_vectors, d_in, tmp_dir, "replay")
-            log.info("replay cache: %d × %d float16 vectors on disk at %s (%.0f MB)", n_vectors, d_in, self.path,
-                     n_vectors * d_in * 2 / 2**20)
-        else:
-            self.path = None
-            self.storage = torch.empty(n_vectors, d_in, dtype=torch.float16)
+        self._allocate(n_vectors, d_in, self.on_disk, torch.float16, tmp_dir, "replay")
         self.held = 0
 
     @property

@@ -231,3 +231,35 @@ def test_loglik_scores_do_not_depend_on_batching(tiny_model):
     together = continuation_logprobs(model, pairs, 8, tokenizer.pad_token_id)
     for a, b in zip(alone, together, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_massive_activation_is_left_out_of_the_counted_tokens(tiny_model, tiny_item, random_sae_dirs):
+    """An attention-sink-sized vector (100x the others) at a counted token is neither encoded nor counted: the
+    item's mean runs over its other counted tokens and the top-context observer never sees it."""
+    from competency_gaps.sae import load_sae
+
+    model, tokenizer = tiny_model
+    sae = load_sae(random_sae_dirs[1])
+    prompt = encode_item(tokenizer, tiny_item, "fields")
+    counted_positions = [i for i, c in enumerate(prompt.counted) if c]
+    sink = counted_positions[2]
+
+    def plant(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, sink] *= 100
+        return output
+
+    seen = []
+    handle = decoder_layers(model)[1].register_forward_hook(plant)
+    try:
+        mean, _, active = batch_activations(model, sae, 1, [prompt], tokenizer.pad_token_id,
+                                            observe=lambda acts: seen.append(acts.token_position.tolist()))
+        ids = torch.tensor([prompt.input_ids])
+        resid = residual_stream(model, 1, ids, torch.ones_like(ids))[0]
+    finally:
+        handle.remove()
+    kept = torch.tensor([i for i in counted_positions if i != sink])
+    acts = sae.encode(resid[kept])
+    torch.testing.assert_close(mean[0], acts.mean(0), rtol=1e-4, atol=1e-5)
+    assert torch.equal(active[0], (acts > 0).sum(0).float())
+    assert seen == [kept.tolist()]

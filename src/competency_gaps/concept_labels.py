@@ -106,7 +106,8 @@ def best_per_concept(frames: list[pl.DataFrame], k: int) -> pl.DataFrame:
 
 def corpus_prompts(tokenizer: Any, corpus_path: str | Path, context_length: int, n_tokens: int, seed: int) -> list[EncodedPrompt]:
     """A seeded sample of the SAE corpus's rows of `context_length` tokens, about `n_tokens` in all; every
-    token but the first counts (position 0 is the attention-sink outlier the SAE never trained on)."""
+    token but the first counts (position 0 is the attention-sink outlier the SAE never trained on; a sink further
+    on is left out when read, by `saliency.leave_out_massive`)."""
     from competency_gaps.sae import token_chunks
 
     texts = pl.read_parquet(corpus_path)["text"].to_list()

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from competency_gaps.hooks import residual_stream
+from competency_gaps.hooks import massive, residual_stream
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.tables import write_json
@@ -111,20 +111,9 @@ def token_chunks(tokenizer: Any, texts: list[str], context_length: int) -> torch
     return tokenize_corpus(tokenizer, texts, context_length)[0]
 
 
-# Massive activations (Sun et al., 2024): a few corpus tokens, nearly all the first one kept from a row that starts
-# mid-document, carry 50-150x the median norm (attention sinks; SmolLM2 layer 15: 2 of 20k held-out tokens, norms
-# 9,518 and 25,748 against a median of 170). Extraction never reads such a position (position 0 and the template's
-# tokens are not counted; the benchmarks' counted tokens stay under 1.5x the median), so the SAE neither trains
-# on them nor counts them in its held-out figures, where those 2 vectors alone made up 70 % of the variance
-# (explained variance 0.928 with them, 0.756 without).
-MASSIVE_NORM_RATIO = 10.0
-
-
 def drop_massive(x_ND: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The vectors whose norm is at most MASSIVE_NORM_RATIO x the chunk's median norm, and how many were dropped."""
-    norms = x_ND.norm(dim=1)
-    keep = norms <= MASSIVE_NORM_RATIO * norms.median()
-    kept = x_ND[keep]
+    """The vectors of `x_ND` that are not massive activations (`hooks.massive`), and how many were dropped."""
+    kept = x_ND[~massive(x_ND)]
     return kept, len(x_ND) - len(kept)
 
 

@@ -1,5 +1,5 @@
-"""Per-item concept saliency on the model's device: forward to the hooked layer, SAE-encode the counted tokens,
-aggregate per item, and copy only the non-zero (item, concept) pairs to the host.
+"""Per-item concept saliency on the model's device: forward to the hooked layer, SAE-encode the counted tokens
+(less massive activations, which the SAE never trained on), aggregate per item, and copy only the non-zero (item, concept) pairs to the host.
 
 Everything between the forward pass and the sparse result stays on the device (GPU or CPU): the dense
 (tokens × concepts) activations never cross to the host, which on a GPU is what bounds throughput
@@ -8,6 +8,7 @@ Everything between the forward pass and the sparse result stays on the device (G
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from competency_gaps.hooks import residual_stream
+from competency_gaps.hooks import MASSIVE_NORM_RATIO, massive, residual_stream
 from competency_gaps.prompts import EncodedPrompt
 
 if TYPE_CHECKING:
     from competency_gaps.sae import SAEEvaluation
+
+log = logging.getLogger(__name__)
 
 ENCODE_CHUNK = 4096  # counted tokens per SAE encode: bounds the dense (chunk × concepts) pre-activations
 
@@ -126,6 +129,20 @@ def encode_sparse(sae: Any, vectors_ND: torch.Tensor, quality: SAEEvaluation | N
     return token, concept, value
 
 
+def leave_out_massive(counted: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, vectors_ND: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The counted tokens less the massive activations (`hooks.massive`: attention sinks the SAE never trained
+    on, whose codes would outweigh every ordinary token), which are also cleared from `counted` in place."""
+    sinks = massive(vectors_ND)
+    if not sinks.any():
+        return rows, positions, vectors_ND
+    counted[rows[sinks], positions[sinks]] = False
+    log.info("left out %d massive activation(s) of %d counted tokens (norm above %g x the batch's median)",
+             int(sinks.sum()), len(rows), MASSIVE_NORM_RATIO)
+    keep = ~sinks
+    return rows[keep], positions[keep], vectors_ND[keep]
+
+
 @torch.inference_mode()
 def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,
                       observe: BatchObserver | None = None, chunk: int = ENCODE_CHUNK, quality: SAEEvaluation | None = None
@@ -140,6 +157,8 @@ def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPro
     resid_BLD = residual_stream(model, layer, ids, None)
     rows, positions = counted.nonzero(as_tuple=True)
     vectors_ND = resid_BLD[rows, positions].to(sae.W_enc.dtype)
+    if len(rows):
+        rows, positions, vectors_ND = leave_out_massive(counted, rows, positions, vectors_ND)
     n_concepts = sae.cfg.d_sae
     total, peak, active = (torch.zeros(len(prompts) * n_concepts, device=device) for _ in range(3))
     entries = []

@@ -1,4 +1,4 @@
-# Helpers shared by the rule modules: config validation, result paths, targets, job inputs and resources.
+# Helpers shared by the rules: config validation, result paths, targets, job inputs and resources.
 import itertools
 import json
 import os
@@ -170,6 +170,11 @@ def all_targets():
         for folder, names in per_layer.items()
         for name in names
     ] + [f"{RESULTS}/explorer/index.html"] + compare_targets()
+
+
+def per_benchmark(pattern):
+    """One path per configured benchmark; the other wildcards stay for Snakemake to fill."""
+    return expand(pattern, benchmark=BENCHMARKS, allow_missing=True)
 
 
 def compare_targets():

@@ -2,11 +2,6 @@
 FLIPPED = f"{RESULTS}/compare/flipped/model={{model}}/layer={{layer}}/sae_of={{sae_model}}"
 
 
-def per_benchmark(pattern):
-    """One path per configured benchmark; the other wildcards stay for Snakemake to fill."""
-    return expand(pattern, benchmark=BENCHMARKS, allow_missing=True)
-
-
 rule compare_models:
     """Two (model, layer)s: the concepts of their two SAEs matched by the items they fire on and ranked by how much
     their χ_model differs (cross_model.md/.csv, cross_model.png in the report, category Cross-model), and the

@@ -387,3 +387,19 @@ def test_cuda_matches_cpu():
     norm = torch.nn.RMSNorm(16)
     ids, _ = promoted_tokens(W_dec.to(cuda), norm.to(cuda), W_U.to(cuda), top=4, chunk=7)
     assert ids.is_cuda and torch.equal(ids.cpu(), promoted_tokens(W_dec, norm.cpu(), W_U, top=4)[0])
+
+
+def test_token_text_shows_the_bytes_of_a_partial_character(tiny_model):
+    """A byte-level token holding the first byte of "é" (0xC3) decodes alone to U+FFFD; contexts and labels show
+    "\\xc3" instead, while whole tokens read as they decode; SentencePiece's byte fallback reads the same."""
+    from competency_gaps.concept_labels import TokenText, partial_character_text
+
+    _, tokenizer = tiny_model
+    text = TokenText(tokenizer)
+    partial = tokenizer.convert_tokens_to_ids("Ã")  # byte-level BPE's character for the byte 0xC3
+    assert tokenizer.decode([partial]) == "\ufffd"
+    assert text(partial) == "\\xc3"
+    whole = tokenizer("cat", add_special_tokens=False)["input_ids"][0]
+    assert text(whole) == tokenizer.decode([whole]) and "\\x" not in text(whole)
+    assert partial_character_text("<0xE6>") == "\\xe6"
+    assert partial_character_text("▁word") is None

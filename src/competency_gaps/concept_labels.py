@@ -12,8 +12,10 @@ follows the non-zero activations), one (concepts × vocabulary) logit-lens produ
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +53,44 @@ CARD_CONTEXTS = 5  # contexts shown per concept card (the table keeps top_k)
 # ---------------------------------------------------------------- contexts as tables
 
 
+SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_of_character() -> dict[str, int]:
+    """Byte-level BPE's table (GPT-2's): the printable character that stands for each byte in a token's piece."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def partial_character_text(piece: str) -> str | None:
+    """A token that holds part of a multi-byte character (which decodes alone to U+FFFD) written as its bytes,
+    e.g. "\\xe6\\x97": from SentencePiece's byte fallback ("<0xE6>") or a byte-level BPE piece; None for any
+    other piece."""
+    byte_of = _byte_of_character()
+    if match := SENTENCEPIECE_BYTE.fullmatch(piece):
+        raw = bytes([int(match.group(1), 16)])
+    elif piece and all(char in byte_of for char in piece):
+        raw = bytes(byte_of[char] for char in piece)
+    else:
+        return None
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
 class TokenText:
-    """Each token id's text, decoded once (a context table repeats ids many times)."""
+    """Each token id's text, decoded once (a context table repeats ids many times). A token holding part of a
+    character shows its bytes ("\\xe6\\x97") rather than the "�" its decoding alone gives."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer, self.cache = tokenizer, {}
 
     def __call__(self, token_id: int) -> str:
         if token_id not in self.cache:
-            self.cache[token_id] = self.tokenizer.decode([token_id]) if token_id >= 0 else ""
+            text = self.tokenizer.decode([token_id]) if token_id >= 0 else ""
+            if "\ufffd" in text:
+                text = partial_character_text(self.tokenizer.convert_ids_to_tokens(token_id)) or text
+            self.cache[token_id] = text
         return self.cache[token_id]
 
 

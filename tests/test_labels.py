@@ -391,15 +391,23 @@ def test_cuda_matches_cpu():
 
 def test_token_text_shows_the_bytes_of_a_partial_character(tiny_model):
     """A byte-level token holding the first byte of "é" (0xC3) decodes alone to U+FFFD; contexts and labels show
-    "\\xc3" instead, while whole tokens read as they decode; SentencePiece's byte fallback reads the same."""
-    from competency_gaps.concept_labels import TokenText, partial_character_text
+    "<0xC3>" instead (as SentencePiece's byte fallback names it), while whole tokens read as they decode."""
+    from competency_gaps.concept_labels import TokenText, bytes_text, partial_character_text
 
     _, tokenizer = tiny_model
     text = TokenText(tokenizer)
     partial = tokenizer.convert_tokens_to_ids("Ã")  # byte-level BPE's character for the byte 0xC3
     assert tokenizer.decode([partial]) == "\ufffd"
-    assert text(partial) == "\\xc3"
+    assert text(partial) == "<0xC3>"
     whole = tokenizer("cat", add_special_tokens=False)["input_ids"][0]
-    assert text(whole) == tokenizer.decode([whole]) and "\\x" not in text(whole)
-    assert partial_character_text("<0xE6>") == "\\xe6"
+    assert text(whole) == tokenizer.decode([whole]) and "<0x" not in text(whole)
+    assert bytes_text(" caf\xc3".encode("latin-1")) == " caf<0xC3>"
+    assert bytes_text("é".encode() + b"\xe6\x97") == "é<0xE6><0x97>"
+    assert partial_character_text("<0xE6>") == "<0xE6>"
     assert partial_character_text("▁word") is None
+
+
+def test_loose_bytes_make_a_label_only_when_nothing_else_does():
+    assert heuristic_label(["<0xE6><0x97>", "apple"], ["<0xC3>", "fruit"]) == '"apple" → "fruit"'
+    assert heuristic_label(["<0xE6>", "!"], []) == '"!"'
+    assert heuristic_label(["<0xE6>", " "], []) == '"<0xE6>"'

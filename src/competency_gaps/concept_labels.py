@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from competency_gaps.figure_data import concept_markdown, markdown_escape
 from competency_gaps.labels import (
+    BYTE_PIECES,
     NegativePool,
     TopContexts,
     detection_score,
@@ -53,9 +53,6 @@ CARD_CONTEXTS = 5  # contexts shown per concept card (the table keeps top_k)
 # ---------------------------------------------------------------- contexts as tables
 
 
-SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
 @functools.cache
 def _byte_of_character() -> dict[str, int]:
     """Byte-level BPE's table (GPT-2's): the printable character that stands for each byte in a token's piece."""
@@ -64,23 +61,35 @@ def _byte_of_character() -> dict[str, int]:
     return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
+def bytes_text(raw: bytes) -> str:
+    """`raw` decoded as UTF-8, each byte of an incomplete character written as SentencePiece writes it: <0xE6>."""
+    parts, start = [], 0
+    while start < len(raw):
+        try:
+            parts.append(raw[start:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as error:
+            parts.append(raw[start : start + error.start].decode("utf-8"))
+            parts += [f"<0x{byte:02X}>" for byte in raw[start + error.start : start + error.end]]
+            start += error.end
+    return "".join(parts)
+
+
 def partial_character_text(piece: str) -> str | None:
-    """A token that holds part of a multi-byte character (which decodes alone to U+FFFD) written as its bytes,
-    e.g. "\\xe6\\x97": from SentencePiece's byte fallback ("<0xE6>") or a byte-level BPE piece; None for any
-    other piece."""
+    """The text of a token holding part of a multi-byte character (which decodes alone to U+FFFD), its loose
+    bytes written "<0xE6>": SentencePiece's byte-fallback pieces already read so; a byte-level BPE piece is
+    mapped back to its bytes. None for any other piece."""
+    if BYTE_PIECES.fullmatch(piece):
+        return piece
     byte_of = _byte_of_character()
-    if match := SENTENCEPIECE_BYTE.fullmatch(piece):
-        raw = bytes([int(match.group(1), 16)])
-    elif piece and all(char in byte_of for char in piece):
-        raw = bytes(byte_of[char] for char in piece)
-    else:
-        return None
-    return raw.decode("utf-8", errors="backslashreplace")
+    if piece and all(char in byte_of for char in piece):
+        return bytes_text(bytes(byte_of[char] for char in piece))
+    return None
 
 
 class TokenText:
     """Each token id's text, decoded once (a context table repeats ids many times). A token holding part of a
-    character shows its bytes ("\\xe6\\x97") rather than the "�" its decoding alone gives."""
+    character shows its bytes ("<0xE6><0x97>") rather than the "�" its decoding alone gives."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer, self.cache = tokenizer, {}

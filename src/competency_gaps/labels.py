@@ -609,6 +609,8 @@ def firing_tokens(concept_M: Tensor, window_tokens_MW: Tensor, window_acts_MW: T
 # Tokenizer vocabulary markers: GPT-2 byte-level ('Ġ' space, 'Ċ' newline, 'ĉ' tab) and SentencePiece ('▁').
 _MARKERS = {"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "}
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+# Loose bytes of a character split across tokens, as token texts show them (concept_labels.TokenText).
+BYTE_PIECES = re.compile(r"(?:<0x[0-9A-F]{2}>)+")
 
 
 def _decode_markers(token: str) -> str:
@@ -625,18 +627,21 @@ def clean_token(token: str) -> str:
 
 
 def _label_terms_of(tokens: list[str], max_words: int) -> list[str]:
-    """Distinct terms (case-insensitive, first form kept): words first; punctuation, then whitespace, only
-    when nothing better is there."""
-    kinds: dict[str, list[str]] = {"word": [], "punctuation": [], "space": []}
+    """Distinct terms (case-insensitive, first form kept): words first; punctuation, then loose bytes of a
+    split character ("<0xE6>"), then whitespace, only when nothing better is there."""
+    kinds: dict[str, list[str]] = {"word": [], "punctuation": [], "bytes": [], "space": []}
     seen: set[str] = set()
     for token in tokens:
         term = clean_token(token)
         if not term or term.casefold() in seen:
             continue
         seen.add(term.casefold())
-        kind = "word" if any(ch.isalnum() for ch in term) else ("punctuation" if term.strip() else "space")
+        if BYTE_PIECES.fullmatch(term):
+            kind = "bytes"
+        else:
+            kind = "word" if any(ch.isalnum() for ch in term) else ("punctuation" if term.strip() else "space")
         kinds[kind].append(term)
-    for kind in ("word", "punctuation", "space"):
+    for kind in kinds:
         if kinds[kind]:
             return kinds[kind][:max_words]
     return []
@@ -651,8 +656,8 @@ def heuristic_label(firing: list[str], promoted: list[str], max_words: int = 4) 
 
     Left of the arrow: up to `max_words` terms the concept fires on (in the given order, best first);
     right: up to `max_words` tokens its decoder direction promotes. Terms are cleaned (`clean_token`),
-    de-duplicated case-insensitively, and punctuation-only (then whitespace-only) terms are used only when
-    a side has nothing else. Each term is a JSON string literal (so '"' and '\\n' stay readable and
+    de-duplicated case-insensitively, and punctuation-only (then loose-byte, then whitespace-only) terms are
+    used only when a side has nothing else. Each term is a JSON string literal (so '"' and '\\n' stay readable and
     `label_terms` can read them back). A side with no terms is left out (`→ "fruit"`, `"apples"`); no terms
     at all gives "".
     """

@@ -1,5 +1,6 @@
 """Per-item concept saliency on the model's device: forward to the hooked layer, SAE-encode the counted tokens
-(less massive activations, which the SAE never trained on), aggregate per item, and copy only the non-zero (item, concept) pairs to the host.
+(less massive activations, which the SAE never trained on), aggregate per item, and copy only the non-zero
+(item, concept) pairs to the host.
 
 Everything between the forward pass and the sparse result stays on the device (GPU or CPU): the dense
 (tokens × concepts) activations never cross to the host, which on a GPU is what bounds throughput

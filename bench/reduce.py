@@ -2,7 +2,7 @@
 and the shards' bytes on disk against a dense float32 saliency vector per item.
 
 Usage: .venv/bin/python bench/reduce.py [--sizes 10000,100000,300000] [--mem-limit-gb 16] [--n-bootstrap 200]
-                                        [--baseline-src DIR]
+                                        [--baseline-src DIR] [--stages reduce,robustness]
 (about 25 minutes on 2 CPU cores with the defaults, most of it writing and reducing the 3×10^5 items' 210 M rows;
  nothing needs `make run`)
 
@@ -16,7 +16,9 @@ resources/config.schema.yaml, --sae-dir holding a cfg.json with d_sae). Its wall
 measured; its address space is capped (RLIMIT_AS, --mem-limit-gb) so a size that needs more fails cleanly
 ("exceeded N GiB") instead of taking the machine down, and larger sizes are then not run for that reducer. The cap
 is on address space, which runs above RSS (thread arenas, torch's mappings), so the peak VM column is printed too.
---baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add /tmp/before <commit>` and
+--stages robustness (or reduce,robustness) also runs the robustness stage, the other reader of every saliency row
+(`python -m competency_gaps robustness` with the `robustness` defaults of the config schema), on the same shards,
+measured the same way. --baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add /tmp/before <commit>` and
 `--baseline-src /tmp/before/src`), on the same shards first: before/after rows side by side. Shards live in a
 temporary folder under /tmp, removed after each size.
 """
@@ -135,10 +137,14 @@ def shard_bytes(folder: Path, name: str) -> int:
 
 # --- the reducer as a child process -------------------------------------------------------------------
 
-def default_gaps() -> dict:
-    """The `gaps` defaults of the config schema (what a user gets without setting any)."""
+def schema_defaults(section: str) -> dict:
+    """The defaults of one config section in the config schema (what a user gets without setting any)."""
     schema = yaml.safe_load((REPO / "resources" / "config.schema.yaml").read_text())
-    return {key: value.get("default") for key, value in schema["properties"]["gaps"]["properties"].items()}
+    return {key: value.get("default") for key, value in schema["properties"][section]["properties"].items()}
+
+
+def default_gaps() -> dict:
+    return schema_defaults("gaps")
 
 
 @dataclass
@@ -165,14 +171,15 @@ def cap_address_space(limit_bytes: int):
 
 
 def run_reducer(folder: Path, slugs: list[str], gaps: dict, mem_limit_gib: float, timeout_s: float,
-                src: Path = REPO / "src", name: str = "reduce") -> ReduceRun:
-    """Run the reduce stage (the package under `src`) on the shards; wall time, the child's own peak RSS (wait4)
-    and its exit status."""
+                src: Path = REPO / "src", name: str = "reduce", stage: str = "reduce") -> ReduceRun:
+    """Run the reduce (or robustness) stage of the package under `src` on the shards; wall time, the child's own
+    peak RSS (wait4) and its exit status."""
     def paths(name: str) -> list[str]:
         return [str(folder / f"benchmark={slug}" / name) for slug in slugs]
 
-    command = [sys.executable, "-m", "competency_gaps", "reduce",
-               "--spec", json.dumps({"version": 0, "config": {"gaps": gaps}}),  # the reducer reads only "config"
+    config = {"gaps": gaps, **({"robustness": schema_defaults("robustness")} if stage == "robustness" else {})}
+    command = [sys.executable, "-m", "competency_gaps", stage,
+               "--spec", json.dumps({"version": 0, "config": config}),  # the stages read only "config"
                "--sae-dir", str(folder / "sae"), "--saliency", *paths("saliency.parquet"),
                "--tokens", *paths("item_tokens.parquet"), "--scores", *paths("scores.parquet"),
                "--out-dir", str(folder / f"out-{name}")]
@@ -244,6 +251,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per size")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="also run the package under this folder (another checkout's src/) on the same shards")
+    parser.add_argument("--stages", default="reduce", help="reduce, robustness or both (comma-separated), on the same shards")
     parser.add_argument("--tmp", default="/tmp", help="where the temporary shard folders go")
     args = parser.parse_args()
     gaps = default_gaps()
@@ -251,16 +259,19 @@ def main() -> None:
         gaps["n_bootstrap"] = args.n_bootstrap
     sizes = [int(size) for size in args.sizes.split(",")]
     dense_bytes = args.concepts * 4
-    reducers = {"this checkout": REPO / "src"}
+    checkouts = {"this checkout": REPO / "src"}
     if args.baseline_src is not None:
-        reducers = {f"baseline ({args.baseline_src})": args.baseline_src.resolve(), **reducers}
+        checkouts = {f"baseline ({args.baseline_src})": args.baseline_src.resolve(), **checkouts}
+    stages = args.stages.split(",")
+    # (stage, package) pairs, named "reduce, this checkout" etc.
+    reducers = {f"{stage}, {name}": (stage, src) for stage in stages for name, src in checkouts.items()}
 
-    print(f"reducer: python -m competency_gaps reduce, gaps defaults (n_bootstrap {gaps['n_bootstrap']}, pooling "
+    print(f"stages: python -m competency_gaps {' and '.join(stages)}, gaps defaults (n_bootstrap {gaps['n_bootstrap']}, pooling "
           f"{gaps['pooling']}, ranking {gaps['ranking']}); {args.benchmarks} benchmarks, {args.active} active concepts "
           f"per item of {args.concepts:,}; address space capped at {args.mem_limit_gb:g} GiB; "
           f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.1f}")
     print()
-    print("| reducer | items | (item, concept) rows | shard write s | reduce s | × | s per 10^6 rows | peak RSS GiB "
+    print("| stage, package | items | (item, concept) rows | shard write s | stage s | × | s per 10^6 rows | peak RSS GiB "
           "| × | peak VM GiB | saliency B/row | saliency B/item | dense float32 B/item | tokens+scores B/item |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     previous: dict[str, tuple[float, float] | None] = dict.fromkeys(reducers)
@@ -280,9 +291,9 @@ def main() -> None:
             write_seconds = time.perf_counter() - start
             saliency_size = shard_bytes(folder, "saliency.parquet")
             other_size = shard_bytes(folder, "item_tokens.parquet") + shard_bytes(folder, "scores.parquet")
-            for name, src in todo.items():
+            for name, (stage, src) in todo.items():
                 run = run_reducer(folder, slugs, gaps, args.mem_limit_gb, args.timeout_s, src,
-                                  f"reducer{list(reducers).index(name)}")
+                                  f"reducer{list(reducers).index(name)}", stage)
                 seconds, peak = figure(run, args.mem_limit_gb)
                 ok, last = run.returncode == 0, previous[name]
                 print(f"| {name} | {n_items:,} | {rows:,} | {write_seconds:.1f} | {seconds} | "
@@ -297,7 +308,7 @@ def main() -> None:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     steps = ", ".join(f"× {b / a:g}" for a, b in zip(sizes, sizes[1:]))
-    print(f"\n×: growth over the previous size of the same reducer{f' (sizes grow {steps})' if steps else ''}. "
+    print(f"\n×: growth over the previous size of the same stage and package{f' (sizes grow {steps})' if steps else ''}. "
           f"Dense: one float32 per concept per item ({args.concepts:,} × 4 B); the sparse shard stores "
           f"{args.active} rows of 5 columns per item. Load average after: {os.getloadavg()[0]:.1f}.")
 

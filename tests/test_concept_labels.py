@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from competency_gaps.concept_labels import run_labels, unembedding_and_norm
+from competency_gaps.concept_labels import TokenText, run_labels, unembedding_and_norm
 from competency_gaps.extract import run_extract
 from competency_gaps.templates import render_prompt
 
@@ -85,13 +85,14 @@ def test_every_live_concept_has_a_heuristic_label_and_a_score(labelled):
 def test_promoted_tokens_follow_the_logit_lens_through_the_final_norm(labelled, tiny_model):
     model, sae, _, out = labelled
     _, tokenizer = tiny_model
+    text = TokenText(tokenizer)
     W_U, norm = unembedding_and_norm(model)
     assert norm is model.model.norm
     labels = pl.read_parquet(out / "labels.parquet")
     for concept in (0, 5, 17):
         with torch.no_grad():
             logits = norm(sae.W_dec[concept][None]) @ W_U.T
-        expected = [tokenizer.decode([i]) for i in logits[0].topk(SPEC["n_tokens"]).indices.tolist()]
+        expected = [text(i) for i in logits[0].topk(SPEC["n_tokens"]).indices.tolist()]  # as every token reads
         assert labels.filter(pl.col("concept") == concept)["promoted_tokens"][0].to_list() == expected
 
 

@@ -56,7 +56,8 @@ rule robustness:
     benchmark:
         f"{RESULTS}/benchmarks_runtime/robustness/model={{model}}/layer={{layer}}.tsv"
     resources:
-        mem_mb=4000,
+        # Every saliency row is held in memory here (about 100 B a row): the request follows the shards' rows.
+        mem_mb=robustness_mem_mb,
         runtime=30,
     shell:
         "python -m competency_gaps robustness --spec {params.spec:q} --sae-dir {params.sae_dir} --saliency {input.saliency} "

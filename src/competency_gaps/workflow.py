@@ -235,15 +235,23 @@ ROBUSTNESS_BYTES_PER_ROW = 100
 
 def parquet_rows(paths: list[str]) -> int:
     """Rows of the Parquet files, from their footers. A file not written yet raises FileNotFoundError naming it,
-    which Snakemake takes for a resource to evaluate once the file exists."""
+    which Snakemake takes for a resource to evaluate once the file exists; a damaged file counts 0 rows, since
+    the job's own input check (`tables.check_parquet`) then stops it with a message naming the file."""
     import os
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(2, "not written yet", path)
-    return sum(pq.read_metadata(path).num_rows for path in paths)
+    rows = 0
+    for path in paths:
+        try:
+            rows += pq.read_metadata(path).num_rows
+        except (pa.ArrowException, OSError):
+            pass
+    return rows
 
 
 def robustness_memory_mb(saliency_rows: int) -> int:

@@ -18,8 +18,8 @@ measured; its address space is capped (RLIMIT_AS, --mem-limit-gb) so a size that
 is on address space, which runs above RSS (thread arenas, torch's mappings), so the peak VM column is printed too.
 --stages robustness (or reduce,robustness) also runs the robustness stage, the other reader of every saliency row
 (`python -m competency_gaps robustness` with the `robustness` defaults of the config schema), on the same shards,
-measured the same way. --baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add /tmp/before <commit>` and
-`--baseline-src /tmp/before/src`), on the same shards first: before/after rows side by side. Shards live in a
+measured the same way. --baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add
+/tmp/before <commit>` and `--baseline-src /tmp/before/src`), on the same shards first: before/after rows side by side. Shards live in a
 temporary folder under /tmp, removed after each size.
 """
 

@@ -509,17 +509,16 @@ def train_sae_for_layer(
     n_train, n_heldout = spec["training_tokens"], spec["heldout_tokens"]
     epochs, n_read = train_setting(spec, "epochs"), sae_read_tokens(spec)  # the model reads n_read tokens once
 
-    passes = replayed = 0
+    passes = 0
     train_dropped: dict[str, int] = {}  # massive activations left out, in the latest pass the model read
     d_model = model.config.get_text_config().hidden_size
     max_ram_bytes = train_setting(spec, "buffer_max_ram_mb") * 2**20
     cache = ReplayCache(d_model, n_read if epochs > 1 else 0, max_ram_bytes=max_ram_bytes, tmp_dir=buffer_dir)
 
     def one_pass(epoch: int) -> Iterator[torch.Tensor]:
-        nonlocal passes, replayed
+        nonlocal passes
         passes += 1
         if epoch and epochs > 1:
-            replayed += 1
             log.info("training stream: epoch %d of %d, replayed from the cache", epoch + 1, epochs)
             yield from cache.chunks(batch_size * context_length, device)
             return
@@ -557,7 +556,7 @@ def train_sae_for_layer(
         "heldout_tokens": heldout["tokens"],
         "mse": heldout["mse"],
         "stream": {
-            "epochs": epochs, "read_tokens": n_read, "replayed_passes": replayed, "replay_on_disk": cache.on_disk,
+            "epochs": epochs, "read_tokens": n_read, "replayed_passes": passes - 1 if epochs > 1 else 0, "replay_on_disk": cache.on_disk,
             "corpus_tokens": data.n_plain, "chat_tokens": data.n_chat, "corpus_rows": data.train_rows,
             "chat_documents": len(data.chat),
             "trained_vectors": n_train // spec["batch_size"] * spec["batch_size"],

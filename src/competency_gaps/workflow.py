@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -237,16 +238,13 @@ def parquet_rows(paths: list[str]) -> int:
     """Rows of the Parquet files, from their footers. A file not written yet raises FileNotFoundError naming it,
     which Snakemake takes for a resource to evaluate once the file exists; a damaged file counts 0 rows, since
     the job's own input check (`tables.check_parquet`) then stops it with a message naming the file."""
-    import os
-
-    import pyarrow as pa
+    import pyarrow as pa  # here, not at the top: the Snakefile imports this module on every parse
     import pyarrow.parquet as pq
 
+    rows = 0
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(2, "not written yet", path)
-    rows = 0
-    for path in paths:
         try:
             rows += pq.read_metadata(path).num_rows
         except (pa.ArrowException, OSError):

@@ -11,8 +11,8 @@ from snakemake.utils import validate
 
 from competency_gaps.config import gguf_file, model_shape, resolve_device, validate_config
 from competency_gaps.templates import TEMPLATES_FILE
-from competency_gaps.workflow import (alternatives, model_job_memory_mb, parquet_rows, robustness_memory_mb,
-                                      sae_job_memory_mb, sae_job_runtime_min, spec_json, throughput)
+from competency_gaps.workflow import (alternatives, model_job_memory_mb, sae_job_memory_mb, sae_job_runtime_min,
+                                      spec_json, throughput)
 
 # The schema (with its descriptions and defaults) ships beside the code; validate_config adds defaults deep
 # in the model/benchmark maps and the checks a schema cannot express (adapter names, layer range, SAE width).
@@ -130,11 +130,6 @@ def sae_mem_mb(wildcards):
     shape = model_shape(config["models"][wildcards.model]["source"])
     return sae_job_memory_mb(model_params(wildcards.model), shape.d_model if shape else None, entry["train"],
                              config["device"], config["dtype"])
-
-
-def robustness_mem_mb(wildcards, input):
-    """From the saliency shards' row counts (read once they exist; a dry run shows <TBD> before)."""
-    return robustness_memory_mb(parquet_rows(input.saliency))
 
 
 def sae_runtime(wildcards):

@@ -53,28 +53,3 @@ def test_slug_alternatives_match_literally():
     pattern = re.compile(f"^(?:{alternatives(['gsm8k.v2', 'bbq'])})$")
     assert pattern.match("gsm8k.v2") and pattern.match("bbq")
     assert not pattern.match("gsm8kXv2")  # '.' is a literal dot, not any character
-
-
-def test_the_robustness_request_follows_the_saliency_rows(tmp_path):
-    """The request covers the peaks bench/reduce.py measured (1.28 and 7.24 GiB at 7 and 70 million rows) and
-    is read from the shards' footers; a shard not written yet is named in a FileNotFoundError, which Snakemake
-    turns into a request made once it exists."""
-    from pathlib import Path
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    assert workflow.robustness_memory_mb(7_000_000) * 1e6 >= 1.28 * 2**30
-    assert workflow.robustness_memory_mb(70_000_000) * 1e6 >= 7.24 * 2**30
-    assert workflow.robustness_memory_mb(0) >= 1000
-    paths = [str(tmp_path / f"{name}.parquet") for name in ("a", "b")]
-    for path, n in zip(paths, (3, 5)):
-        pq.write_table(pa.table({"concept": list(range(n))}), path)
-    assert workflow.parquet_rows(paths) == 8
-    damaged = tmp_path / "damaged.parquet"
-    damaged.write_bytes(Path(paths[1]).read_bytes()[:20])  # its own job names it: not counted here
-    assert workflow.parquet_rows([paths[0], str(damaged)]) == 3
-    missing = str(tmp_path / "c.parquet")
-    with pytest.raises(FileNotFoundError) as raised:
-        workflow.parquet_rows([*paths, missing])
-    assert raised.value.filename == missing

@@ -70,6 +70,16 @@ def synthetic(n_benchmarks: int = 3, n_items: int = 120, n_concepts: int = 40, a
     return sal, items
 
 
+def assert_same_table(got: pl.DataFrame, expected: pl.DataFrame) -> None:
+    """Same columns and rows; floats equal up to summation order."""
+    assert got.columns == expected.columns and got.height == expected.height
+    for column in expected.columns:
+        if expected[column].dtype.is_float():
+            assert np.allclose(got[column].to_numpy(), expected[column].to_numpy(), equal_nan=True), column
+        else:
+            assert got[column].equals(expected[column]), column
+
+
 def row(table: pl.DataFrame, **where) -> dict:
     for key, value in where.items():
         table = table.filter(pl.col(key) == value)
@@ -181,6 +191,20 @@ def test_resampling_is_deterministic_and_summarised():
     assert summary["chi_bench_std"]["mean_covered"] == pytest.approx(first["chi_bench_std"].mean())
     assert summary["paper"] == {"chi_bench_std": 0.025, "chi_model_std": 0.014}
     json.dumps(summary)  # JSON-ready
+
+
+def test_resamples_split_over_several_passes_give_the_same_table(monkeypatch):
+    # Wide SAEs take the runs a chunk per pass over the rows; the first chunk also holds the all-items column.
+    from competency_gaps import robustness
+
+    sal, items = synthetic(n_items=60)
+    gaps = GapOptions(min_benchmarks=2, min_support=28, n_bootstrap=0)
+    options = RobustnessOptions(n_resamples=15, seed=3)
+    one_pass, summary = resampling_stability(sal, items, 40, options, gaps)
+    monkeypatch.setattr(robustness, "_CHUNK_ELEMENTS", 40 * 4)  # 4 columns a pass: 16 columns in 4 passes
+    passes, again = resampling_stability(sal, items, 40, options, gaps)
+    assert_same_table(passes, one_pass)
+    assert summary["chi_model_std"]["mean_filtered"] == pytest.approx(again["chi_model_std"]["mean_filtered"])
 
 
 @pytest.mark.parametrize("bad", [{"keep_fraction": 0.0}, {"keep_fraction": 1.2}, {"n_resamples": 0},
@@ -337,17 +361,29 @@ def write_shards(root: Path, sal: pl.DataFrame, items: pl.DataFrame) -> tuple[li
     return paths
 
 
+def cli_runner(root: Path, sal: pl.DataFrame, items: pl.DataFrame, n_concepts: int, config: dict):
+    """Shards of (sal, items) and an SAE folder under `root`; returns a function running the stage's CLI on them
+    into a folder (extra arguments appended)."""
+    saliency, tokens, scores = write_shards(root, sal, items)
+    sae_dir = root / "sae"
+    sae_dir.mkdir()
+    (sae_dir / "cfg.json").write_text(json.dumps({"d_sae": n_concepts}))
+    spec = json.dumps({"version": 1, "config": config})
+
+    def run(out: Path, *extra: str) -> None:
+        main(["robustness", "--spec", spec, "--sae-dir", str(sae_dir), "--saliency", *saliency, "--tokens", *tokens,
+              "--scores", *scores, "--out-dir", str(out), *extra])
+
+    return run
+
+
 def test_cli_writes_the_tables_and_summaries(tmp_path):
     sal, items = synthetic(n_items=50, n_concepts=30, active=5)
-    saliency, tokens, scores = write_shards(tmp_path, sal, items)
-    sae_dir = tmp_path / "sae"
-    sae_dir.mkdir()
-    (sae_dir / "cfg.json").write_text(json.dumps({"d_sae": 30}))
-    spec = {"version": 1, "config": {"robustness": {"n_resamples": 5, "n_permutations": 50, "seed": 0},
-                                     "gaps": {"pooling": "pooled", "min_benchmarks": 2, "min_support": 10}}}
+    run = cli_runner(tmp_path, sal, items, 30, {
+        "robustness": {"n_resamples": 5, "n_permutations": 50, "seed": 0},
+        "gaps": {"pooling": "pooled", "min_benchmarks": 2, "min_support": 10}})
     out = tmp_path / "robustness"
-    main(["robustness", "--spec", json.dumps(spec), "--sae-dir", str(sae_dir), "--saliency", *saliency,
-          "--tokens", *tokens, "--scores", *scores, "--out-dir", str(out), "--figures", "--title", "model m, layer 3"])
+    run(out, "--figures", "--title", "model m, layer 3")
     for name in ("stability", "validity"):  # the figures beside their tables
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "<svg" in (out / f"{name}.svg").read_text()
@@ -361,6 +397,62 @@ def test_cli_writes_the_tables_and_summaries(tmp_path):
     expected, _ = resampling_stability(sal, items, 30, RobustnessOptions(n_resamples=5, n_permutations=50),
                                        GapOptions(min_benchmarks=2, min_support=10))
     assert np.allclose(stability["chi_model_std"].to_numpy(), expected["chi_model_std"].to_numpy(), equal_nan=True)
+
+
+def test_cli_reads_the_shards_batch_by_batch_to_the_same_tables(tmp_path, monkeypatch):
+    # The stage streams every shard (reduce.ShardBatches) on each pass instead of holding its rows: batches of
+    # 7 rows, several per item and crossing items, give the tables of one batch per shard.
+    from competency_gaps import reduce
+
+    sal, items = synthetic(n_items=40, n_concepts=30, active=5, seed=4)
+    run = cli_runner(tmp_path, sal, items, 30, {
+        "robustness": {"n_resamples": 20, "n_permutations": 50, "min_support": 2},
+        "gaps": {"pooling": "pooled", "min_benchmarks": 2, "min_support": 5}})
+
+    def tables(out: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+        run(out)
+        return pl.read_parquet(out / "stability.parquet"), pl.read_parquet(out / "validity.parquet")
+
+    whole = tables(tmp_path / "whole")
+    heights = []
+    original = reduce.ShardBatches.__iter__
+
+    def recorded(self):
+        for batch in original(self):
+            heights.append(batch.height)
+            yield batch
+
+    monkeypatch.setattr(reduce, "BATCH_ROWS", 7)
+    monkeypatch.setattr(reduce.ShardBatches, "__iter__", recorded)
+    batched = tables(tmp_path / "batched")
+    assert max(heights) == 7 and len(heights) > 3 * sal.height // 7  # every pass re-reads the shards in batches
+    for expected, got in zip(whole, batched):
+        assert_same_table(got, expected)
+    assert whole[1]["n_weak_concepts"].min() > 0  # the validity test ran
+
+
+def test_rows_in_any_order_and_batches_give_the_same_tables_and_duplicates_are_found_across_batches():
+    from competency_gaps.robustness import _prepare, _stability, _validity
+
+    sal, items = synthetic(n_items=30, n_concepts=25, active=4, seed=6)
+    options = RobustnessOptions(n_resamples=10, n_permutations=40, min_support=2)
+    expected_stability, _ = resampling_stability(sal, items, 25, options, NO_FILTER)
+    expected_validity, _ = predictive_validity(sal, items, 25, options)
+
+    def batches(frame: pl.DataFrame, size: int) -> dict[str, list[pl.DataFrame]]:
+        shuffled = frame.sample(fraction=1.0, shuffle=True, seed=1)  # not extraction's order
+        return {name: [part.slice(start, size).drop("benchmark") for start in range(0, part.height, size)]
+                for (name,), part in shuffled.partition_by("benchmark", as_dict=True).items()}
+
+    suite = _prepare(batches(sal, 5), items, 25)
+    stability, _ = _stability(suite, options, NO_FILTER)
+    validity, _, _ = _validity(suite, options)
+    assert_same_table(stability, expected_stability)
+    assert_same_table(validity, expected_validity)
+    first = sal.head(1)
+    doubled = pl.concat([sal, first])  # the copy lands in another batch than the original
+    with pytest.raises(ValueError, match="duplicate"):
+        _prepare(batches(doubled, 5), items, 25)
 
 
 NASTY = "carry | borrow\nin `sums` <script>alert(1)</script>"

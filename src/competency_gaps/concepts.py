@@ -107,7 +107,7 @@ class GapOptions:
 # Input preparation
 
 
-def _check_items(items: pl.DataFrame) -> pl.DataFrame:
+def check_items(items: pl.DataFrame) -> pl.DataFrame:
     """benchmark, item_id, score (Float64, NaN read as null), validated."""
     items = items.select(
         pl.col("benchmark").cast(pl.String),
@@ -269,7 +269,7 @@ def _concept_sums(concept: np.ndarray, saliency: np.ndarray, score: np.ndarray, 
     }
 
 
-class _ExtractionOrder:
+class ExtractionOrder:
     """Proves a benchmark's rows free of duplicate (item, concept) pairs as they stream past, as long as they
     come in the order extraction writes them: each item's rows together, its concepts strictly ascending. It
     keeps one flag per item, not a key per row (the row-keyed check was the reducer's memory peak)."""
@@ -278,8 +278,10 @@ class _ExtractionOrder:
         self.started = np.zeros(n_items, dtype=bool)  # items whose rows have begun
         self.last = (-1, -1)  # (item, concept) of the row before this batch
         self.holds = True
+        self.n_rows = 0
 
     def update(self, item: np.ndarray, concept: np.ndarray) -> None:
+        self.n_rows += item.size
         if not self.holds or item.size == 0:
             return
         previous_item = np.concatenate([[self.last[0]], item[:-1]])
@@ -292,9 +294,24 @@ class _ExtractionOrder:
         self.last = (int(item[-1]), int(concept[-1]))
         self.holds = ascending and fresh
 
+    def check_duplicates(self, items: BenchmarkItems, batches: SaliencyBatches, n_concepts: int) -> None:
+        """Raise on a duplicate (item, concept) row once every batch went through `update`. Rows in extraction's
+        order were proven free of them while streaming; otherwise read the batches again and compare integer keys
+        (8 bytes a row, this benchmark only)."""
+        if self.holds:
+            return
+        keys = [items.index(batch) * n_concepts + batch["concept"].cast(pl.Int64).to_numpy() for batch in batches]
+        keys = np.sort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+        if keys.size != self.n_rows:
+            raise ValueError(f"saliency of {items.name}: the batches gave {keys.size} rows on a second "
+                             f"reading and {self.n_rows} on the first; rows not in extraction's order (by item, "
+                             "concepts ascending) must come from something that can be iterated twice")
+        if np.any(keys[1:] == keys[:-1]):
+            raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
+
 
 @dataclass
-class _BenchmarkItems:
+class BenchmarkItems:
     """One benchmark's items in `items` order: the item index of an id, scores, and each scored item's position
     among the scored ones (the row of its bootstrap resample counts)."""
 
@@ -304,7 +321,7 @@ class _BenchmarkItems:
     scored_position: np.ndarray  # (n_items,) int64, -1 when unscored
 
     @classmethod
-    def of(cls, name: str, items: pl.DataFrame) -> _BenchmarkItems:
+    def of(cls, name: str, items: pl.DataFrame) -> BenchmarkItems:
         scores = items["score"].to_numpy().astype(np.float64)  # null -> NaN
         scored = ~np.isnan(scores)
         position = np.full(scores.size, -1, dtype=np.int64)
@@ -327,17 +344,33 @@ class _BenchmarkItems:
         return codes.to_numpy().astype(np.int64)
 
 
+def checked_rows(items: BenchmarkItems, batch: pl.DataFrame, n_concepts: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch's item index, concept (int64) and saliency (float64: sums over thousands of items accumulate in
+    it), checked as every reader of the shards checks them: values, concept range, known items."""
+    rows = batch.select(pl.col("concept").cast(pl.Int64), pl.col("saliency").cast(pl.Float64))
+    check_saliency_values(rows, n_concepts)
+    return items.index(batch), rows["concept"].to_numpy(), rows["saliency"].to_numpy()
+
+
+def batch_matrix(item: np.ndarray, concept: np.ndarray, saliency: np.ndarray, n_concepts: int
+                 ) -> tuple[np.ndarray, torch.Tensor]:
+    """The items these rows touch (sorted) and the rows as a sparse (concepts × those items) matrix: multiplied
+    by per-item weights (`weights[items]`), it gives every concept's weighted saliency sum over the batch."""
+    items, local = np.unique(item, return_inverse=True)
+    return items, sorted_sparse(concept, local.astype(np.int64), (n_concepts, items.size))(saliency)
+
+
 class _BenchmarkAccumulator:
     """One benchmark's sufficient statistics, fed a batch of rows at a time: the per-concept sums (SUMS) and,
     with the bootstrap on, every replicate's Σ_i w_i s_i p_i and Σ_i w_i s_i (w_i: how often the replicate
     draws item i) as one (concepts × 2·n_boot) array. Memory: concepts × n_boot, whatever the rows."""
 
-    def __init__(self, items: _BenchmarkItems, n_concepts: int, options: GapOptions) -> None:
+    def __init__(self, items: BenchmarkItems, n_concepts: int, options: GapOptions) -> None:
         self.items, self.n_concepts = items, n_concepts
         self.sums = {name: np.zeros(n_concepts, dtype=np.int64 if name.endswith("support") else np.float64)
                      for name in SUMS}
-        self.order = _ExtractionOrder(items.n_items)
-        self.n_rows = 0
+        self.order = ExtractionOrder(items.n_items)
         self.n_boot = options.n_bootstrap
         n_scored = int((items.scored_position >= 0).sum())
         self.counts = self.scored_scores = self.replicates = None
@@ -347,12 +380,8 @@ class _BenchmarkAccumulator:
             self.replicates = np.zeros((n_concepts, 2 * self.n_boot))
 
     def add(self, batch: pl.DataFrame) -> None:
-        rows = batch.select(pl.col("concept").cast(pl.Int64), pl.col("saliency").cast(pl.Float64))
-        check_saliency_values(rows, self.n_concepts)
-        item, concept = self.items.index(batch), rows["concept"].to_numpy()
-        saliency = rows["saliency"].to_numpy()  # sums over thousands of items: accumulate in float64
+        item, concept, saliency = checked_rows(self.items, batch, self.n_concepts)
         self.order.update(item, concept)
-        self.n_rows += item.size
         positive = saliency > 0  # a stored 0 means the same as an absent pair
         item, concept, saliency = item[positive], concept[positive], saliency[positive]
         score = self.items.scores[item]
@@ -366,27 +395,11 @@ class _BenchmarkAccumulator:
         """This batch's share of every replicate: (concepts × its scored items) sparse times their weights."""
         if item.size == 0:
             return
-        drawn, local = np.unique(self.items.scored_position[item], return_inverse=True)
-        matrix = sorted_sparse(concept, local.astype(np.int64), (self.n_concepts, drawn.size))(saliency)
+        drawn, matrix = batch_matrix(self.items.scored_position[item], concept, saliency, self.n_concepts)
         counts = self.counts[drawn].astype(np.float64)
         # Σ_i s_i (w_i p_i) and Σ_i s_i w_i in one sparse product: [w·p | w] per scored item of the batch.
         weights = np.concatenate([counts * self.scored_scores[drawn, None], counts], axis=1)
         self.replicates += torch.sparse.mm(matrix, torch.from_numpy(weights)).numpy()
-
-    def check_duplicates(self, batches: SaliencyBatches) -> None:
-        """Raise on a duplicate (item, concept) row. Rows in extraction's order were proven free of them while
-        streaming; otherwise read the batches again and compare integer keys (8 bytes a row, this benchmark only)."""
-        if self.order.holds:
-            return
-        keys = [self.items.index(batch) * self.n_concepts + batch["concept"].cast(pl.Int64).to_numpy()
-                for batch in batches]
-        keys = np.sort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
-        if keys.size != self.n_rows:
-            raise ValueError(f"saliency of {self.items.name}: the batches gave {keys.size} rows on a second "
-                             f"reading and {self.n_rows} on the first; rows not in extraction's order (by item, "
-                             "concepts ascending) must come from something that can be iterated twice")
-        if np.any(keys[1:] == keys[:-1]):
-            raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
 
     def replicate_ratios(self) -> np.ndarray | None:
         """(concepts × n_boot) bootstrap chi_model, NaN where a replicate holds none of the concept's scored items;
@@ -449,14 +462,14 @@ class GapStatistics:
 
 def _benchmark_statistics(name: str, items: pl.DataFrame, batches: SaliencyBatches, n_concepts: int,
                           options: GapOptions) -> _BenchmarkAccumulator:
-    accumulator = _BenchmarkAccumulator(_BenchmarkItems.of(name, items), n_concepts, options)
+    accumulator = _BenchmarkAccumulator(BenchmarkItems.of(name, items), n_concepts, options)
     for batch in batches:
         accumulator.add(batch)
-    accumulator.check_duplicates(batches)
+    accumulator.order.check_duplicates(accumulator.items, batches, n_concepts)
     return accumulator
 
 
-def _reject_unknown_benchmarks(saliency: Mapping[str, SaliencyBatches], known: list[str]) -> None:
+def reject_unknown_benchmarks(saliency: Mapping[str, SaliencyBatches], known: list[str]) -> None:
     """Rows of a benchmark with no items are rows of items missing from the universe."""
     for name in sorted(set(saliency) - set(known)):
         for batch in saliency[name]:
@@ -473,10 +486,10 @@ def gap_statistics(saliency: Mapping[str, SaliencyBatches], items: pl.DataFrame,
     the suite's (concepts × n_boot each) are the largest arrays held, and a batch is dropped once added.
 
     items: benchmark, item_id, score (null: no scorer). Every row must belong to an item of `items`."""
-    items = _check_items(items)
+    items = check_items(items)
     concepts = _concept_frame(n_concepts)
     names = items["benchmark"].unique(maintain_order=True).to_list()
-    _reject_unknown_benchmarks(saliency, names)
+    reject_unknown_benchmarks(saliency, names)
     means = dict(benchmark_means(items).iter_rows())
     suite = {name: np.zeros(n_concepts, dtype=np.int64 if name.endswith("support") else np.float64)
              for name in SUMS}
@@ -510,7 +523,7 @@ def gap_statistics(saliency: Mapping[str, SaliencyBatches], items: pl.DataFrame,
     )
 
 
-def _frame_batches(saliency: pl.DataFrame) -> dict[str, SaliencyBatches]:
+def frame_batches(saliency: pl.DataFrame) -> dict[str, SaliencyBatches]:
     """An in-memory saliency table (benchmark, item_id, concept, saliency) as one batch per benchmark."""
     saliency = saliency.with_columns(pl.col("benchmark").cast(pl.String))
     partitions = saliency.partition_by("benchmark", as_dict=True)
@@ -562,7 +575,7 @@ def concept_benchmark_table(
 ) -> pl.DataFrame:
     """`benchmark_table` of an in-memory saliency table (benchmark, item_id, concept, saliency > 0 or 0 for
     absent) and items (benchmark, item_id, score; null: no scorer)."""
-    return benchmark_table(gap_statistics(_frame_batches(saliency), items, n_concepts, options), options)
+    return benchmark_table(gap_statistics(frame_batches(saliency), items, n_concepts, options), options)
 
 
 def _classify(chi_bench: pl.Series, options: GapOptions) -> tuple[pl.Series, float | None, float | None]:
@@ -666,7 +679,7 @@ def concept_suite_table(
     options: GapOptions,
 ) -> tuple[pl.DataFrame, dict]:
     """`suite_table` of an in-memory saliency table and items (as `concept_benchmark_table`)."""
-    statistics = gap_statistics(_frame_batches(saliency), items, n_concepts, options)
+    statistics = gap_statistics(frame_batches(saliency), items, n_concepts, options)
     return suite_table(statistics, concept_benchmark, options)
 
 

@@ -106,7 +106,7 @@ def load_items(token_paths: list[str], score_paths: list[str]) -> pl.DataFrame:
 
 
 def load_inputs(saliency_paths: list[str], token_paths: list[str], score_paths: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Every saliency row in memory (robustness), and `load_items`."""
+    """Every saliency row in memory (the cross-model comparison matches concepts on them), and `load_items`."""
     return read_shards(saliency_paths, SALIENCY_COLUMNS), load_items(token_paths, score_paths)
 
 

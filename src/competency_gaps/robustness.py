@@ -17,6 +17,11 @@
    `stratified_permutation_test`). Both directions are run (A→B and B→A).
 3. `plant_gap`: scores with every item where a chosen concept fires set to 0 (for end-to-end tests).
 
+Memory follows concepts × runs and the items, never the saliency rows: like the reducer, every analysis streams
+each benchmark's rows a batch at a time (`reduce.ShardBatches`), in four passes over the shards: the check (values,
+known items, no duplicate pairs; scored support and item totals on the way), the resamples (as many runs per pass
+as `_CHUNK_ELEMENTS` allows: all 100 at 65,536 concepts), the half sums and the weak shares of the validity test.
+
 Everything is pure except `run_robustness`, which reads the reducer's shards and writes the tables and
 robustness.md (the stability of the model-gap concepts and the validity test's weak concepts, named by
 `figure_data.concept_markdown`: "#id", or "#id label" with the labels stage's labels.parquet).
@@ -29,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,18 @@ import numpy as np
 import polars as pl
 import torch
 
-from competency_gaps.concepts import GapOptions, _check_items, check_saliency_values, ratio, sorted_sparse
+from competency_gaps.concepts import (
+    BenchmarkItems,
+    ExtractionOrder,
+    GapOptions,
+    SaliencyBatches,
+    batch_matrix,
+    check_items,
+    checked_rows,
+    frame_batches,
+    ratio,
+    reject_unknown_benchmarks,
+)
 from competency_gaps.figure_data import concept_markdown, markdown_table, read_labels
 
 log = logging.getLogger(__name__)
@@ -47,7 +63,9 @@ PAPER_STD = {"chi_bench_std": 0.025, "chi_model_std": 0.014}
 """Mean per-concept std over 100 resamples dropping 20 % (paper, Llama-3.1-8B-Instruct, Goodfire SAE l19)."""
 
 _RESAMPLE, _SPLIT, _PERMUTE = 1, 2, 3  # stream tags of the random steps
-_CHUNK_ELEMENTS = 1 << 21  # concepts × runs per chunk of the resampling: bounds memory for wide SAEs
+_CHUNK_ELEMENTS = 1 << 23
+"""Concepts × runs per pass over the rows (64 MB a float64 array; a pass holds about a dozen): every pass re-reads
+the shards, so as many runs go together as this bounds; at 65,536 concepts the default 100 resamples take one."""
 _TIE = 1e-10  # a permuted effect this close to the observed one counts as "as extreme"
 
 DIRECTIONS = (("A->B", 0, 1), ("B->A", 1, 0))  # (name, training half, held-out half)
@@ -113,102 +131,76 @@ def _stream(seed: int, name: str, tag: int, *extra: int) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Inputs as arrays
+# Inputs, streamed
 
 
 @dataclass
 class _Suite:
-    """Items sorted by (benchmark, item_id); saliency as COO arrays sorted by item."""
+    """Items sorted by (benchmark, item_id); every benchmark's saliency rows read anew, one batch at a time, on
+    every pass, so memory follows concepts × runs and the items, never the rows."""
 
     n_concepts: int
     benchmarks: list[str]
     bounds: np.ndarray  # (B + 1,) benchmark b's items are bounds[b]:bounds[b + 1]
     item_benchmark: np.ndarray  # (n_items,) benchmark index
     scores: np.ndarray  # (n_items,) float64, NaN when unscored
-    item: np.ndarray  # (nnz,) int64
-    concept: np.ndarray  # (nnz,) int64
-    saliency: np.ndarray  # (nnz,) float64 > 0
-    row_bounds: np.ndarray  # (B + 1,) benchmark b's saliency rows are row_bounds[b]:row_bounds[b + 1]
+    items: list[BenchmarkItems]  # per benchmark: its item ids (item_id order) and scores
+    batches: list[SaliencyBatches]  # per benchmark: its saliency rows
+    # Found while checking the rows (_prepare):
+    support: np.ndarray  # (K,) int64: scored supporting items
+    n_benchmarks: np.ndarray  # (K,) int64: benchmarks with a scored supporting item
+    item_total: np.ndarray  # (n_items,) every item's saliency summed over its concepts
 
     @property
     def scored(self) -> np.ndarray:
         return ~np.isnan(self.scores)
 
-
-def _item_index(rows: pl.DataFrame, items: pl.DataFrame) -> np.ndarray:
-    """Each saliency row's index in `items`, -1 for an item outside them. Looked up on integer codes (Enums of
-    the benchmark names and of the item ids, then a benchmarks × ids table) rather than by a join on the
-    strings, whose copies of the rows were this stage's memory peak."""
-    def codes(frame: pl.DataFrame, column: str, categories: pl.Enum) -> np.ndarray:
-        """uint32 category codes; a value outside the categories gets the code one past the last."""
-        code = frame[column].cast(categories, strict=False).to_physical().cast(pl.UInt32)
-        return code.fill_null(len(categories.categories)).to_numpy()
-
-    benchmarks = pl.Enum(items["benchmark"].unique(maintain_order=True))
-    ids = pl.Enum(items["item_id"].unique(maintain_order=True))
-    # One more row and column than there are names: where an unknown benchmark or id looks up -1.
-    lookup = np.full((len(benchmarks.categories) + 1, len(ids.categories) + 1), -1, dtype=np.int64)
-    lookup[codes(items, "benchmark", benchmarks), codes(items, "item_id", ids)] = np.arange(items.height)
-    return lookup[codes(rows, "benchmark", benchmarks), codes(rows, "item_id", ids)]
+    def rows(self, b: int, order: ExtractionOrder | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Benchmark b's rows with saliency > 0 (a stored 0 means the same as an absent pair), per batch: item
+        index within b, concept, saliency; checked as the reducer checks them. `order` sees every row."""
+        for batch in self.batches[b]:
+            item, concept, saliency = checked_rows(self.items[b], batch, self.n_concepts)
+            if order is not None:
+                order.update(item, concept)
+            positive = saliency > 0
+            yield item[positive], concept[positive], saliency[positive]
 
 
-def _prepare(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> _Suite:
-    """Validated as concepts.py validates (same rules), but on integer item indices: the string-keyed checks
-    there cost several times the saliency table's size in memory."""
+def _prepare(saliency: Mapping[str, SaliencyBatches], items: pl.DataFrame, n_concepts: int) -> _Suite:
+    """The suite, its rows validated as the reducer validates them (values, concept range, known items, no
+    duplicate pairs) in one pass before any analysis reads them."""
     if n_concepts < 1:
         raise ValueError(f"n_concepts must be >= 1, got {n_concepts}")
-    items = _check_items(items).sort("benchmark", "item_id")
+    items = check_items(items).sort("benchmark", "item_id")
     if items.height == 0:
         raise ValueError("items: no items to analyse")
-    rows = saliency.select(
-        pl.col("benchmark").cast(pl.String),
-        pl.col("item_id").cast(pl.String),
-        pl.col("concept").cast(pl.Int64),
-        pl.col("saliency").cast(pl.Float64),
-    )
-    check_saliency_values(rows, n_concepts)
-    item = _item_index(rows, items)
-    if np.any(item < 0):
-        unknown = rows.filter(pl.Series(item < 0))
-        first = unknown.row(0, named=True)
-        raise ValueError(f"saliency: {unknown.height} rows for items missing from `items`, e.g. {first}")
-    concept, saliency_values = rows["concept"].to_numpy(), rows["saliency"].to_numpy()
-    del rows
-    key = item * n_concepts + concept
-    if not np.all(key[1:] > key[:-1]):  # extraction's order already is (item, concept) order within a benchmark
-        order = np.argsort(key, kind="stable")
-        key, item, concept, saliency_values = key[order], item[order], concept[order], saliency_values[order]
-        del order
-    if np.any(key[1:] == key[:-1]):
-        raise ValueError("saliency: duplicate (benchmark, item_id, concept) rows")
-    del key
-    positive = saliency_values > 0  # a stored 0 means the same as an absent pair
     names, item_benchmark = np.unique(items["benchmark"].to_numpy().astype(str), return_inverse=True)
-    bounds = np.searchsorted(item_benchmark, np.arange(len(names) + 1))
-    item = item[positive]
-    return _Suite(
+    reject_unknown_benchmarks(saliency, names.tolist())
+    parts = items.partition_by("benchmark", as_dict=True, maintain_order=True)
+    k, n_items = n_concepts, items.height
+    suite = _Suite(
         n_concepts=n_concepts,
         benchmarks=names.tolist(),
-        bounds=bounds,
+        bounds=np.searchsorted(item_benchmark, np.arange(len(names) + 1)),
         item_benchmark=item_benchmark,
         scores=items["score"].to_numpy().astype(np.float64),  # null -> NaN
-        item=item,
-        concept=concept[positive],
-        saliency=saliency_values[positive],
-        row_bounds=np.searchsorted(item, bounds),
+        items=[BenchmarkItems.of(name, parts[(name,)]) for name in names],
+        batches=[saliency.get(name, ()) for name in names],
+        support=np.zeros(k, dtype=np.int64),
+        n_benchmarks=np.zeros(k, dtype=np.int64),
+        item_total=np.zeros(n_items),
     )
-
-
-def _support(suite: _Suite) -> tuple[np.ndarray, np.ndarray]:
-    """Per concept: scored supporting items, and benchmarks with a scored supporting item."""
-    k = suite.n_concepts
-    support, n_benchmarks = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
-    for b in range(len(suite.benchmarks)):
-        rows = slice(suite.row_bounds[b], suite.row_bounds[b + 1])
-        own = np.bincount(suite.concept[rows][suite.scored[suite.item[rows]]], minlength=k)
-        support += own
-        n_benchmarks += own > 0
-    return support, n_benchmarks
+    for b, benchmark in enumerate(suite.items):
+        order = ExtractionOrder(benchmark.n_items)
+        scored, own = ~np.isnan(benchmark.scores), np.zeros(k, dtype=np.int64)
+        for item, concept, saliency_values in suite.rows(b, order):
+            own += np.bincount(concept[scored[item]], minlength=k)
+            suite.item_total[suite.bounds[b]:suite.bounds[b + 1]] += np.bincount(item, saliency_values,
+                                                                                 minlength=benchmark.n_items)
+        order.check_duplicates(benchmark, suite.batches[b], n_concepts)
+        suite.support += own
+        suite.n_benchmarks += own > 0
+    return suite
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,29 +218,28 @@ def keep_masks(benchmark: str, n_items: int, n_resamples: int, keep_fraction: fl
     return np.ascontiguousarray(masks.T)
 
 
-def _matrices(suite: _Suite) -> list[torch.Tensor]:
-    """Per benchmark, its saliency as a sparse (concepts × items of the benchmark) matrix."""
-    out = []
-    for b in range(len(suite.benchmarks)):
-        rows = slice(suite.row_bounds[b], suite.row_bounds[b + 1])
-        shape = (suite.n_concepts, int(suite.bounds[b + 1] - suite.bounds[b]))
-        matrix = sorted_sparse(suite.concept[rows], suite.item[rows] - suite.bounds[b], shape)
-        out.append(matrix(suite.saliency[rows]))
-    return out
+def _benchmark_sums(suite: _Suite, b: int, weights: np.ndarray) -> np.ndarray:
+    """Benchmark b's (concepts × 3·runs) [Σ_i s_i w_i | Σ_i s_i w_i over scored items | Σ_i s_i w_i p_i], with item
+    weights `weights` ((n_b, runs), in item order), a sparse product per batch of rows."""
+    scores = suite.items[b].scores[:, None]
+    scored = ~np.isnan(scores)
+    total = np.zeros((suite.n_concepts, 3 * weights.shape[1]))
+    for item, concept, saliency in suite.rows(b):
+        drawn, matrix = batch_matrix(item, concept, saliency, suite.n_concepts)
+        w, s = weights[drawn].astype(np.float64), scored[drawn]
+        stacked = np.concatenate([w, w * s, w * np.where(s, scores[drawn], 0.0)], axis=1)
+        total += torch.sparse.mm(matrix, torch.from_numpy(stacked)).numpy()
+    return total
 
 
-def _runs(suite: _Suite, matrices: list[torch.Tensor], weights: list[np.ndarray],
-          pooling: str) -> tuple[np.ndarray, np.ndarray]:
+def _runs(suite: _Suite, weights: list[np.ndarray], pooling: str) -> tuple[np.ndarray, np.ndarray]:
     """Suite chi_bench and chi_model (concepts × runs, NaN where undefined) with item weights per benchmark
     ((n_b, runs), 0/1), exactly as concepts.py computes them on the weighted items."""
     k, runs = suite.n_concepts, weights[0].shape[1]
     bench_sum, bench_n = np.zeros((k, runs)), np.zeros(runs)
     numerator, denominator = np.zeros((k, runs)), np.zeros((k, runs))  # pooled sums, or mean's sum and count
-    for b, (matrix, w) in enumerate(zip(matrices, weights)):
-        scores = suite.scores[suite.bounds[b]:suite.bounds[b + 1], None]
-        scored = ~np.isnan(scores)
-        stacked = np.concatenate([w, w * scored, w * np.where(scored, scores, 0.0)], axis=1)
-        product = torch.sparse.mm(matrix, torch.from_numpy(stacked)).numpy()
+    for b, w in enumerate(weights):
+        product = _benchmark_sums(suite, b, w)
         sums, scored_sums, weighted = product[:, :runs], product[:, runs:2 * runs], product[:, 2 * runs:]
         total = sums.sum(axis=0)
         scale = np.zeros(runs)  # chi_bench of b is null in a run where b has no saliency (its sums are 0 there)
@@ -299,33 +290,35 @@ def _stats(values: np.ndarray) -> dict[str, float | int | None]:
 
 def _stability(suite: _Suite, options: RobustnessOptions, gaps: GapOptions) -> tuple[pl.DataFrame, dict]:
     k = suite.n_concepts
-    matrices = _matrices(suite)
-    sizes = np.diff(suite.bounds)
-    reference_bench, reference_model = _runs(suite, matrices, [np.ones((n, 1)) for n in sizes], gaps.pooling)
-    masks = [keep_masks(name, int(n), options.n_resamples, options.keep_fraction, options.seed)
-             for name, n in zip(suite.benchmarks, sizes)]
-    bench, model = _Moments(reference_bench[:, 0]), _Moments(reference_model[:, 0])
-    chunk = max(1, _CHUNK_ELEMENTS // k)
-    for start in range(0, options.n_resamples, chunk):
-        weights = [m[:, start:start + chunk].astype(np.float64) for m in masks]
-        chi_bench, chi_model = _runs(suite, matrices, weights, gaps.pooling)
+    # Column 0 weights every item (the values on all items, the moments' reference); the resamples follow.
+    weights = [np.concatenate([np.ones((int(n), 1), dtype=bool),
+                               keep_masks(name, int(n), options.n_resamples, options.keep_fraction, options.seed)],
+                              axis=1)
+               for name, n in zip(suite.benchmarks, np.diff(suite.bounds))]
+    chunk = max(2, _CHUNK_ELEMENTS // k)
+    for start in range(0, 1 + options.n_resamples, chunk):
+        chi_bench, chi_model = _runs(suite, [w[:, start:start + chunk] for w in weights], gaps.pooling)
+        if start == 0:
+            reference_bench, reference_model = chi_bench[:, 0].copy(), chi_model[:, 0].copy()
+            bench, model = _Moments(reference_bench), _Moments(reference_model)
+            chi_bench, chi_model = chi_bench[:, 1:], chi_model[:, 1:]
         bench.add(chi_bench)
         model.add(chi_model)
-    support, n_benchmarks = _support(suite)
+    support, n_benchmarks = suite.support, suite.n_benchmarks
     bench_mean, bench_std = bench.mean_std()
     model_mean, model_std = model.mean_std()
     table = pl.DataFrame({
         "concept": np.arange(k, dtype=np.int32),
-        "chi_bench": reference_bench[:, 0], "chi_bench_mean": bench_mean, "chi_bench_std": bench_std,
+        "chi_bench": reference_bench, "chi_bench_mean": bench_mean, "chi_bench_std": bench_std,
         "n_runs_chi_bench": bench.n,
-        "chi_model": reference_model[:, 0], "chi_model_mean": model_mean, "chi_model_std": model_std,
+        "chi_model": reference_model, "chi_model_mean": model_mean, "chi_model_std": model_std,
         "n_runs_chi_model": model.n,
         "scored_support": support, "n_benchmarks_scored": n_benchmarks,
         "passes_support_filter": (n_benchmarks >= gaps.min_benchmarks) & (support >= gaps.min_support),
     }).with_columns(pl.col(pl.Float64).fill_nan(None)).select(STABILITY_COLUMNS)
 
     passes = table["passes_support_filter"].to_numpy()
-    covered = np.nan_to_num(reference_bench[:, 0]) > 0
+    covered = np.nan_to_num(reference_bench) > 0
     filtered_bench, filtered_model = _stats(bench_std[passes]), _stats(model_std[passes])
     covered_bench, defined_model = _stats(bench_std[covered]), _stats(model_std)
     summary = {
@@ -363,7 +356,7 @@ def resampling_stability(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts
     passing the filter, over all covered concepts (chi_bench > 0; a missing concept is constantly 0) and over
     all concepts with a chi_model std, beside the paper's values.
     """
-    return _stability(_prepare(saliency, items, n_concepts), options, gaps)
+    return _stability(_prepare(frame_batches(saliency), items, n_concepts), options, gaps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -390,7 +383,7 @@ def _halves(suite: _Suite, seed: int) -> np.ndarray:
 def split_halves(items: pl.DataFrame, seed: int) -> pl.DataFrame:
     """benchmark, item_id, half (0 = A, 1 = B) of every scored item: per benchmark a seeded split of its
     scored items (in item_id order), A holding the smaller half when the count is odd."""
-    scored = _check_items(items).filter(pl.col("score").is_not_null()).sort("benchmark", "item_id")
+    scored = check_items(items).filter(pl.col("score").is_not_null()).sort("benchmark", "item_id")
     parts = [frame.select("benchmark", "item_id").with_columns(half=pl.Series(_split(frame.height, key[0], seed)))
              for key, frame in scored.partition_by("benchmark", as_dict=True, maintain_order=True).items()]
     empty = pl.DataFrame(schema={"benchmark": pl.String, "item_id": pl.String, "half": pl.Int8})
@@ -459,25 +452,57 @@ def stratified_permutation_test(scores: np.ndarray, dominated: np.ndarray, strat
     return pl.DataFrame([suite, *rows], schema=_TEST_SCHEMA, orient="row")
 
 
-def _direction(suite: _Suite, half: np.ndarray, name: str, train: int, test: int, stream: int,
-               options: RobustnessOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The direction's validity rows, and its weak concepts (concept, training-half chi_model, weakest first)."""
-    k = suite.n_concepts
-    in_train = half[suite.item] == train
-    weights = np.where(in_train, suite.saliency, 0.0)
-    scores = np.nan_to_num(suite.scores)
-    denominator = np.bincount(suite.concept, weights, minlength=k)
-    numerator = np.bincount(suite.concept, weights * scores[suite.item], minlength=k)
-    eligible = np.flatnonzero(np.bincount(suite.concept[in_train], minlength=k) >= options.min_support)
-    chi = numerator[eligible] / denominator[eligible]
-    n_weak = math.ceil(options.weak_fraction * len(eligible) - 1e-9) if len(eligible) else 0
-    weakest = np.lexsort((eligible, chi))[:n_weak]  # by chi_model, ties by concept index
-    weak = np.zeros(k, dtype=bool)
-    weak[eligible[weakest]] = True
+@dataclass
+class _HalfSums:
+    """Per half (0 = A, 1 = B), per concept over the half's scored items: supporting items, Σ s and Σ s·p."""
 
+    support: np.ndarray  # (2, K) int64
+    saliency: np.ndarray  # (2, K)
+    weighted: np.ndarray  # (2, K)
+
+
+def _half_sums(suite: _Suite, half: np.ndarray) -> _HalfSums:
+    k = suite.n_concepts
+    sums = _HalfSums(np.zeros((2, k), dtype=np.int64), np.zeros((2, k)), np.zeros((2, k)))
+    scores = np.nan_to_num(suite.scores)
+    for b in range(len(suite.benchmarks)):
+        for item, concept, saliency in suite.rows(b):
+            item = item + suite.bounds[b]
+            for h in (0, 1):
+                own = half[item] == h
+                sums.support[h] += np.bincount(concept[own], minlength=k)
+                sums.saliency[h] += np.bincount(concept[own], saliency[own], minlength=k)
+                sums.weighted[h] += np.bincount(concept[own], saliency[own] * scores[item[own]], minlength=k)
+    return sums
+
+
+def _weak_concepts(sums: _HalfSums, train: int, options: RobustnessOptions) -> pl.DataFrame:
+    """The weak concepts of training half `train`: concept, its chi_model there; weakest first (ties by concept)."""
+    eligible = np.flatnonzero(sums.support[train] >= options.min_support)
+    chi = sums.weighted[train][eligible] / sums.saliency[train][eligible]
+    n_weak = math.ceil(options.weak_fraction * len(eligible) - 1e-9) if len(eligible) else 0
+    weakest = np.lexsort((eligible, chi))[:n_weak]
+    return pl.DataFrame({"concept": eligible[weakest].astype(np.int64), "chi_model": chi[weakest]},
+                        schema={"concept": pl.Int64, "chi_model": pl.Float64})
+
+
+def _weak_saliency(suite: _Suite, weak: list[np.ndarray]) -> np.ndarray:
+    """(len(weak), n_items): every item's saliency summed over each (K,) mask's concepts, in one pass."""
     n_items = len(suite.scores)
-    total = np.bincount(suite.item, suite.saliency, minlength=n_items)
-    weak_saliency = np.bincount(suite.item, np.where(weak[suite.concept], suite.saliency, 0.0), minlength=n_items)
+    out = np.zeros((len(weak), n_items))
+    for b in range(len(suite.benchmarks)):
+        for item, concept, saliency in suite.rows(b):
+            for row, mask in zip(out, weak):
+                row += np.bincount(item + suite.bounds[b], np.where(mask[concept], saliency, 0.0), minlength=n_items)
+    return out
+
+
+def _direction(suite: _Suite, half: np.ndarray, name: str, test: int, stream: int, n_eligible: int,
+               weak: pl.DataFrame, weak_saliency: np.ndarray, options: RobustnessOptions) -> pl.DataFrame:
+    """The direction's validity rows: held-out half `test` against `weak`, the other half's weak concepts (of
+    `n_eligible` eligible ones), whose saliency per item is `weak_saliency`."""
+    scores = np.nan_to_num(suite.scores)
+    total, n_weak = suite.item_total, weak.height
     candidates = half == test
     heldout = np.flatnonzero(candidates & (total > 0))
     share = weak_saliency[heldout] / total[heldout]
@@ -486,16 +511,14 @@ def _direction(suite: _Suite, half: np.ndarray, name: str, train: int, test: int
     strata = np.asarray(suite.benchmarks, dtype=object)[suite.item_benchmark[heldout]].astype(str)
     result = stratified_permutation_test(scores[heldout], dominated, strata, options.n_permutations, options.seed,
                                          stream)
-    weak_concepts = pl.DataFrame({"concept": eligible[weakest].astype(np.int64), "chi_model": chi[weakest]},
-                                 schema={"concept": pl.Int64, "chi_model": pl.Float64})
     return result.with_columns(
         direction=pl.lit(name),
-        n_eligible_concepts=pl.lit(len(eligible), pl.Int64),
+        n_eligible_concepts=pl.lit(n_eligible, pl.Int64),
         n_weak_concepts=pl.lit(n_weak, pl.Int64),
-        weak_chi_threshold=pl.lit(float(chi[weakest[-1]]) if n_weak else None, pl.Float64),
+        weak_chi_threshold=pl.lit(weak["chi_model"][-1] if n_weak else None, pl.Float64),
         share_threshold=pl.lit(threshold, pl.Float64),
         n_no_saliency=pl.lit(int(candidates.sum()) - len(heldout), pl.Int64),
-    ).select(VALIDITY_COLUMNS), weak_concepts
+    ).select(VALIDITY_COLUMNS)
 
 
 DOMINANCE = ("a held-out item is dominated by weak concepts when the weak concepts' share of its total saliency "
@@ -507,10 +530,14 @@ WEAK = ("weak concepts: the weakest ceil(weak_fraction * eligible) concepts by p
 def _validity(suite: _Suite, options: RobustnessOptions) -> tuple[pl.DataFrame, dict, dict[str, pl.DataFrame]]:
     """validity table, its JSON summary, and per direction its weak concepts (for robustness.md)."""
     half = _halves(suite, options.seed)
-    parts = {name: _direction(suite, half, name, train, test, stream, options)
-             for stream, (name, train, test) in enumerate(DIRECTIONS)}
-    table = pl.concat([rows for rows, _ in parts.values()])
-    weak = {name: weak_concepts for name, (_, weak_concepts) in parts.items()}
+    sums = _half_sums(suite, half)
+    weak = {name: _weak_concepts(sums, train, options) for name, train, _ in DIRECTIONS}
+    masks = [np.isin(np.arange(suite.n_concepts), weak[name]["concept"].to_numpy()) for name, _, _ in DIRECTIONS]
+    weak_saliency = _weak_saliency(suite, masks)
+    table = pl.concat([
+        _direction(suite, half, name, test, stream, int((sums.support[train] >= options.min_support).sum()),
+                   weak[name], weak_saliency[stream], options)
+        for stream, (name, train, test) in enumerate(DIRECTIONS)])
     directions = {
         row["direction"]: {key: value for key, value in row.items() if key not in ("direction", "scope")}
         for row in table.filter(pl.col("scope") == "suite").iter_rows(named=True)
@@ -540,7 +567,7 @@ def predictive_validity(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts:
     share_threshold (the weak-share quantile) and n_no_saliency (held-out items left out: no saliency).
     Only scored items take part. The summary holds the options, the definitions and the suite rows.
     """
-    table, summary, _ = _validity(_prepare(saliency, items, n_concepts), options)
+    table, summary, _ = _validity(_prepare(frame_batches(saliency), items, n_concepts), options)
     return table, summary
 
 
@@ -706,14 +733,14 @@ def run_robustness(saliency_paths: list[str], token_paths: list[str], score_path
     """Read the shards as the reducer does (extracted items only) and write stability.parquet/json,
     validity.parquet/json and robustness.md to `out_dir`. `gaps` supplies pooling and the support filter (any
     GapOptions keys); labels_path (the labels stage's labels.parquet) names the concepts in robustness.md."""
-    from competency_gaps.reduce import load_inputs
+    from competency_gaps.reduce import load_items, saliency_batches
     from competency_gaps.tables import write_frame, write_json, write_text
 
     options = RobustnessOptions(**robustness)
     gap_options = GapOptions(**gaps)
     labels = read_labels(labels_path)  # first: a bad labels file fails before the long computation
-    saliency, evaluated = load_inputs(saliency_paths, token_paths, score_paths)
-    items = evaluated.filter("extracted").select("benchmark", "item_id", "score")
+    saliency = saliency_batches(saliency_paths)  # columns checked now; rows read batch by batch in each pass
+    items = load_items(token_paths, score_paths).filter("extracted").select("benchmark", "item_id", "score")
     suite = _prepare(saliency, items, n_concepts)
     stability, stability_summary = _stability(suite, options, gap_options)
     validity, validity_summary, weak = _validity(suite, options)

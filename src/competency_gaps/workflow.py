@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -225,36 +224,6 @@ def sae_job_runtime_min(n_params: int | None, train: dict[str, Any], device: str
     tokens = read + train["heldout_tokens"] + (train["training_tokens"] - read) / 2
     seconds = tokens * n_params * SECONDS_PER_TOKEN_PARAM.get(device, SECONDS_PER_TOKEN_PARAM["cpu"])
     return int(10 + seconds / 60)
-
-
-# The robustness stage holds every saliency row in memory, unlike the reducer, which streams them (1.5 GiB peak at
-# 70 million rows). Measured by bench/reduce.py --stages robustness on 2 CPUs: peak RSS 1.28, 2.69 and 7.24 GiB
-# at 7, 21 and 70 million (item, concept) rows, i.e. about 100 B a row over 0.8 GB; requested with a fifth more.
-ROBUSTNESS_BASE_MB = 800
-ROBUSTNESS_BYTES_PER_ROW = 100
-
-
-def parquet_rows(paths: list[str]) -> int:
-    """Rows of the Parquet files, from their footers. A file not written yet raises FileNotFoundError naming it,
-    which Snakemake takes for a resource to evaluate once the file exists; a damaged file counts 0 rows, since
-    the job's own input check (`tables.check_parquet`) then stops it with a message naming the file."""
-    import pyarrow as pa  # here, not at the top: the Snakefile imports this module on every parse
-    import pyarrow.parquet as pq
-
-    rows = 0
-    for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(2, "not written yet", path)
-        try:
-            rows += pq.read_metadata(path).num_rows
-        except (pa.ArrowException, OSError):
-            pass
-    return rows
-
-
-def robustness_memory_mb(saliency_rows: int) -> int:
-    """Host memory (MB) to request for the robustness stage over `saliency_rows` (item, concept) rows."""
-    return max(1000, math.ceil(1.2 * (ROBUSTNESS_BASE_MB + ROBUSTNESS_BYTES_PER_ROW * saliency_rows / 1e6)))
 
 
 def check_memory_request(needed_mb: int, requested_mb: int | None, job: str) -> None:

@@ -26,6 +26,21 @@ if [ ! -f "$stamp" ]; then
 fi
 echo "setup: .venv ready ($(.venv/bin/python --version))"
 
+# Figures: fonts for the scripts DejaVu Sans lacks (CJK, Devanagari, Arabic, ...: figures.FALLBACK_FONTS), from
+# Debian's fonts-droid-fallback and fonts-noto-core, when missing and apt can run (root or passwordless sudo);
+# matplotlib's font list is then rebuilt. Without them those characters show as boxes in the figures.
+fonts="fonts-droid-fallback fonts-noto-core"
+if ! fc-list 2>/dev/null | grep -q "Droid Sans Fallback" && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  echo "setup: installing $fonts (apt) for non-Latin text in figures"
+  if $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $fonts >/dev/null 2>&1 ||
+     { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $fonts >/dev/null; }; then
+    .venv/bin/python -c "import matplotlib, pathlib; [p.unlink() for p in pathlib.Path(matplotlib.get_cachedir()).glob('fontlist-*.json')]"
+  else
+    echo "setup: could not install $fonts; figures draw those characters as boxes" >&2
+  fi
+fi
+
 # --test-systems (make test): system packages some tests drive. The explorer's browser tests need a headless Chromium. Browser downloads do not work
 # offline, so they use the distribution's package; without it (or without apt) they skip and say why.
 if [ "${1:-}" = "--test-systems" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

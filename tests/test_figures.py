@@ -4,6 +4,7 @@ rendered (PNG + SVG) from small synthetic reducer tables."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from competency_gaps.figures import (
     FIGURES,
     ROBUSTNESS_FIGURES,
     TABLES,
+    font_family,
     plot_chi_bench_grid,
     plot_chi_bench_hist,
     plot_chi_model_grid,
@@ -441,6 +443,21 @@ def test_figures_survive_degenerate_tables(tmp_path):
                               schema_overrides={"covered": pl.Int64, "missing_percent": pl.Float64})
     plot_missing_percent(benchmarks, {}, tmp_path / "p", 2)
     assert len(list(tmp_path.glob("*.png"))) == 6
+
+
+def test_non_latin_text_is_drawn_from_the_fallback_fonts(tmp_path):
+    # Benchmark names (and labels, in the cross-model figure) in scripts DejaVu Sans lacks: each glyph comes from
+    # a fallback font (figures.FALLBACK_FONTS) instead of a box, which matplotlib reports as a missing glyph.
+    if font_family() == ["DejaVu Sans"]:
+        pytest.skip("no fallback font installed (scripts/setup.sh installs fonts-droid-fallback and fonts-noto-core)")
+    benchmarks = pl.DataFrame({"benchmark": ["数学", "गणित", "арифметика"], "covered": [3, 2, 1],
+                               "missing_percent": [25.0, 50.0, 75.0]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_missing_percent(benchmarks, {}, tmp_path / "p", 4, "模型 m")
+    missing = [str(w.message) for w in caught if "missing from" in str(w.message)]
+    assert not missing, missing
+    assert "Droid Sans Fallback" in font_family()  # the CJK fallback, first after DejaVu Sans
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -108,15 +108,31 @@ STYLE = {
     "svg.hashsalt": "competency-gaps",  # reproducible SVG ids
     # svg.fonttype stays "path": glyphs as outlines, so the SVG looks the same without DejaVu/mathtext fonts.
 }
+# Labels and prompts carry any script (a multilingual corpus gives concepts CJK or Devanagari tokens). DejaVu Sans,
+# matplotlib's font, lacks those glyphs; matplotlib takes each missing glyph from the next family that has it. These
+# are Debian's fonts-droid-fallback (CJK) and fonts-noto-core (the others), which scripts/setup.sh installs where it
+# can; a family not installed is left out, and a glyph no family has is drawn as a box (matplotlib warns).
+FALLBACK_FONTS = ("Droid Sans Fallback", "Noto Sans CJK JP", "Noto Sans Devanagari", "Noto Sans Bengali",
+                  "Noto Sans Arabic", "Noto Sans Hebrew", "Noto Sans Thai", "Noto Sans Tamil", "Noto Sans Georgian",
+                  "Noto Sans Armenian")
 METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
 PROMPT_CHARS = 1500
 RESPONSE_CHARS = 800
 
 
+@functools.cache
+def font_family() -> list[str]:
+    """DejaVu Sans, then the FALLBACK_FONTS installed here (looked up once)."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
 def _styled(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        with matplotlib.rc_context(STYLE):
+        with matplotlib.rc_context({**STYLE, "font.family": font_family()}):
             return func(*args, **kwargs)
 
     return wrapper

@@ -24,6 +24,7 @@ from competency_gaps.compare import (
     rank_agreement,
     run_compare,
     run_flipped,
+    saliency_profiles,
 )
 from competency_gaps.tables import SALIENCY, SCORES, write_parquet
 
@@ -64,6 +65,19 @@ def test_profiles_are_unit_rows_over_the_given_items_only():
     np.testing.assert_allclose(matrix[1], [0, 0])  # fires only on an item outside the shared set
     np.testing.assert_allclose(matrix[2], [0, 1])
     np.testing.assert_allclose(matrix[3], [0, 0])
+
+
+def test_profiles_stream_batches_of_several_benchmarks_into_the_items_columns():
+    # run_compare streams each model's shards (a batch of rows at a time); the same id in two benchmarks is two
+    # items, and the columns follow `items` in its own order.
+    frame = saliency([("x", "1", 0, 3.0), ("y", "1", 0, 4.0), ("x", "2", 1, 1.0), ("y", "7", 2, 5.0), ("x", "1", 3, 0.0)])
+    shared = pl.DataFrame({"benchmark": ["y", "x", "x"], "item_id": ["1", "2", "1"]})
+    batches = {name: [part.slice(i, 1).drop("benchmark") for i in range(part.height)]
+               for (name,), part in frame.partition_by("benchmark", as_dict=True).items()}
+    profiles = saliency_profiles(batches, shared, 4)
+    np.testing.assert_allclose(profiles.matrix.toarray(), [[0.8, 0, 0.6], [0, 1, 0], [0, 0, 0], [0, 0, 0]])
+    assert profiles.live.tolist() == [True, True, True, False]  # 2 fires only off the shared items; 3 never fires
+    np.testing.assert_allclose(profile_matrix(frame, shared, 4).toarray(), profiles.matrix.toarray())
 
 
 def test_concepts_are_matched_by_the_items_they_fire_on_mutually_and_above_the_threshold():

@@ -60,11 +60,11 @@ def shard_paths(workdir: Path, stage: str, name: str) -> list[str]:
 
 def load_run(workdir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Saliency rows and every evaluated item with its score, read exactly as the reducer reads them."""
-    from competency_gaps.reduce import load_inputs
+    from competency_gaps.reduce import SALIENCY_COLUMNS, load_items, read_shards
 
-    return load_inputs(shard_paths(workdir, "extract", "saliency.parquet"),
-                       shard_paths(workdir, "extract", "item_tokens.parquet"),
-                       shard_paths(workdir, "evaluate", "scores.parquet"))
+    return (read_shards(shard_paths(workdir, "extract", "saliency.parquet"), SALIENCY_COLUMNS),
+            load_items(shard_paths(workdir, "extract", "item_tokens.parquet"),
+                       shard_paths(workdir, "evaluate", "scores.parquet")))
 
 
 def broad_concepts(saliency: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ import numpy as np
 import polars as pl
 from scipy import sparse, stats
 
+from competency_gaps.concepts import SaliencyBatches, frame_batches
 from competency_gaps.figure_data import concept_markdown, markdown_table, read_labels
-from competency_gaps.reduce import load_inputs
+from competency_gaps.reduce import load_items, saliency_batches
 from competency_gaps.tables import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -87,17 +89,57 @@ def item_agreement(scores_a: pl.DataFrame, scores_b: pl.DataFrame) -> pl.DataFra
 # Matched concepts
 
 
-def profile_matrix(saliency: pl.DataFrame, items: pl.DataFrame, n_concepts: int) -> sparse.csr_matrix:
+@dataclass
+class Profiles:
+    """A model's concepts as unit rows over the shared items, and which of its concepts fire at all."""
+
+    matrix: sparse.csr_matrix
+    """Concepts × shared items, s_i^c with each concept's row scaled to unit length (zero rows stay zero)."""
+    live: np.ndarray
+    """(K,) bool: the concept fires (saliency > 0) on some item this model extracted, shared or not."""
+
+
+def saliency_profiles(saliency: pl.DataFrame | Mapping[str, SaliencyBatches], items: pl.DataFrame,
+                      n_concepts: int) -> Profiles:
+    """The profiles over `items` (benchmark, item_id, in their row order: the matrix's columns), read a batch of
+    rows at a time (`reduce.saliency_batches`, or a frame with a benchmark column): what is held is the rows of the
+    shared items as three arrays, never a frame of every row with its string ids."""
+    if isinstance(saliency, pl.DataFrame):
+        saliency = frame_batches(saliency)
+    indexed = items.select(ITEM_KEY).with_row_index("column")
+    live = np.zeros(n_concepts, dtype=bool)
+    concepts, columns, values = [], [], []
+    for benchmark, batches in saliency.items():
+        own = indexed.filter(pl.col("benchmark") == benchmark)
+        ids = pl.Enum(own["item_id"])  # a row's category code is its item's place among this benchmark's
+        column_of = own["column"].cast(pl.Int32).to_numpy()
+        for batch in batches:
+            concept = batch["concept"].cast(pl.Int32).to_numpy()
+            value = batch["saliency"].cast(pl.Float64).to_numpy()
+            fires = value > 0
+            live[concept[fires]] = True
+            code = batch["item_id"].cast(pl.String).cast(ids, strict=False).to_physical()
+            keep = fires & code.is_not_null().to_numpy()  # a row of an item outside `items` is left out
+            concepts.append(concept[keep])
+            columns.append(column_of[code.to_numpy()[keep].astype(np.int64)])
+            values.append(value[keep])
+    empty = [np.zeros(0, np.int32)]
+    coordinates = (np.concatenate(concepts or empty), np.concatenate(columns or empty))
+    del concepts, columns
+    matrix = sparse.csr_matrix((np.concatenate(values or [np.zeros(0)]), coordinates), shape=(n_concepts, items.height))
+    del values, coordinates
+    # Unit rows, scaled in place: a copy of the matrix (12 B a row) would be this step's peak.
+    row = np.repeat(np.arange(n_concepts), np.diff(matrix.indptr))
+    norms = np.sqrt(np.bincount(row, matrix.data * matrix.data, minlength=n_concepts))
+    matrix.data *= np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)[row]
+    return Profiles(matrix, live)
+
+
+def profile_matrix(saliency: pl.DataFrame | Mapping[str, SaliencyBatches], items: pl.DataFrame,
+                   n_concepts: int) -> sparse.csr_matrix:
     """Concepts × items matrix of s_i^c over `items` (benchmark, item_id, in their row order), each concept's
     row scaled to unit length (a concept that fires on none of them stays a zero row)."""
-    indexed = items.select(ITEM_KEY).with_row_index("column")
-    rows = saliency.join(indexed, on=ITEM_KEY, how="inner")
-    matrix = sparse.csr_matrix(
-        (rows["saliency"].cast(pl.Float64).to_numpy(), (rows["concept"].to_numpy(), rows["column"].to_numpy())),
-        shape=(n_concepts, items.height),
-    )
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
-    return sparse.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)) @ matrix
+    return saliency_profiles(saliency, items, n_concepts).matrix
 
 
 def best_matches(profiles_a: sparse.csr_matrix, profiles_b: sparse.csr_matrix) -> tuple[np.ndarray, ...]:
@@ -119,13 +161,19 @@ def best_matches(profiles_a: sparse.csr_matrix, profiles_b: sparse.csr_matrix) -
     return best_b, sim_a, best_a, np.maximum(sim_b, 0.0)
 
 
-def match_concepts(saliency_a: pl.DataFrame, saliency_b: pl.DataFrame, items: pl.DataFrame, n_concepts_a: int,
+def match_concepts(saliency_a: pl.DataFrame | Mapping[str, SaliencyBatches],
+                   saliency_b: pl.DataFrame | Mapping[str, SaliencyBatches], items: pl.DataFrame, n_concepts_a: int,
                    n_concepts_b: int, min_similarity: float) -> pl.DataFrame:
     """Pairs (concept_a, concept_b, similarity) of mutually most similar concepts, by cosine similarity of their
     saliency over `items` (the items both models extracted), with similarity ≥ min_similarity (> 0 always: two
     concepts that share no item are never a pair), most similar first."""
-    profiles_a = profile_matrix(saliency_a, items, n_concepts_a)
-    profiles_b = profile_matrix(saliency_b, items, n_concepts_b)
+    return matched_pairs(profile_matrix(saliency_a, items, n_concepts_a),
+                         profile_matrix(saliency_b, items, n_concepts_b), min_similarity)
+
+
+def matched_pairs(profiles_a: sparse.csr_matrix, profiles_b: sparse.csr_matrix, min_similarity: float) -> pl.DataFrame:
+    """`match_concepts` on the two models' profile matrices."""
+    n_concepts_a = profiles_a.shape[0]
     best_b, sim_a, best_a, _ = best_matches(profiles_a, profiles_b)
     concepts_a = np.arange(n_concepts_a)
     mutual = (best_a[best_b] == concepts_a) & (sim_a > 0) & (sim_a >= min_similarity)
@@ -276,11 +324,12 @@ def run_compare(run_a: ModelRun, run_b: ModelRun, options: CompareOptions, out_d
     """cross_model.md/.csv/.json, benchmarks.csv and (figures) cross_model.png/svg for one pair of
     (model, layer): matched concepts ranked by how much their χ_model differs, and item-level agreement."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    saliency_a, items_a = load_inputs(run_a.saliency, run_a.tokens, run_a.scores)
-    saliency_b, items_b = load_inputs(run_b.saliency, run_b.tokens, run_b.scores)
+    items_a, items_b = load_items(run_a.tokens, run_a.scores), load_items(run_b.tokens, run_b.scores)
     shared = (items_a.filter("extracted").select(ITEM_KEY)
               .join(items_b.filter("extracted").select(ITEM_KEY), on=ITEM_KEY, how="inner").sort(ITEM_KEY))
-    pairs = match_concepts(saliency_a, saliency_b, shared, run_a.n_concepts, run_b.n_concepts, options.min_similarity)
+    profiles_a = saliency_profiles(saliency_batches(run_a.saliency), shared, run_a.n_concepts)
+    profiles_b = saliency_profiles(saliency_batches(run_b.saliency), shared, run_b.n_concepts)
+    pairs = matched_pairs(profiles_a.matrix, profiles_b.matrix, options.min_similarity)
     differences = concept_differences(pairs, pl.read_parquet(run_a.concepts), pl.read_parquet(run_b.concepts),
                                       by=options.by)
     agreement = item_agreement(items_a, items_b)
@@ -289,7 +338,7 @@ def run_compare(run_a: ModelRun, run_b: ModelRun, options: CompareOptions, out_d
         "model_a": run_a.name, "model_b": run_b.name,
         "shared_items": shared.height,
         "concepts": {"a": run_a.n_concepts, "b": run_b.n_concepts},
-        "live": {"a": int(saliency_a["concept"].n_unique()), "b": int(saliency_b["concept"].n_unique())},  # fire on an item
+        "live": {"a": int(profiles_a.live.sum()), "b": int(profiles_b.live.sum())},  # fire on an item
         "matched_pairs": pairs.height, "ranked_pairs": int(differences["ranked"].sum()),
         "min_similarity": options.min_similarity, "ordered_by": DIFFERENCES[options.by],
         "rank_agreement": agreement_summary(differences),

@@ -105,11 +105,6 @@ def load_items(token_paths: list[str], score_paths: list[str]) -> pl.DataFrame:
     return items.drop("has_tokens").with_columns(extracted=pl.col("skipped").is_null())
 
 
-def load_inputs(saliency_paths: list[str], token_paths: list[str], score_paths: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Every saliency row in memory (the cross-model comparison matches concepts on them), and `load_items`."""
-    return read_shards(saliency_paths, SALIENCY_COLUMNS), load_items(token_paths, score_paths)
-
-
 def benchmark_overview(concept_benchmark: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     """Per benchmark handed to the reducer (also those with no extracted item: covered/missing % null there):
     items evaluated and extracted, skips by reason, truncations, mean score over the analysed items (p̄_b, the

@@ -9,7 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from competency_gaps.cli import main
-from competency_gaps.tables import SALIENCY, SCORES, DamagedTableError, check_parquet, table_from_rows, write_parquet
+from competency_gaps.tables import (
+    ITEM_TOKENS,
+    SALIENCY,
+    SCORES,
+    DamagedTableError,
+    check_parquet,
+    table_from_rows,
+    write_parquet,
+)
 
 SALIENCY_ROWS = [{"item_id": f"x-{i}", "concept": i % 7, "saliency": 0.5, "max_activation": 1.0, "active_tokens": 2}
                  for i in range(500)]
@@ -69,3 +77,36 @@ def test_the_reduce_stage_refuses_a_damaged_input_before_computing(shard, tmp_pa
     with pytest.raises(DamagedTableError, match="saliency.parquet: not a readable Parquet file"):
         main(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", ["reduce", "robustness"])
+def test_a_damaged_data_page_behind_an_intact_footer_is_named_by_the_stage_reading_it(tmp_path, stage):
+    # The input check reads footers only; a page damaged in place (a disk fault, a bad copy) is found when the
+    # stage streams the rows, and must name the file, not surface as a bare decompression error.
+    n = 20_000
+    ids = [f"x-{i:05d}" for i in range(n)]
+    root = tmp_path / "extract" / "model=m" / "benchmark=b" / "layer=1"
+    rows = [{"item_id": item, "concept": i % 7, "saliency": 0.5 + (i % 11) / 10, "max_activation": 1.0,
+             "active_tokens": 2} for i, item in enumerate(ids)]
+    write_parquet(table_from_rows(rows, SALIENCY), root / "saliency.parquet", SALIENCY)
+    write_parquet(table_from_rows([{"item_id": item, "counted_tokens": 3, "total_tokens": 3, "read_tokens": 3,
+                                    "truncated": False, "skipped": None} for item in ids], ITEM_TOKENS),
+                  root / "item_tokens.parquet", ITEM_TOKENS)
+    scores = tmp_path / "evaluate" / "model=m" / "benchmark=b" / "scores.parquet"
+    write_parquet(table_from_rows([{"item_id": item, "scoring": "x", "score": 1.0} for item in ids], SCORES),
+                  scores, SCORES)
+    shard = root / "saliency.parquet"
+    data = bytearray(shard.read_bytes())
+    start = pq.ParquetFile(shard).metadata.row_group(0).column(0).data_page_offset  # item_id's first page
+    data[start + 16:start + 4016] = bytes(4000)
+    shard.write_bytes(bytes(data))
+    check_parquet(shard)  # the footer is intact
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({"d_sae": 8}))
+    argv = [stage, "--spec", json.dumps({"config": {"gaps": {}, "robustness": {}}}), "--sae-dir",
+            str(tmp_path / "sae"), "--saliency", str(shard), "--tokens", str(root / "item_tokens.parquet"),
+            "--scores", str(scores), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(DamagedTableError, match="not a readable Parquet file") as error:
+        main(argv)
+    assert str(shard) in str(error.value) and "delete it and rerun" in str(error.value)
+    assert not (tmp_path / "out" / "concepts.parquet").exists() and not (tmp_path / "out" / "stability.parquet").exists()

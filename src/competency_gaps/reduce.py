@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from competency_gaps.concepts import (
@@ -23,7 +24,7 @@ from competency_gaps.concepts import (
     summary_markdown,
 )
 from competency_gaps.figure_data import read_labels
-from competency_gaps.tables import write_frame, write_json, write_text
+from competency_gaps.tables import unreadable, write_frame, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ def check_columns(path: str, columns: list[str]) -> None:
 def read_shard(path: str, columns: list[str]) -> pl.DataFrame:
     """`columns` of one shard plus its benchmark (from the path) as a literal column."""
     check_columns(path, columns)
-    frame = pl.read_parquet(path, columns=columns, hive_partitioning=False)
+    try:
+        frame = pl.read_parquet(path, columns=columns, hive_partitioning=False)
+    except (pl.exceptions.ComputeError, OSError) as error:  # a damaged data page: the input check reads the footer
+        raise unreadable(path, error) from None
     return frame.with_columns(benchmark=pl.lit(benchmark_of(path), pl.String))
 
 
@@ -70,9 +74,18 @@ class ShardBatches:
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
         for path in self.paths:
-            with pq.ParquetFile(path) as shard:
-                for batch in shard.iter_batches(batch_size=BATCH_ROWS, columns=SALIENCY_COLUMNS):
-                    yield pl.from_arrow(batch)
+            for batch in _record_batches(path, SALIENCY_COLUMNS):
+                yield pl.from_arrow(batch)
+
+
+def _record_batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """`columns` of a Parquet file, BATCH_ROWS rows at a time; a damaged data page (the input check reads only the
+    footer) raises the error that names the file."""
+    try:
+        with pq.ParquetFile(path) as shard:
+            yield from shard.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise unreadable(path, error) from None
 
 
 def saliency_batches(paths: list[str]) -> dict[str, SaliencyBatches]:

@@ -128,6 +128,11 @@ class DamagedTableError(ValueError):
     """A Parquet input cannot be trusted (truncated, not Parquet, or another schema); the message names the file."""
 
 
+def unreadable(path: str | Path, error: Exception) -> DamagedTableError:
+    """The error for a Parquet file that cannot be read (its footer or, found while reading, a data page)."""
+    return DamagedTableError(f"{path}: not a readable Parquet file ({error}); {REBUILD_HINT}")
+
+
 def schema_problems(found: pa.Schema, expected: pa.Schema) -> list[str]:
     """Columns of `expected` that `found` lacks or holds with another type (extra columns are allowed)."""
     problems = []
@@ -149,7 +154,7 @@ def check_parquet(path: str | Path, schema: pa.Schema | None = None) -> None:
     try:
         found = pq.ParquetFile(path).schema_arrow
     except (pa.ArrowException, OSError) as error:
-        raise DamagedTableError(f"{path}: not a readable Parquet file ({error}); {REBUILD_HINT}") from None
+        raise unreadable(path, error) from None
     problems = schema_problems(found, schema) if schema is not None else []
     if problems:
         raise DamagedTableError(f"{path}: not the expected table ({'; '.join(problems)}); {REBUILD_HINT}")

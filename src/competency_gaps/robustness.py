@@ -476,14 +476,15 @@ def _half_sums(suite: _Suite, half: np.ndarray) -> _HalfSums:
     return sums
 
 
-def _weak_concepts(sums: _HalfSums, train: int, options: RobustnessOptions) -> pl.DataFrame:
-    """The weak concepts of training half `train`: concept, its chi_model there; weakest first (ties by concept)."""
+def _weak_concepts(sums: _HalfSums, train: int, options: RobustnessOptions) -> tuple[pl.DataFrame, int]:
+    """The weak concepts of training half `train` (concept, its chi_model there; weakest first), and how many
+    concepts were eligible."""
     eligible = np.flatnonzero(sums.support[train] >= options.min_support)
     chi = sums.weighted[train][eligible] / sums.saliency[train][eligible]
     n_weak = math.ceil(options.weak_fraction * len(eligible) - 1e-9) if len(eligible) else 0
-    weakest = np.lexsort((eligible, chi))[:n_weak]
+    weakest = np.lexsort((eligible, chi))[:n_weak]  # by chi_model, ties by concept index
     return pl.DataFrame({"concept": eligible[weakest].astype(np.int64), "chi_model": chi[weakest]},
-                        schema={"concept": pl.Int64, "chi_model": pl.Float64})
+                        schema={"concept": pl.Int64, "chi_model": pl.Float64}), len(eligible)
 
 
 def _weak_saliency(suite: _Suite, weak: list[np.ndarray]) -> np.ndarray:
@@ -531,13 +532,14 @@ def _validity(suite: _Suite, options: RobustnessOptions) -> tuple[pl.DataFrame, 
     """validity table, its JSON summary, and per direction its weak concepts (for robustness.md)."""
     half = _halves(suite, options.seed)
     sums = _half_sums(suite, half)
-    weak = {name: _weak_concepts(sums, train, options) for name, train, _ in DIRECTIONS}
+    weak, n_eligible = {}, {}
+    for name, train, _ in DIRECTIONS:
+        weak[name], n_eligible[name] = _weak_concepts(sums, train, options)
     masks = [np.isin(np.arange(suite.n_concepts), weak[name]["concept"].to_numpy()) for name, _, _ in DIRECTIONS]
     weak_saliency = _weak_saliency(suite, masks)
-    table = pl.concat([
-        _direction(suite, half, name, test, stream, int((sums.support[train] >= options.min_support).sum()),
-                   weak[name], weak_saliency[stream], options)
-        for stream, (name, train, test) in enumerate(DIRECTIONS)])
+    table = pl.concat([_direction(suite, half, name, test, stream, n_eligible[name], weak[name], weak_saliency[stream],
+                                  options)
+                       for stream, (name, _, test) in enumerate(DIRECTIONS)])
     directions = {
         row["direction"]: {key: value for key, value in row.items() if key not in ("direction", "scope")}
         for row in table.filter(pl.col("scope") == "suite").iter_rows(named=True)

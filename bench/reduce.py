@@ -2,7 +2,7 @@
 and the shards' bytes on disk against a dense float32 saliency vector per item.
 
 Usage: .venv/bin/python bench/reduce.py [--sizes 10000,100000,300000] [--mem-limit-gb 16] [--n-bootstrap 200]
-                                        [--baseline-src DIR] [--stages reduce,robustness]
+                                        [--baseline-src DIR] [--stages reduce,robustness,explorer]
 (about 25 minutes on 2 CPU cores with the defaults, most of it writing and reducing the 3×10^5 items' 210 M rows;
  nothing needs `make run`)
 
@@ -16,9 +16,12 @@ resources/config.schema.yaml, --sae-dir holding a cfg.json with d_sae). Its wall
 measured; its address space is capped (RLIMIT_AS, --mem-limit-gb) so a size that needs more fails cleanly
 ("exceeded N GiB") instead of taking the machine down, and larger sizes are then not run for that reducer. The cap
 is on address space, which runs above RSS (thread arenas, torch's mappings), so the peak VM column is printed too.
---stages robustness (or reduce,robustness) also runs the robustness stage, the other reader of every saliency row
+--stages robustness (or reduce,robustness) also runs the robustness stage, another reader of every saliency row
 (`python -m competency_gaps robustness` with the `robustness` defaults of the config schema), on the same shards,
-measured the same way. --baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add
+measured the same way. --stages explorer runs the explorer stage's reading of the rows
+(`explorer_site.shown_saliency`: the saliency of 20 benchmark contexts per concept, a random subset of each
+benchmark's rows written beside its shard, and every item's 10 top concepts) in a child, measured the same way.
+--baseline-src runs a second reducer, the package under DIR (e.g. `git worktree add
 /tmp/before <commit>` and `--baseline-src /tmp/before/src`), on the same shards first: before/after rows side by side. Shards live in a
 temporary folder under /tmp, removed after each size.
 """
@@ -39,12 +42,28 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from competency_gaps.tables import ITEM_TOKENS, SALIENCY, SCORES, write_parquet  # noqa: E402
+
+EXAMPLE_PAIRS = "example_pairs.parquet"
+# The explorer stage's reading of the saliency shards (`explorer_site.shown_saliency`: the example contexts' rows
+# and every item's 10 top concepts), alone: the rest of that stage reads labels, contexts and the SAE, not rows.
+EXPLORER_READS = f"""
+import sys
+from pathlib import Path
+import polars as pl
+from competency_gaps.explorer_site import shown_saliency
+paths = sys.argv[1:]
+contexts = pl.concat(pl.read_parquet(Path(p).with_name("{EXAMPLE_PAIRS}")).with_columns(
+    source=pl.lit(Path(p).parent.name.split("=", 1)[1])) for p in paths)
+rows, top = shown_saliency(paths, contexts, 10)
+print(rows.height, top.height, file=sys.stderr)
+"""
 
 ITEMS_PER_CHUNK = 2000  # items generated at once: bounds the generator's memory at ~2000 × 1,100 candidates
 
@@ -104,8 +123,11 @@ def write_benchmark(folder: Path, slug: str, n_items: int, cdf: np.ndarray, acti
     counted = rng.integers(30, 130, n_items)
     parts = [saliency_shard(item_ids[start : start + ITEMS_PER_CHUNK], counted[start : start + ITEMS_PER_CHUNK], cdf,
                             active, rng) for start in range(0, n_items, ITEMS_PER_CHUNK)]
-    write_parquet(pa.concat_tables(parts), shard / "saliency.parquet", SALIENCY)
+    saliency = pa.concat_tables(parts)
     del parts
+    write_parquet(saliency, shard / "saliency.parquet", SALIENCY)
+    write_example_pairs(saliency, shard / EXAMPLE_PAIRS, len(cdf))
+    del saliency
     tokens = pa.table({"item_id": item_ids, "counted_tokens": counted, "total_tokens": counted + 67,
                        "read_tokens": counted + 67, "truncated": np.zeros(n_items, dtype=bool),
                        "skipped": pa.nulls(n_items, pa.string())})
@@ -116,6 +138,14 @@ def write_benchmark(folder: Path, slug: str, n_items: int, cdf: np.ndarray, acti
                        "choice_logprobs": pa.nulls(n_items, pa.list_(pa.float64())),
                        "cut_off": pa.nulls(n_items, pa.bool_())})
     write_parquet(scores, shard / "scores.parquet", SCORES)
+
+
+def write_example_pairs(saliency: pa.Table, path: Path, n_concepts: int) -> None:
+    """The (item_id, concept) pairs of the benchmark contexts the explorer stage looks up (its example items):
+    20 per concept, the labels stage's top_k, as a random subset of the rows (own seed: the shards do not change)."""
+    rng = np.random.default_rng(1)
+    picked = np.sort(rng.choice(saliency.num_rows, min(saliency.num_rows, 20 * n_concepts), replace=False))
+    pq.write_table(saliency.select(["item_id", "concept"]).take(pa.array(picked)), path)
 
 
 def write_shards(folder: Path, n_items: int, n_benchmarks: int, n_concepts: int, active: int) -> list[str]:
@@ -172,17 +202,20 @@ def cap_address_space(limit_bytes: int):
 
 def run_reducer(folder: Path, slugs: list[str], gaps: dict, mem_limit_gib: float, timeout_s: float,
                 src: Path = REPO / "src", name: str = "reduce", stage: str = "reduce") -> ReduceRun:
-    """Run the reduce (or robustness) stage of the package under `src` on the shards; wall time, the child's own
-    peak RSS (wait4) and its exit status."""
+    """Run the reduce, robustness or explorer stage of the package under `src` on the shards (the explorer: its
+    reading of the saliency rows, EXPLORER_READS); wall time, the child's own peak RSS (wait4) and its exit status."""
     def paths(name: str) -> list[str]:
         return [str(folder / f"benchmark={slug}" / name) for slug in slugs]
 
-    config = {"gaps": gaps, **({"robustness": schema_defaults("robustness")} if stage == "robustness" else {})}
-    command = [sys.executable, "-m", "competency_gaps", stage,
-               "--spec", json.dumps({"version": 0, "config": config}),  # the stages read only "config"
-               "--sae-dir", str(folder / "sae"), "--saliency", *paths("saliency.parquet"),
-               "--tokens", *paths("item_tokens.parquet"), "--scores", *paths("scores.parquet"),
-               "--out-dir", str(folder / f"out-{name}")]
+    if stage == "explorer":
+        command = [sys.executable, "-c", EXPLORER_READS, *paths("saliency.parquet")]
+    else:
+        config = {"gaps": gaps, **({"robustness": schema_defaults("robustness")} if stage == "robustness" else {})}
+        command = [sys.executable, "-m", "competency_gaps", stage,
+                   "--spec", json.dumps({"version": 0, "config": config}),  # the stages read only "config"
+                   "--sae-dir", str(folder / "sae"), "--saliency", *paths("saliency.parquet"),
+                   "--tokens", *paths("item_tokens.parquet"), "--scores", *paths("scores.parquet"),
+                   "--out-dir", str(folder / f"out-{name}")]
     env = {**os.environ, "PYTHONPATH": str(src)}
     log = folder / f"{name}.log"
     start = time.perf_counter()
@@ -251,7 +284,8 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="per size")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="also run the package under this folder (another checkout's src/) on the same shards")
-    parser.add_argument("--stages", default="reduce", help="reduce, robustness or both (comma-separated), on the same shards")
+    parser.add_argument("--stages", default="reduce",
+                        help="reduce, robustness, explorer (its saliency reading) or several (comma-separated), on the same shards")
     parser.add_argument("--tmp", default="/tmp", help="where the temporary shard folders go")
     args = parser.parse_args()
     gaps = default_gaps()

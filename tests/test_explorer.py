@@ -193,14 +193,23 @@ def write_inputs(root: Path) -> dict:
     return {"concepts_dir": concepts_dir, "labels_dir": labels_dir, "sae_dir": sae_dir, **paths}
 
 
+SPEC = {"umap_neighbors": 8, "clusters": 4, "shard_size": 16, "seed": 0}
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("explorer")
-    inputs = write_inputs(root / "results")
-    out = root / "results" / "explorer"
-    spec = {"umap_neighbors": 8, "clusters": 4, "shard_size": 16, "seed": 0}
+def inputs(tmp_path_factory) -> dict:
+    return write_inputs(tmp_path_factory.mktemp("explorer") / "results")
+
+
+def build_site(inputs: dict, out: Path) -> None:
     run_explorer(inputs["concepts_dir"], inputs["labels_dir"], inputs["sae_dir"], inputs["items"], inputs["scores"],
-                 inputs["saliency"], spec, out / "model=tiny/layer=1", "tiny", 1)
+                 inputs["saliency"], SPEC, out, "tiny", 1)
+
+
+@pytest.fixture(scope="module")
+def site(inputs) -> Path:
+    out = inputs["concepts_dir"].parent / "explorer"
+    build_site(inputs, out / "model=tiny/layer=1")
     # A second, empty-of-difference explorer, so the sibling links have something to link.
     shutil.copytree(out / "model=tiny/layer=1", out / "model=tiny/layer=2")
     write_index([{"model": "tiny", "layer": "1", "href": "model=tiny/layer=1/index.html"},
@@ -226,6 +235,25 @@ def test_site_is_self_contained_and_sharded(site):
     assert len(table["concept"]) == N_CONCEPTS and len(table["per_benchmark"]["model"]) == len(BENCHMARKS)
     # Text is escaped inside the data scripts: no raw "<" that could close a script or open a tag.
     assert "<script>" not in (site / "data/items/0.js").read_text() + (site / "data/table.js").read_text()
+
+
+def test_site_is_the_same_when_the_saliency_is_read_in_small_batches(site, inputs, tmp_path, monkeypatch):
+    """The stage reads the saliency shards a batch at a time; with 5-row batches an item's rows span several
+    batches, and every data file (example items with their saliency, each item's top concepts and shares) must
+    come out as from whole shards."""
+    import competency_gaps.reduce as reduce
+
+    rows_per_item = pl.read_parquet(inputs["saliency"][0]).group_by("item_id").len()["len"]
+    assert rows_per_item.max() > 5  # so items do span batches
+    monkeypatch.setattr(reduce, "BATCH_ROWS", 5)
+    build_site(inputs, tmp_path / "site")
+    files = sorted(p.relative_to(site) for p in (site / "data").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "site") for p in (tmp_path / "site" / "data").rglob("*") if p.is_file())
+    for name in files:
+        assert (tmp_path / "site" / name).read_bytes() == (site / name).read_bytes(), name
+    # What the comparison covers is there: items with top concepts, concepts with example items.
+    assert any(record["top"] for record in received(site / "data/items/0.js").values())
+    assert any(record["examples"] for record in received(site / "data/concepts/0.js").values())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from competency_gaps.figure_data import (
     select_wrong_items,
     stability_spread,
     top_item_concepts,
+    top_item_concepts_of_batches,
     validity_bars,
 )
 from competency_gaps.figures import (
@@ -387,6 +388,24 @@ def test_top_item_concepts_by_saliency_ties_by_concept_id():
     assert bx["concept"].to_list() == [0, 1] and bx["share"].to_list() == pytest.approx([0.9, 0.1])
     assert top.filter(pl.col("item_id") == "y").height == 0  # not asked for
     assert top.filter(pl.col("item_id") == "z").height == 0  # no saliency
+
+
+def test_top_item_concepts_of_batches_merges_an_item_spread_over_batches():
+    saliency = pl.DataFrame({
+        "benchmark": ["a"] * 6 + ["b"] * 2,
+        "item_id": ["x"] * 5 + ["y"] + ["x"] * 2,
+        "concept": [5, 3, 9, 1, 4, 2, 0, 1],
+        "saliency": [2.0, 4.0, 2.0, 0.0, 1.0, 3.0, 9.0, 1.0],
+    })
+    whole = top_item_concepts(saliency, saliency.select("benchmark", "item_id"), n=2)
+    # Item a/x spans all three batches; its top 2 come from different ones and its share is of its whole total.
+    batches = [saliency[0:1], saliency[1:3], saliency[3:8]]
+    split = top_item_concepts_of_batches(batches, n=2)
+    assert split.equals(whole)
+    ax = split.filter((pl.col("benchmark") == "a") & (pl.col("item_id") == "x"))
+    # The tie at 2.0 for the last place goes to the lower concept id (#5, not #9), even across batches.
+    assert ax["concept"].to_list() == [3, 5] and ax["share"].to_list() == pytest.approx([4 / 9, 2 / 9])
+    assert top_item_concepts_of_batches([], n=2).columns == whole.columns
 
 
 def test_prompt_text_keeps_system_and_last_user_message():

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from competency_gaps.figure_data import benchmark_matrix, gold_text, pairwise_correlation, prompt_text, top_item_concepts
+from competency_gaps.figure_data import benchmark_matrix, gold_text, pairwise_correlation, prompt_text
 from competency_gaps.labels import label_terms
 from competency_gaps.rankings import rank_concepts, ranking_key
 
@@ -350,14 +350,13 @@ def concept_records(table: Mapping[str, Any], labels: pl.DataFrame | None, conce
     return records
 
 
-def item_records(items: pl.DataFrame, scores: pl.DataFrame, saliency: pl.DataFrame, benchmarks: list[str],
-                 n_concepts: int) -> list[dict[str, Any]]:
+def item_records(items: pl.DataFrame, scores: pl.DataFrame, top: pl.DataFrame, benchmarks: list[str]) -> list[dict[str, Any]]:
     """One record per item: benchmark, prompt (as the model saw it, without the chat template), gold answer,
-    the model's response and score, and its top concepts by saliency with their share of the item's saliency."""
+    the model's response and score, and its top concepts by saliency with their share of the item's saliency
+    (top: `figure_data.top_item_concepts`' columns)."""
     index = {b: i for i, b in enumerate(benchmarks)}
     scored = items.join(scores.select("benchmark", "item_id", "score", "response"), on=["benchmark", "item_id"],
                         how="left")
-    top = top_item_concepts(saliency, items.select("benchmark", "item_id"), n=n_concepts)
     top_of: dict[tuple[str, str], list[list[float]]] = {}
     for row in top.iter_rows(named=True):
         top_of.setdefault((row["benchmark"], row["item_id"]), []).append(

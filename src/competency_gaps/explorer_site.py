@@ -32,9 +32,9 @@ from competency_gaps.explorer_data import (
     overlap_heatmap,
     overview,
 )
-from competency_gaps.figure_data import benchmark_order
+from competency_gaps.figure_data import benchmark_order, top_item_concepts_of_batches
 from competency_gaps.figures import benchmark_categories
-from competency_gaps.reduce import read_shards
+from competency_gaps.reduce import keyed_batches, read_shards, saliency_of_pairs
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,16 @@ def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths
     log.info("concept map: %d points, %d clusters", len(map_data["x"]), len(map_data["clusters"]))
 
     scores = read_shards(score_paths, ["item_id", "score", "response"])
-    saliency = read_shards(saliency_paths, ["item_id", "concept", "saliency"])
     n_contexts = int(spec.get("contexts", 5))
     # Only what is shown: the strongest corpus contexts and the benchmark ones (examples are picked among them).
     contexts = (pl.scan_parquet(labels_dir / "contexts.parquet")
                 .filter((pl.col("kind") == "top") & ((pl.col("source") != "corpus") | (pl.col("rank") < n_contexts)))
                 .collect())
-    examples = example_rows(contexts.filter(pl.col("source") != "corpus"), scores, saliency,
-                            int(spec.get("examples_per_side", 2)))
+    item_contexts = contexts.filter(pl.col("source") != "corpus")
+    context_saliency, top = shown_saliency(saliency_paths, item_contexts, int(spec.get("item_concepts", 10)))
+    examples = example_rows(item_contexts, scores, context_saliency, int(spec.get("examples_per_side", 2)))
     records = concept_records(table, labels, concept_benchmark, contexts, examples, benchmarks, n_contexts)
-    items = item_records(read_shards(item_paths, ITEM_COLUMNS), scores, saliency, benchmarks, int(spec.get("item_concepts", 10)))
+    items = item_records(read_shards(item_paths, ITEM_COLUMNS), scores, top, benchmarks)
 
     meta = {
         **overview(pl.read_parquet(concepts_dir / "benchmarks.parquet"), categories, benchmarks,
@@ -141,6 +141,16 @@ def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths
     }
     write_site(out_dir, meta, table, map_data, records, items, int(spec.get("shard_size", 256)))
     log.info("explorer written to %s (%d concepts, %d items)", out_dir, len(records), len(items))
+
+
+def shown_saliency(saliency_paths: list[str], item_contexts: pl.DataFrame, n_item_concepts: int,
+                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The saliency the explorer shows: the rows of the benchmark contexts' (item, concept) pairs (for the
+    example items) and each item's `n_item_concepts` top concepts. The shards hold every (item, concept) pair of
+    the suite, so they are read a batch at a time and only these are kept."""
+    pairs = item_contexts.select(pl.col("source").alias("benchmark"), "item_id", "concept")
+    return (saliency_of_pairs(saliency_paths, pairs),
+            top_item_concepts_of_batches(keyed_batches(saliency_paths), n_item_concepts))
 
 
 def write_index(sites: list[Mapping[str, str]], out_dir: Path) -> None:

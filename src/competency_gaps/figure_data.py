@@ -388,18 +388,46 @@ def top_item_concepts(saliency: pl.DataFrame, items: pl.DataFrame, n: int = 5) -
     concept id; share = the concept's saliency / the item's total saliency over all concepts.
     saliency: benchmark, item_id, concept, saliency (rows <= 0 ignored). Returns benchmark, item_id, rank (1..),
     concept, saliency, share; an item without saliency has no rows."""
-    rows = saliency.select(
-        pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String), pl.col("concept").cast(pl.Int64),
-        pl.col("saliency").cast(pl.Float64),
-    ).filter(pl.col("saliency") > 0).join(
-        items.select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String)).unique(),
-        on=["benchmark", "item_id"], how="semi")
-    keys = ["benchmark", "item_id"]
-    rows = rows.with_columns(share=pl.col("saliency") / pl.col("saliency").sum().over(keys))
-    top = (rows.sort([*keys, "saliency", "concept"], descending=[False, False, True, False])
-           .group_by(keys, maintain_order=True).head(n))
-    return (top.with_columns(rank=(pl.int_range(pl.len()).over(keys) + 1).cast(pl.Int64))
-            .select(*keys, "rank", "concept", "saliency", "share"))
+    wanted = items.select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String)).unique()
+    return top_item_concepts_of_batches([_item_rows(saliency).join(wanted, on=_ITEM_KEYS, how="semi")], n)
+
+
+def top_item_concepts_of_batches(batches: Iterable[pl.DataFrame], n: int = 5) -> pl.DataFrame:
+    """`top_item_concepts` of every item in saliency rows that come in batches, an item's rows possibly spread
+    over several: each batch's `n` top concepts and saliency sum per item are kept and merged at the end, so
+    what is held grows with items × n, not with the rows."""
+    parts = [_item_rows(batch).group_by(_ITEM_KEYS).agg(
+        pl.col("concept", "saliency").top_k_by(["saliency", "concept"], n, reverse=[False, True]),
+        total=pl.col("saliency").sum(),
+    ).with_columns(owned_strings("item_id")) for batch in batches]
+    if not parts:
+        return pl.DataFrame(schema={**dict.fromkeys(_ITEM_KEYS, pl.String), "rank": pl.Int64, "concept": pl.Int64,
+                                    "saliency": pl.Float64, "share": pl.Float64})
+    merged = pl.concat(parts)
+    total = merged.group_by(_ITEM_KEYS).agg(pl.col("total").sum())
+    top = (merged.select(*_ITEM_KEYS, "concept", "saliency").explode("concept", "saliency")
+           .sort([*_ITEM_KEYS, "saliency", "concept"], descending=[False, False, True, False])
+           .group_by(_ITEM_KEYS, maintain_order=True).head(n)
+           .join(total, on=_ITEM_KEYS, how="left", maintain_order="left"))
+    return (top.with_columns(rank=(pl.int_range(pl.len()).over(_ITEM_KEYS) + 1).cast(pl.Int64),
+                             share=pl.col("saliency") / pl.col("total"))
+            .select(*_ITEM_KEYS, "rank", "concept", "saliency", "share"))
+
+
+def owned_strings(column: str) -> pl.Expr:
+    """A copy of a string column that owns its bytes. Group keys are views into the batch's string buffers, so
+    keeping them kept every batch's buffers: 1.9 GB instead of 0.75 GB for the top concepts of 10^5 items."""
+    return pl.concat_str([pl.col(column), pl.lit("")])
+
+
+_ITEM_KEYS = ["benchmark", "item_id"]
+_ITEM_ROW_SCHEMA = {"benchmark": pl.String, "item_id": pl.String, "concept": pl.Int64, "saliency": pl.Float64}
+
+
+def _item_rows(saliency: pl.DataFrame) -> pl.DataFrame:
+    """benchmark, item_id, concept, saliency of the rows > 0, in the types the item tables use."""
+    return saliency.select(*(pl.col(name).cast(dtype) for name, dtype in _ITEM_ROW_SCHEMA.items())).filter(
+        pl.col("saliency") > 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from competency_gaps.concepts import (
     suite_table,
     summary_markdown,
 )
-from competency_gaps.figure_data import read_labels
+from competency_gaps.figure_data import owned_strings, read_labels
 from competency_gaps.tables import unreadable, write_frame, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,25 @@ class ShardBatches:
         for path in self.paths:
             for batch in _record_batches(path, SALIENCY_COLUMNS):
                 yield pl.from_arrow(batch)
+
+
+def keyed_batches(paths: list[str]) -> Iterator[pl.DataFrame]:
+    """Every shard's saliency rows (SALIENCY_COLUMNS), BATCH_ROWS at a time, each batch with its benchmark."""
+    for path in paths:
+        check_columns(path, SALIENCY_COLUMNS)
+        for batch in ShardBatches((path,)):
+            yield batch.with_columns(benchmark=pl.lit(benchmark_of(path), pl.String))
+
+
+def saliency_of_pairs(paths: list[str], pairs: pl.DataFrame) -> pl.DataFrame:
+    """The saliency rows of the given (benchmark, item_id, concept) pairs, read a batch at a time, so only
+    those rows are held."""
+    wanted = pairs.select(pl.col("benchmark").cast(pl.String), pl.col("item_id").cast(pl.String),
+                          pl.col("concept").cast(pl.Int32)).unique()
+    found = [batch.join(wanted, on=["benchmark", "item_id", "concept"], how="semi").with_columns(owned_strings("item_id"))
+             for batch in keyed_batches(paths)]
+    return pl.concat(found) if found else pl.DataFrame(
+        schema={"item_id": pl.String, "concept": pl.Int32, "saliency": pl.Float32, "benchmark": pl.String})
 
 
 def _record_batches(path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from competency_gaps.extract import extract_saliency
 from competency_gaps.saliency import batch_activations
 from competency_gaps.hooks import residual_stream
 from competency_gaps.models import decoder_layers
@@ -200,13 +201,14 @@ def test_batched_saliency_equals_per_item_mean_over_counted_tokens(tiny_model, t
     sae = load_sae(random_sae_dirs[1]) if kind == "topk" else standard_sae(1)
     long_item = {**tiny_item, "messages": [{"role": "user", "content": tiny_item["messages"][0]["content"] + " And pears?"}]}
     prompts = [encode_item(tokenizer, tiny_item, "fields"), encode_item(tokenizer, long_item, "fields")]
-    mean, peak, active = batch_activations(model, sae, 1, prompts, tokenizer.pad_token_id)
+    mean, peak, active, counted = batch_activations(model, sae, 1, prompts, tokenizer.pad_token_id)
     for row, prompt in enumerate(prompts):
         ids = torch.tensor([prompt.input_ids])
         acts = sae.encode(residual_stream(model, 1, ids, torch.ones_like(ids))[0])[torch.tensor(prompt.counted)]
         torch.testing.assert_close(mean[row], acts.mean(0), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(peak[row], acts.max(0).values, rtol=1e-4, atol=1e-5)
         assert torch.equal(active[row], (acts > 0).sum(0).float())
+        assert counted[row] == sum(prompt.counted)
     assert (mean > 0).any(), "a random SAE should fire on something"
 
 
@@ -252,8 +254,10 @@ def test_massive_activation_is_left_out_of_the_counted_tokens(tiny_model, tiny_i
     seen = []
     handle = decoder_layers(model)[1].register_forward_hook(plant)
     try:
-        mean, _, active = batch_activations(model, sae, 1, [prompt], tokenizer.pad_token_id,
-                                            observe=lambda acts: seen.append(acts.token_position.tolist()))
+        mean, _, active, counted = batch_activations(model, sae, 1, [prompt], tokenizer.pad_token_id,
+                                                     observe=lambda acts: seen.append(acts.token_position.tolist()))
+        tokens = extract_saliency(model, tokenizer, sae, 1, [{**tiny_item, "item_id": "x"}], mode="fields",
+                                  system_prompt=None, max_length=512, context_policy="truncate", batch_tokens=4096)[1]
         ids = torch.tensor([prompt.input_ids])
         resid = residual_stream(model, 1, ids, torch.ones_like(ids))[0]
     finally:
@@ -263,3 +267,5 @@ def test_massive_activation_is_left_out_of_the_counted_tokens(tiny_model, tiny_i
     torch.testing.assert_close(mean[0], acts.mean(0), rtol=1e-4, atol=1e-5)
     assert torch.equal(active[0], (acts > 0).sum(0).float())
     assert seen == [kept.tolist()]
+    # T_i as read: the left-out token is not counted, in the batch and in the extraction's token table.
+    assert counted.tolist() == [len(kept)] and tokens["counted_tokens"].to_list() == [len(kept)]

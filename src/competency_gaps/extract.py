@@ -62,6 +62,7 @@ def extract_saliency(
     well the SAE reconstructs those tokens."""
     encoded: list[tuple[str, EncodedPrompt]] = []
     token_rows = []
+    token_row_of: list[int] = []  # each encoded prompt's row in token_rows
     for item in items:
         response = responses.get(item["item_id"]) if responses else None
         prompt = encode_item(tokenizer, item, mode, system_prompt, response, max_length)
@@ -72,6 +73,7 @@ def extract_saliency(
                         item["item_id"], skipped, prompt.total_tokens, max_length, context_policy)
             continue
         encoded.append((item["item_id"], prompt))
+        token_row_of.append(len(token_rows) - 1)
     truncated = sum(row["truncated"] and not row["skipped"] for row in token_rows)
     if truncated:
         log.warning("%d item(s) longer than max_length=%d were truncated inside their own text "
@@ -81,6 +83,9 @@ def extract_saliency(
     for batch, sparse in read_prompts(model, sae, layer, prompts, tokenizer.pad_token_id, batch_tokens,
                                       [contexts] if contexts else [], what="extracted", quality=quality):
         append_rows(columns, [encoded[i][0] for i in batch], sparse)
+        # T_i as read: a massive activation at a counted token is left out of the mean, so out of the count too.
+        for i, n_counted in zip(batch, sparse.counted_tokens.tolist(), strict=True):
+            token_rows[token_row_of[i]]["counted_tokens"] = n_counted
     saliency = pl.from_arrow(pa.table(columns, schema=SALIENCY)).sort("item_id", "concept")
     return saliency, pl.from_arrow(table_from_rows(token_rows, ITEM_TOKENS))
 

@@ -53,6 +53,8 @@ class SparseSaliency:
     saliency: torch.Tensor  # float32 (M,): mean activation over the item's counted tokens
     max_activation: torch.Tensor  # float32 (M,)
     active_tokens: torch.Tensor  # int32 (M,): counted tokens on which the concept fires
+    counted_tokens: torch.Tensor  # int64 (B,): each prompt's counted tokens as read (the mean's denominator),
+    # massive activations left out
 
 
 def length_batches(lengths: list[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
@@ -147,10 +149,11 @@ def leave_out_massive(counted: torch.Tensor, rows: torch.Tensor, positions: torc
 @torch.inference_mode()
 def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,
                       observe: BatchObserver | None = None, chunk: int = ENCODE_CHUNK, quality: SAEEvaluation | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per item, on the model's device: mean activation (B, K), max activation (B, K) and the number of
-    active counted tokens (B, K). `observe`, when given, sees the batch's non-zero activations; `quality`
-    accumulates the SAE's reconstruction of the counted tokens."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per item, on the model's device: mean activation (B, K), max activation (B, K), the number of
+    active counted tokens (B, K) and the counted tokens read (B,), massive activations left out. `observe`,
+    when given, sees the batch's non-zero activations; `quality` accumulates the SAE's reconstruction of the
+    counted tokens."""
     device = model_device(model)
     ids, _, counted = (tensor.to(device, non_blocking=True) for tensor in pad_right(prompts, pad_id))
     # Right padding under causal attention: no real token attends to the pads after it, so the batch needs no
@@ -174,17 +177,18 @@ def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPro
     if observe is not None:
         token, concept, value = (torch.cat(parts) for parts in zip(*entries)) if entries else (rows[:0], rows[:0], total[:0])
         observe(BatchActivations(rows, positions, ids[rows, positions], token, concept, value))
-    n_counted = counted.sum(1, keepdim=True).clamp_min(1)
+    n_counted = counted.sum(1)
     shape = (len(prompts), n_concepts)
-    return total.view(shape) / n_counted, peak.view(shape), active.view(shape)
+    return total.view(shape) / n_counted.clamp_min(1).unsqueeze(1), peak.view(shape), active.view(shape), n_counted
 
 
-def sparsify(mean_BK: torch.Tensor, peak_BK: torch.Tensor, active_BK: torch.Tensor) -> SparseSaliency:
+def sparsify(mean_BK: torch.Tensor, peak_BK: torch.Tensor, active_BK: torch.Tensor, counted_B: torch.Tensor
+             ) -> SparseSaliency:
     """The non-zero pairs, selected on the device; only they are copied to the host."""
     rows, concepts = (mean_BK > 0).nonzero(as_tuple=True)
     return SparseSaliency(row=rows.cpu(), concept=concepts.cpu(), saliency=mean_BK[rows, concepts].cpu(),
                           max_activation=peak_BK[rows, concepts].cpu(),
-                          active_tokens=active_BK[rows, concepts].to(torch.int32).cpu())
+                          active_tokens=active_BK[rows, concepts].to(torch.int32).cpu(), counted_tokens=counted_B.cpu())
 
 
 def batch_saliency(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,

@@ -64,7 +64,7 @@ SALIENCY = pa.schema(
 ITEM_TOKENS = pa.schema(
     [
         ("item_id", pa.string()),
-        ("counted_tokens", pa.int32()),  # T_i (0 for a skipped item)
+        ("counted_tokens", pa.int32()),  # T_i as read, massive activations left out (0 for a skipped item)
         ("total_tokens", pa.int32()),  # the whole prompt, before any truncation
         ("read_tokens", pa.int32()),  # tokens the model read (≤ max_length; 0 for a skipped item)
         ("truncated", pa.bool_()),

@@ -5,8 +5,8 @@ Usage: .venv/bin/python bench/all.py [--quick] [--skip reduce,mc_scoring]
  scoring; --quick: smaller sizes everywhere, 10 minutes there)
 
 Runs, as child processes with the project's interpreter and each script's own CPU defaults: extraction.py
-(saliency extraction, random weights), mc_scoring.py (multiple-choice scoring against lm-eval),
-generation.py (greedy generation against plain `generate`), sae_training.py (activation collection and SAE
+(saliency extraction, random weights), shard_rows.py (extraction's host side), mc_scoring.py (multiple-choice
+scoring against lm-eval), generation.py (greedy generation against plain `generate`), sae_training.py (activation collection and SAE
 training), labels.py (the labels stage), reduce.py (the reducer on synthetic shards up to 3×10^5 items) and
 explorer.py (the explorer's load and interaction latency at 65,536 concepts in headless Chromium).
 First it prints the machine (CPU model, cores, RAM, GPU, torch version, load average); a script whose inputs
@@ -87,6 +87,8 @@ class Bench:
 BENCHES = [
     Bench("extraction", "saliency extraction: pipeline vs naive (random weights, SmolLM2-135M shape)",
           quick=["--n-prompts", "16"]),
+    Bench("shard_rows", "extraction's host side: keeping the saliency rows for the shard (ShardRows vs Python lists)",
+          quick=["--items", "2000"]),
     Bench("mc_scoring", "multiple-choice scoring: pipeline vs lm-evaluation-harness",
           lambda: missing_package("lm_eval", "pip install -e '.[bench]'"), quick=["--n-items", "24", "--skip-old"]),
     Bench("generation", "greedy generation: evaluate.greedy_responses vs plain model.generate",

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from competency_gaps.extract import ShardRows  # noqa: E402
 from competency_gaps.models import decoder_layers  # noqa: E402
 from competency_gaps.prompts import EncodedPrompt  # noqa: E402
 from competency_gaps.labels import TopContexts, feed  # noqa: E402
@@ -219,6 +220,12 @@ def main() -> None:
                                   budget_batches, device)
     print(f"{'  + top-20 contexts':<26}{'pipeline':<16}{with_contexts:>12,.0f}{'':>9}"
           f"{with_contexts * per_token / rate:>10.0%}{peak:>10.2f}   (labels: {contexts.n_rows:,} contexts kept)")
+    shard = ShardRows()  # what extraction keeps of each batch for the benchmark's shard
+    positions = {id(batch): list(range(i * 10_000, i * 10_000 + len(batch))) for i, batch in enumerate(budget_batches)}
+    with_rows, peak = measure(lambda b: shard.add(positions[id(b)], batch_saliency(model, sae, args.layer, b, pad_id)),
+                              budget_batches, device)
+    print(f"{'  + shard rows kept':<26}{'pipeline':<16}{with_rows:>12,.0f}{'':>9}"
+          f"{with_rows * per_token / rate:>10.0%}{peak:>10.2f}   (extract.ShardRows)")
     print(f"\nStopping at layer {args.layer} of {model.config.num_hidden_layers} skips "
           f"{1 - (args.layer + 1) / model.config.num_hidden_layers:.0%} of the layers: the forward pass alone gains at most "
           f"{model.config.num_hidden_layers / (args.layer + 1):.2f}× over the naive full forward; beyond that the gain "

@@ -97,3 +97,32 @@ def test_saliency_does_not_depend_on_the_token_budget(tiny_model, sae):
     assert results[0].select("item_id", "concept", "active_tokens").equals(results[1].select("item_id", "concept", "active_tokens"))
     for column in ("saliency", "max_activation"):
         assert (results[0][column] - results[1][column]).abs().max() < 1e-4
+
+
+def test_shard_rows_come_out_by_item_id_then_concept_whatever_the_batch_order():
+    import polars as pl
+    import torch
+
+    from competency_gaps.extract import ShardRows
+    from competency_gaps.saliency import SparseSaliency
+    from competency_gaps.tables import SALIENCY
+
+    def batch(rows: list[int], concepts: list[int]) -> SparseSaliency:
+        n = len(rows)
+        return SparseSaliency(row=torch.tensor(rows), concept=torch.tensor(concepts),
+                              saliency=torch.arange(1, n + 1, dtype=torch.float32), max_activation=torch.ones(n),
+                              active_tokens=torch.ones(n, dtype=torch.int32), counted_tokens=torch.ones(2))
+
+    # Item positions 0..3; their ids sort in another order than the positions (and "é" after ASCII, as polars sorts).
+    ids = ["b-2", "é-1", "a-10", "a-9"]
+    shard = ShardRows()
+    shard.add([3, 0], batch([1, 0, 1], [7, 5, 2]))  # b-2 (row 1): concepts 7 and 2; a-9 (row 0): concept 5
+    shard.add([1, 2], batch([0, 1, 1], [4, 9, 3]))  # é-1: 4; a-10: 9 and 3
+    table = shard.table(ids)
+    assert table.schema == SALIENCY
+    expected = (pl.DataFrame({"item_id": ["b-2", "a-9", "b-2", "é-1", "a-10", "a-10"], "concept": [7, 5, 2, 4, 9, 3],
+                              "saliency": [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]}).sort("item_id", "concept"))
+    got = pl.from_arrow(table)
+    assert got.select("item_id", "concept").equals(expected.select("item_id", "concept").cast({"concept": pl.Int32}))
+    assert got["saliency"].to_list() == expected["saliency"].to_list()  # each value stays with its (item, concept)
+    assert ShardRows().table(ids).num_rows == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -271,7 +272,10 @@ def test_one_token_options_are_scored_from_the_context_forward_alone(tiny_model,
     embedded_tokens.clear()
     got = evaluate.continuation_logprobs(model, pairs, batch_size=8, pad_id=tokenizer.pad_token_id)
     assert_logprobs_match(got, expected)
-    assert len(embedded_tokens) == 1  # both prompts in one left-padded batch, no option forward
+    # The head both prompts share, once; then the rest of both in one left-padded batch; no option forward.
+    contexts = [pairs[0][0], pairs[-1][0]]
+    head = len(os.path.commonprefix(contexts))
+    assert embedded_tokens == [head, 2 * (max(map(len, contexts)) - head)]
 
 
 def test_scored_items_mix_prompts_and_start_of_text_sentences(tiny_model):

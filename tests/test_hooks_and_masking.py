@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -269,3 +271,119 @@ def test_massive_activation_is_left_out_of_the_counted_tokens(tiny_model, tiny_i
     assert seen == [kept.tolist()]
     # T_i as read: the left-out token is not counted, in the batch and in the extraction's token table.
     assert counted.tolist() == [len(kept)] and tokens["counted_tokens"].to_list() == [len(kept)]
+
+
+# ---------------------------------------------------------------- the shared head, read once
+
+
+def items_sharing_a_head() -> list[dict]:
+    """Three items in one instruction template: their prompts share the system turn and the instruction."""
+    from competency_gaps.templates import render_prompt
+
+    items = []
+    for index, question in enumerate(["How many apples does Janet have?", "Who was incompetent?", "What will Tracy do next?"]):
+        prompt = render_prompt({"user": "Answer the question.\n\nQuestion: {question}\nAnswer briefly."}, {"question": question})
+        items.append({"item_id": f"h-{index}", "messages": prompt.messages,
+                      "field_spans": [{"message": m, "start": s, "end": e} for m, s, e in prompt.field_spans]})
+    return items
+
+
+def test_uncounted_prefix_stops_at_the_first_counted_token_and_leaves_a_token_to_read():
+    from competency_gaps.hooks import uncounted_prefix_length
+    from competency_gaps.prompts import EncodedPrompt
+
+    def prompt(ids, first_counted):
+        return EncodedPrompt(ids, [i >= first_counted for i in range(len(ids))])
+
+    assert uncounted_prefix_length([prompt([1, 2, 3, 4, 5], 4), prompt([1, 2, 3, 9, 9], 4)]) == 3  # ids differ at 3
+    assert uncounted_prefix_length([prompt([1, 2, 3, 4, 5], 2), prompt([1, 2, 3, 4, 6], 4)]) == 2  # one counts from 2
+    assert uncounted_prefix_length([prompt([1, 2, 3], 3), prompt([1, 2, 3, 4], 4)]) == 2  # nothing counted: keep one
+    assert uncounted_prefix_length([prompt([7, 2, 3], 1), prompt([1, 2, 3], 1)]) == 0
+    assert uncounted_prefix_length([prompt([1, 2, 3, 4], 3)]) == 0  # one prompt is read once anyway
+
+
+def test_a_shared_head_is_read_once_and_changes_no_counted_activation(tiny_model, random_sae_dirs):
+    """Prompts sharing their chat template's head and instruction: the head goes through the model once, each
+    batch reads only what follows it, and every counted token's residual vector and saliency is what the
+    whole prompt read from its start gives."""
+    from competency_gaps.hooks import read_shared_prefix
+    from competency_gaps.sae import load_sae
+
+    model, tokenizer = tiny_model
+    prompts = [encode_item(tokenizer, item, "fields") for item in items_sharing_a_head()]
+    first_counted = min(p.counted.index(True) for p in prompts)
+    prefix = read_shared_prefix(model, 1, prompts)
+    assert prefix is not None and 0 < prefix.length == first_counted
+    assert all(p.input_ids[: prefix.length] == prompts[0].input_ids[: prefix.length] for p in prompts)
+
+    lengths_read = []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda module, inputs, output: lengths_read.append(inputs[0].shape[1]))
+    try:
+        sae = load_sae(random_sae_dirs[1])
+        shared = batch_activations(model, sae, 1, prompts, tokenizer.pad_token_id, prefix=prefix)
+    finally:
+        handle.remove()
+    assert lengths_read == [max(len(p.input_ids) for p in prompts) - prefix.length]
+    whole = batch_activations(model, sae, 1, prompts, tokenizer.pad_token_id)
+    for got, expected in zip(shared, whole, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for prompt in prompts:
+        ids = torch.tensor([prompt.input_ids])
+        full = residual_stream(model, 1, ids, None)[0, prefix.length :]
+        tail = residual_stream(model, 1, ids[:, prefix.length :], None, prefix)[0]
+        torch.testing.assert_close(tail, full, rtol=1e-4, atol=1e-5)
+    # The prefix's cache is never extended by a batch: it still holds the head alone.
+    assert prefix.cache.get_seq_length() == prefix.length
+
+
+def test_extraction_reads_the_shared_head_once(tiny_model, random_sae_dirs, monkeypatch):
+    """extract_saliency gives the saliency of reading each prompt whole while the model reads the head once."""
+    import competency_gaps.concept_labels as concept_labels
+    from competency_gaps.hooks import SharedPrefix
+    from competency_gaps.sae import load_sae
+
+    model, tokenizer = tiny_model
+    sae = load_sae(random_sae_dirs[1])
+    items = items_sharing_a_head()
+
+    def extract():
+        return extract_saliency(model, tokenizer, sae, 1, items, mode="fields", system_prompt=None, max_length=512,
+                                context_policy="truncate", batch_tokens=4096)[0].sort(["item_id", "concept"])
+
+    prefixes: list[SharedPrefix | None] = []
+    real = concept_labels.read_shared_prefix
+    monkeypatch.setattr(concept_labels, "read_shared_prefix", lambda *a: prefixes.append(real(*a)) or prefixes[-1])
+    shared = extract()
+    monkeypatch.setattr(concept_labels, "read_shared_prefix", lambda *a: None)
+    whole = extract()
+    assert prefixes[0] is not None and prefixes[0].length > 0
+    assert shared.select("item_id", "concept", "active_tokens").equals(whole.select("item_id", "concept", "active_tokens"))
+    for column in ("saliency", "max_activation"):
+        assert (shared[column] - whole[column]).abs().max() < 1e-5
+
+
+def test_multiple_choice_scores_read_the_shared_head_once(tiny_model, monkeypatch):
+    """Option log-probabilities with the items' shared head read once equal those of reading every prompt whole,
+    and the forward passes after the head's own read no longer include it."""
+    import competency_gaps.evaluate as evaluate
+
+    model, tokenizer = tiny_model
+    items = [{**item, "choices": [" yes", " no apples", " three"], "choice_contexts": None}
+             for item in items_sharing_a_head()]
+    pairs = evaluate.loglik_pairs(tokenizer, items, None)
+    head = len(os.path.commonprefix([context for context, _ in pairs]))
+    prompt_lengths = {len(context) for context, _ in pairs}
+    assert head > 0 and len(prompt_lengths) > 1
+
+    read_lengths = []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda module, inputs, output: read_lengths.append(inputs[0].shape[1]))
+    try:
+        shared = evaluate.continuation_logprobs(model, pairs, 8, tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert read_lengths[0] == head  # the head, once
+    assert read_lengths[1] == max(prompt_lengths) - head  # then the rest of every prompt, left padded
+    monkeypatch.setattr(evaluate, "shared_context_prefix", lambda model, contexts: None)
+    whole = evaluate.continuation_logprobs(model, pairs, 8, tokenizer.pad_token_id)
+    for got, expected in zip(shared, whole, strict=True):
+        assert got == pytest.approx(expected, abs=1e-5)

@@ -37,6 +37,7 @@ from competency_gaps.labels import (
     lexical_judge,
     logit_lens_extremes,
 )
+from competency_gaps.hooks import read_shared_prefix
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt
 from competency_gaps.saliency import SparseSaliency, batch_saliency, length_batches
@@ -122,13 +123,18 @@ def read_prompts(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt],
                  contexts: list[TopContexts], pool: NegativePool | None = None, what: str = "read",
                  quality: SAEEvaluation | None = None) -> Iterator[tuple[list[int], SparseSaliency]]:
     """Each token-budget batch's prompt indices and sparse saliency, feeding `contexts` (and `pool`, and
-    `quality`) on the way; progress with rate and ETA goes to the log."""
+    `quality`) on the way; the head all prompts share is read once (`read_shared_prefix`), and the budget
+    counts the tokens after it. Progress with rate and ETA goes to the log."""
+    prefix = read_shared_prefix(model, layer, prompts)
+    skip = prefix.length if prefix is not None else 0
+    if prefix is not None:
+        log.info("%s: the %d tokens every prompt starts with are read once", what, skip)
     progress = Progress(log, what, sum(len(p.input_ids) for p in prompts), "tokens")
-    for batch in length_batches([len(p.input_ids) for p in prompts], batch_tokens):
+    for batch in length_batches([len(p.input_ids) - skip for p in prompts], batch_tokens):
         chosen = [prompts[i] for i in batch]
         rows = torch.tensor(batch, dtype=torch.long)
         observe = (lambda acts, rows=rows: feed(contexts, pool, acts, rows)) if contexts else None
-        yield batch, batch_saliency(model, sae, layer, chosen, pad_id, observe, quality)
+        yield batch, batch_saliency(model, sae, layer, chosen, pad_id, observe, quality, prefix)
         progress.update(sum(len(p.input_ids) for p in chosen))
 
 

@@ -8,7 +8,6 @@ response to the benchmark's answer extractor (competency_gaps.scoring).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from competency_gaps.benchmarks.base import GENERATION_POLICIES, LOGLIK_POLICIES
+from competency_gaps.hooks import SharedPrefix, cache_rows, new_cache, read_prefix, shared_prefix_length, with_cache
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import prompt_text
 from competency_gaps.saliency import length_batches, padded
@@ -90,31 +90,33 @@ class ContextCache:
     next_logprobs: torch.Tensor  # [contexts, vocabulary] float32, on the model's device
 
 
-def read_contexts(model: Any, contexts: list[list[int]], pad_id: int) -> ContextCache:
+def read_contexts(model: Any, contexts: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> ContextCache:
     """One forward over the contexts, left padded so that every context ends in the last column: its
     logits are the only ones computed, and positions between real tokens are the same in the cache as in
-    the text (sliding-window layers count cache slots)."""
+    the text (sliding-window layers count cache slots). With `prefix` (the head every context starts with,
+    read once) each row starts from its cache and the padding sits between it and the rest of the context."""
     device = next(model.parameters()).device
-    ids, mask = padded(contexts, pad_id, side="left")
-    ids, mask = ids.to(device), mask.to(device)
+    skip = prefix.length if prefix is not None else 0
+    ids, tail_mask = padded([context[skip:] for context in contexts], pad_id, side="left")
+    ids = ids.to(device)
+    mask = torch.cat([torch.ones(len(contexts), skip, dtype=tail_mask.dtype), tail_mask], dim=1).to(device)
     # Real tokens take positions 0..n-1 whatever the padding; padding gets a harmless 1 (as in `generate`).
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, skip:]
+    cache = prefix.rows(len(contexts)) if prefix is not None else new_cache(model)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **with_cache(model, cache))
     next_logprobs = torch.log_softmax(output.logits[:, -1].float(), -1)
-    return ContextCache(output.past_key_values, mask, mask.sum(-1), next_logprobs)
+    return ContextCache(cache, mask, mask.sum(-1), next_logprobs)
 
 
-def cache_rows(cache: Any, rows: torch.Tensor) -> Any:
-    """A new cache holding `rows` of `cache` (repeated where options share a context); `cache` is left intact.
-
-    The cache's layer objects are copied with their tensors shared (the memo), then rows are selected:
-    indexing makes new tensors, and a forward only rebinds a layer's tensors (concatenation), so the
-    context cache is never written and never copied whole.
-    """
-    shared = {id(value): value for layer in cache.layers for value in vars(layer).values() if isinstance(value, torch.Tensor)}
-    selected = copy.deepcopy(cache, memo=shared)
-    selected.batch_select_indices(rows)
-    return selected
+def shared_context_prefix(model: Any, contexts: list[list[int]]) -> SharedPrefix | None:
+    """The head all `contexts` share (an item template's system turn and instruction), read once through the
+    model, leaving each context a token of its own; None when they share none, or for a model with
+    sliding-window layers, which count the padding between the head and the rest as context."""
+    if getattr(model.config.get_text_config(), "sliding_window", None):
+        return None
+    length = shared_prefix_length(contexts, min(len(context) for context in contexts) - 1) if contexts else 0
+    return read_prefix(model, contexts[0][:length]) if length else None
 
 
 def continuation_tail_logprobs(model: Any, contexts: ContextCache, rows: list[int], tails: list[list[int]],
@@ -131,7 +133,7 @@ def continuation_tail_logprobs(model: Any, contexts: ContextCache, rows: list[in
     mask = torch.cat([contexts.mask[rows_t], tail_mask], dim=1)
     positions = contexts.lengths[rows_t, None] + torch.arange(ids.shape[1], device=device)
     logits_BTV = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache_rows(contexts.cache, rows_t), use_cache=True).logits
+                       use_cache=True, **with_cache(model, cache_rows(contexts.cache, rows_t))).logits
     # Normalise only the real continuation rows: a batch × a 50k vocabulary would otherwise cost gigabytes.
     real = tail_mask.bool()
     logprobs = torch.log_softmax(logits_BTV[real].float(), -1)
@@ -173,13 +175,16 @@ def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], 
 
     Pairs sharing a context (an item's options) read it once: contexts go through the model in batches,
     the first continuation token is scored from the context's last logit, and the rest of every
-    continuation from a copy of the context's key/value cache, so a long prompt is not re-read per option.
+    continuation from a copy of the context's key/value cache, so a long prompt is not re-read per option;
+    the head every context shares (the chat template's system turn, the benchmark's instruction) is read once.
     """
     groups = shared_context_groups(pairs)
+    prefix = shared_context_prefix(model, [group.context for group in groups])
+    skip = prefix.length if prefix is not None else 0
     results: list[list[float]] = [[] for _ in pairs]
     progress = Progress(log, "scored", len(pairs), "options")
-    for batch in length_batches([len(group.context) for group in groups], max_tokens, batch_size):
-        contexts = read_contexts(model, [groups[g].context for g in batch], pad_id)
+    for batch in length_batches([len(group.context) - skip for group in groups], max_tokens, batch_size):
+        contexts = read_contexts(model, [groups[g].context for g in batch], pad_id, prefix)
         scored = [(row, index) for row, g in enumerate(batch) for index in groups[g].members if pairs[index][1]]
         if scored:
             score_from_contexts(model, contexts, scored, pairs, results, pad_id, max_tokens)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from competency_gaps.hooks import massive, residual_stream
+from competency_gaps.hooks import massive, read_shared_prefix, residual_stream
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.tables import write_json
@@ -165,19 +165,22 @@ def prompt_batches(lengths: list[int], batch_tokens: int, window: int | None = N
 def prompt_activations(model: Any, layer: int, prompts: list[EncodedPrompt], *, batch_tokens: int,
                        n_vectors: int | None = None, window: int | None = None) -> Iterator[torch.Tensor]:
     """Residual-stream vectors after `layer` at the prompts' counted tokens (as extraction reads them:
-    right-padded batches of at most `batch_tokens` padded tokens), in prompt and position order within a
-    batch; at most `n_vectors` in all. float32 on the model's device."""
+    right-padded batches of at most `batch_tokens` padded tokens after the head they all share, which is read
+    once: `read_shared_prefix`), in prompt and position order within a batch; at most `n_vectors` in all.
+    float32 on the model's device."""
     from competency_gaps.saliency import model_device, pad_right
 
     device = model_device(model)
+    prefix = read_shared_prefix(model, layer, prompts)
+    skip = prefix.length if prefix is not None else 0
     left = math.inf if n_vectors is None else n_vectors
-    for batch in prompt_batches([len(p.input_ids) for p in prompts], batch_tokens, window):
+    for batch in prompt_batches([len(p.input_ids) - skip for p in prompts], batch_tokens, window):
         if left <= 0:
             return
         ids, _, counted = pad_right([prompts[i] for i in batch], pad_id=0)
         # Right padding under causal attention: no real token attends to the pads after it (no mask needed).
-        resid = residual_stream(model, layer, ids.to(device), None)
-        chunk = resid[counted.to(device)][: left if n_vectors is not None else None].float()
+        resid = residual_stream(model, layer, ids[:, skip:].to(device), None, prefix)
+        chunk = resid[counted[:, skip:].to(device)][: left if n_vectors is not None else None].float()
         left -= len(chunk)
         yield chunk
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from competency_gaps.hooks import MASSIVE_NORM_RATIO, massive, residual_stream
+from competency_gaps.hooks import MASSIVE_NORM_RATIO, SharedPrefix, massive, residual_stream
 from competency_gaps.prompts import EncodedPrompt
 
 if TYPE_CHECKING:
@@ -148,19 +148,20 @@ def leave_out_massive(counted: torch.Tensor, rows: torch.Tensor, positions: torc
 
 @torch.inference_mode()
 def batch_activations(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,
-                      observe: BatchObserver | None = None, chunk: int = ENCODE_CHUNK, quality: SAEEvaluation | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      observe: BatchObserver | None = None, chunk: int = ENCODE_CHUNK, quality: SAEEvaluation | None = None,
+                      prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per item, on the model's device: mean activation (B, K), max activation (B, K), the number of
     active counted tokens (B, K) and the counted tokens read (B,), massive activations left out. `observe`,
     when given, sees the batch's non-zero activations; `quality` accumulates the SAE's reconstruction of the
-    counted tokens."""
+    counted tokens. `prefix`: the head every prompt starts with, read once (`hooks.read_shared_prefix`)."""
     device = model_device(model)
     ids, _, counted = (tensor.to(device, non_blocking=True) for tensor in pad_right(prompts, pad_id))
+    skip = prefix.length if prefix is not None else 0
     # Right padding under causal attention: no real token attends to the pads after it, so the batch needs no
-    # attention mask, which lets attention run its fused causal kernels (the outputs are identical).
-    resid_BLD = residual_stream(model, layer, ids, None)
+    # attention mask, which (without a prefix) lets attention run its fused causal kernels (the outputs are identical).
+    resid_BLD = residual_stream(model, layer, ids[:, skip:], None, prefix)
     rows, positions = counted.nonzero(as_tuple=True)
-    vectors_ND = resid_BLD[rows, positions].to(sae.W_enc.dtype)
+    vectors_ND = resid_BLD[rows, positions - skip].to(sae.W_enc.dtype)
     if len(rows):
         rows, positions, vectors_ND = leave_out_massive(counted, rows, positions, vectors_ND)
     n_concepts = sae.cfg.d_sae
@@ -192,6 +193,7 @@ def sparsify(mean_BK: torch.Tensor, peak_BK: torch.Tensor, active_BK: torch.Tens
 
 
 def batch_saliency(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int,
-                   observe: BatchObserver | None = None, quality: SAEEvaluation | None = None) -> SparseSaliency:
-    """The sparse saliency of one batch of prompts."""
-    return sparsify(*batch_activations(model, sae, layer, prompts, pad_id, observe, quality=quality))
+                   observe: BatchObserver | None = None, quality: SAEEvaluation | None = None,
+                   prefix: SharedPrefix | None = None) -> SparseSaliency:
+    """The sparse saliency of one batch of prompts (`prefix`: their shared head, read once)."""
+    return sparsify(*batch_activations(model, sae, layer, prompts, pad_id, observe, quality=quality, prefix=prefix))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from competency_gaps.benchmarks import get_adapter
 from competency_gaps.config import gguf_file, model_shape, resolve_device, validate_config
 from competency_gaps.templates import TEMPLATES_FILE
 from competency_gaps.workflow import (alternatives, model_job_memory_mb, sae_job_memory_mb, sae_job_runtime_min,
@@ -139,8 +140,17 @@ def sae_runtime(wildcards):
     return sae_job_runtime_min(model_params(wildcards.model), entry["train"], config["device"])
 
 
-# Threads of a job that runs the model (capped at --cores locally; CPUs per task on a cluster).
+# Threads of a job that runs the model (capped at --cores locally; CPUs per task on a cluster): SAE training and
+# labels run once per (model, layer); evaluate and extract fan out per benchmark, so Snakemake runs them side by side.
 MODEL_THREADS = config["threads"]
+BENCHMARK_THREADS = config["benchmark_threads"]
+
+
+def evaluation_priority(wildcards):
+    """Benchmarks scored by decoding go first: theirs are the longest evaluation jobs (the default run's GSM8K: 233 s
+    on one thread, the next 110 s), and a long job started last runs alone while the other cores wait."""
+    spec = config["benchmarks"][wildcards.benchmark]
+    return 1 if get_adapter(spec["adapter"], spec.get("options")).generates else 0
 
 
 def neuronpedia_export(wildcards):

@@ -89,7 +89,7 @@ rule flipped_extract:
         f"{RESULTS}/logs/flipped_extract/model={{model}}/layer={{layer}}/sae_of={{sae_model}}/benchmark={{benchmark}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/flipped_extract/model={{model}}/layer={{layer}}/sae_of={{sae_model}}/benchmark={{benchmark}}.tsv"
-    threads: MODEL_THREADS
+    threads: BENCHMARK_THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=120,

@@ -14,7 +14,8 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate/model={{model}}/benchmark={{benchmark}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/evaluate/model={{model}}/benchmark={{benchmark}}.tsv"
-    threads: MODEL_THREADS
+    threads: BENCHMARK_THREADS
+    priority: evaluation_priority
     resources:
         mem_mb=model_mem_mb,
         runtime=120,

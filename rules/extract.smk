@@ -23,7 +23,7 @@ rule extract:
         f"{RESULTS}/logs/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}.log",
     benchmark:
         f"{RESULTS}/benchmarks_runtime/extract/model={{model}}/benchmark={{benchmark}}/layer={{layer}}.tsv"
-    threads: MODEL_THREADS
+    threads: BENCHMARK_THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=120,

@@ -41,6 +41,9 @@ rule sae:
         f"{RESULTS}/benchmarks_runtime/sae/model={{model}}/layer={{layer}}.tsv"
     # Only training runs the model; copying a pretrained SAE needs one thread and no GPU.
     threads: lambda wc: MODEL_THREADS if trains_sae(wc) else 1
+    # First among the jobs ready with it: extraction, labels and every table wait for the SAE, while the
+    # per-benchmark evaluations can fill the cores later, side by side with the extractions.
+    priority: 2
     resources:
         mem_mb=sae_mem_mb,  # follows from d_model and the shuffle buffer, not from training_tokens
         runtime=sae_runtime,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from competency_gaps.benchmarks import get_adapter
+from competency_gaps.benchmarks import ADAPTERS, get_adapter
+from competency_gaps.benchmarks.base import GENERATION_POLICIES
 from competency_gaps.prepare import BenchmarkDataError, PrepareReport, prepare_benchmark, read_items
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"  # <repo>/../shared
@@ -352,3 +353,24 @@ def test_hub_rows_reach_to_item_with_the_hub_label(monkeypatch):
     assert calls == [("openai/gsm8k", "main", "test")]
     assert (rows[0].file, rows[0].line) == ("hub:openai/gsm8k/main[test]", 1)
     assert get_adapter("gsm8k").to_item(rows[0]).gold == "5"
+
+
+# --- what the workflow knows before reading items -------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(set(ADAPTERS) - {"generic"}))
+def test_an_adapter_says_whether_its_items_are_decoded(name):
+    """`generates` (which orders the evaluation jobs, longest first) agrees with the scoring of the items it reads."""
+    adapter = get_adapter(name, {"n": 20, "seed": 0} if name.startswith("probe_") else None)
+    if adapter.needs_data:
+        items = all_items(name).values()
+    else:
+        items = read_items(adapter, {"adapter": name, "options": {"n": 20, "seed": 0}, "limit": None, "seed": 0}, PrepareReport())
+    assert adapter.generates == any(item.scoring in GENERATION_POLICIES for item in items)
+
+
+def test_the_generic_adapter_generates_when_its_policy_decodes(tmp_path):
+    data = write_jsonl(tmp_path / "items.jsonl", [{"question": "2 + 2?", "answer": "4"}])
+    assert get_adapter("generic", {"file": str(data), "scoring": "numeric_match"}).generates
+    assert not get_adapter("generic", {"file": str(data), "scoring": "mc_loglik"}).generates

@@ -201,7 +201,7 @@ def test_editing_a_data_file_reruns_only_that_benchmark(finished_run, gsm8k_copy
 def test_throughput_settings_rerun_nothing(finished_run, base_config):
     def faster(config):
         config["models"]["tiny"].update(batch_size=2, generation_batch_size=3)
-        config["threads"] = 1
+        config.update(threads=1, benchmark_threads=2)
 
     with edited(finished_run, base_config, faster):
         assert planned_jobs(finished_run) == {}
@@ -220,12 +220,14 @@ def dry_run_jobs(workdir: Path, *args: str) -> dict[str, str]:
 
 
 def test_gpu_resources_and_threads_follow_the_job(finished_run, base_config):
-    """cuda: model jobs ask for a GPU; copying a pretrained SAE asks for neither a GPU nor many threads."""
-    with edited(finished_run, base_config, lambda config: config.update(device="cuda", threads=2)):
-        jobs = dry_run_jobs(finished_run, "--forceall")
+    """cuda: model jobs ask for a GPU; copying a pretrained SAE asks for neither a GPU nor many threads; the
+    per-benchmark model jobs take `benchmark_threads`, the once-per-layer ones `threads`."""
+    with edited(finished_run, base_config, lambda config: config.update(device="cuda", threads=2, benchmark_threads=3)):
+        jobs = dry_run_jobs(finished_run, "--forceall", "--cores", "4")
     assert "gpu=1" in jobs["evaluate"] and "gpu=1" in jobs["extract"]
     assert "gpu=0" in jobs["sae"] and "threads:" not in jobs["sae"]  # a dry run prints threads only when > 1
-    assert "threads: 2" in jobs["evaluate"]
+    assert "threads: 3" in jobs["evaluate"] and "threads: 3" in jobs["extract"]
+    assert "threads: 2" in jobs["labels"]
     assert re.search(r"mem_mb=\d+", jobs["evaluate"])
 
 

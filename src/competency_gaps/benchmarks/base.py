@@ -86,6 +86,9 @@ class Adapter:
     category: ClassVar[str]
     description: ClassVar[str] = ""
     needs_data: ClassVar[bool] = True  # False for benchmarks the adapter generates itself (probes)
+    # Are (some of) its items scored by decoding a response? Those are the longest evaluation jobs, which the
+    # workflow starts first. Adapters with a configurable policy set it from their options.
+    generates: bool = False
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = dict(options or {})

@@ -24,6 +24,7 @@ from typing import Any
 
 from competency_gaps.benchmarks.base import (
     CATEGORIES,
+    GENERATION_POLICIES,
     LOGLIK_POLICIES,
     SCORING_POLICIES,
     Adapter,
@@ -129,6 +130,7 @@ class Generic(Adapter):
             raise ValueError(f"generic adapter: option 'scoring' must be one of {', '.join(SCORING_POLICIES)}, "
                              f"got {scoring!r}")
         self.scoring: str = scoring
+        self.generates = self.scoring in GENERATION_POLICIES
         columns = dict(self.options.get("columns") or {})
         unknown = sorted(set(columns) - set(ROLES))
         if unknown:

@@ -11,6 +11,7 @@ from competency_gaps.benchmarks.base import Adapter, Item, MalformedRow, SourceR
 
 class GSM8K(Adapter):
     name = "gsm8k"
+    generates = True
     category = "Math"
     description = "Grade-school maths word problems; numeric exact match of the final answer."
 

@@ -33,6 +33,7 @@ def choice_keys(choices: dict[str, Any]) -> list[str]:
 
 class LogicBench(Adapter):
     name = "logicbench"
+    generates = True  # yes/no tasks are decoded; the multiple-choice ones scored by log-likelihood
     category = "Reasoning"
     description = "Propositional, first-order and non-monotonic logic; yes/no (BQA) and 4-way (MCQA) questions."
 

@@ -35,6 +35,7 @@ def parse_level(value: Any) -> int | None:
 
 class MATH(Adapter):
     name = "math"
+    generates = True
     category = "Math"
     description = "Competition mathematics (MATH-500 or the full MATH test split); boxed final answer, LaTeX-aware match."
 

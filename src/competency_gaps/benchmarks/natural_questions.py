@@ -21,6 +21,7 @@ MATCH_POLICIES = {"exact": "short_answer_match", "contains": "short_answer_conta
 
 class NaturalQuestions(Adapter):
     name = "natural_questions"
+    generates = True
     category = "Factuality"
     description = "Open-domain factual questions (NQ-open); short generated answer matched against the gold list."
 

@@ -123,6 +123,7 @@ class ArithmeticProbe(Probe):
     """Options: seed, n, `operations` (add/sub/mul; default all), `digits` (operand digits; default [2, 3, 4])."""
 
     name = "probe_arithmetic"
+    generates = True
     description = "Multi-digit addition, subtraction and multiplication; numeric exact match."
 
     def __init__(self, options: dict[str, Any] | None = None):
@@ -164,6 +165,7 @@ class LetterCountProbe(Probe):
     """Options: seed, n, `absent_fraction` (share of letters not in the word; default 0.2)."""
 
     name = "probe_letter_count"
+    generates = True
     description = "Count the occurrences of a letter in a word; numeric exact match."
 
     def generate(self, rng: random.Random) -> dict[str, Any]:
@@ -215,6 +217,7 @@ class PalindromeProbe(Probe):
     """
 
     name = "probe_palindrome"
+    generates = True
     description = "Decide whether a word or letter string is a palindrome; yes/no, balanced."
 
     def records(self, rng: random.Random) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from competency_gaps.benchmarks.common import read_csv_rows
 
 class Vectara(Adapter):
     name = "vectara"
+    generates = True
     category = "Factuality"
     description = "Faithful summarisation of news passages (Vectara leaderboard documents); judge-scored."
 

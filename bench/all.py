@@ -81,12 +81,13 @@ class Bench:
     name: str
     what: str
     missing: Callable[[], str | None] = lambda: None
-    quick: list[str] = field(default_factory=list)  # arguments of a --quick run
+    quick: list[str] = field(default_factory=list)  # arguments of a --quick run, after `args`
+    args: list[str] = field(default_factory=list)  # arguments of every run
 
 
 BENCHES = [
     Bench("extraction", "saliency extraction: pipeline vs naive (random weights, SmolLM2-135M shape)",
-          quick=["--n-prompts", "16"]),
+          quick=["--n-prompts", "16"], args=["--shared-head", "48"]),  # the default benchmarks share 39-60 tokens
     Bench("shard_rows", "extraction's host side: keeping the saliency rows for the shard (ShardRows vs Python lists)",
           quick=["--items", "2000"]),
     Bench("mc_scoring", "multiple-choice scoring: pipeline vs lm-evaluation-harness",
@@ -162,7 +163,7 @@ def print_machine() -> None:
 def run_script(bench: Bench, quick: bool) -> tuple[str, float]:
     """Run one script, its stdout streamed as it comes; its stderr (logs, progress bars) is kept aside and
     its tail printed only when it fails. Returns the status and the wall seconds."""
-    command = [sys.executable, str(BENCH / f"{bench.name}.py"), *(bench.quick if quick else [])]
+    command = [sys.executable, str(BENCH / f"{bench.name}.py"), *bench.args, *(bench.quick if quick else [])]
     print(f"$ python bench/{bench.name}.py {' '.join(command[2:])}".rstrip(), flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TQDM_DISABLE": "1"}
     start = time.perf_counter()

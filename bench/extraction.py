@@ -10,7 +10,11 @@ Models and SAEs have random weights of a real shape, so nothing is downloaded:
   python bench/extraction.py --shape llama-1b --d-sae 65536 --k 64 --layer 8 --n-prompts 512 --batch-sizes 8,32
                                                                 # GPU: the issue's H100 setup (bf16)
 Prints tokens/s, peak device memory and the fraction of the roofline (FLOPs of the layers up to the hooked
-one plus the SAE encoder, over the measured matmul rate of this machine).
+one plus the SAE encoder, over the measured matmul rate of this machine). `--shared-head N` gives every prompt
+the same first N uncounted tokens, as a chat template's system turn and a benchmark's instruction do (39-60 of
+the default benchmarks' 59-135 SmolLM2 tokens), and adds the workflow's reading of them: once, each batch
+starting from their key/value cache (`hooks.read_shared_prefix`). Its tokens/s counts every prompt token, the
+head's included, so it can pass the roofline of reading them all.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from competency_gaps.extract import ShardRows  # noqa: E402
+from competency_gaps.hooks import read_shared_prefix  # noqa: E402
 from competency_gaps.models import decoder_layers  # noqa: E402
 from competency_gaps.prompts import EncodedPrompt  # noqa: E402
 from competency_gaps.labels import TopContexts, feed  # noqa: E402
@@ -61,11 +66,15 @@ def random_sae(d_in: int, d_sae: int, k: int, layer: int, device: torch.device, 
     return sae.to(device=device, dtype=dtype)
 
 
-def random_prompts(n: int, shortest: int, longest: int, vocab: int) -> list[EncodedPrompt]:
+def random_prompts(n: int, shortest: int, longest: int, vocab: int, shared_head: int = 0) -> list[EncodedPrompt]:
+    """Random token ids; the first max(TEMPLATE_TOKENS, shared_head) are not counted, and the first `shared_head`
+    are the same in every prompt."""
     generator = torch.Generator().manual_seed(2)
     lengths = torch.randint(shortest, longest + 1, (n,), generator=generator).tolist()
-    return [EncodedPrompt(input_ids=torch.randint(10, vocab, (length,), generator=generator).tolist(),
-                          counted=[i >= TEMPLATE_TOKENS for i in range(length)]) for length in lengths]
+    head = torch.randint(10, vocab, (shared_head,), generator=generator).tolist()
+    uncounted = max(TEMPLATE_TOKENS, shared_head)
+    return [EncodedPrompt(input_ids=head + torch.randint(10, vocab, (length - shared_head,), generator=generator).tolist(),
+                          counted=[i >= uncounted for i in range(length)]) for length in lengths]
 
 
 @torch.inference_mode()
@@ -180,6 +189,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=0, help="also run the token-budget batching (0: 4096 on CPU, 32768 on GPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--shared-head", type=int, default=0,
+                        help="uncounted tokens every prompt starts with (default benchmarks: 39-60); adds a row reading them once")
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -188,7 +199,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = random_model(args.shape, device, dtype)
     sae = random_sae(model.config.hidden_size, args.d_sae, args.k, args.layer, device, dtype)
-    prompts = random_prompts(args.n_prompts, args.shortest, args.longest, model.config.vocab_size)
+    if not 0 <= args.shared_head < args.shortest:
+        parser.error("--shared-head must be below --shortest (every prompt needs a token of its own)")
+    prompts = random_prompts(args.n_prompts, args.shortest, args.longest, model.config.vocab_size, args.shared_head)
     tokens = sum(len(p.input_ids) for p in prompts)
     mean_length = tokens / len(prompts)
     rate = matmul_rate(device, dtype, model.config.hidden_size)
@@ -226,6 +239,16 @@ def main() -> None:
                               budget_batches, device)
     print(f"{'  + shard rows kept':<26}{'pipeline':<16}{with_rows:>12,.0f}{'':>9}"
           f"{with_rows * per_token / rate:>10.0%}{peak:>10.2f}   (extract.ShardRows)")
+    if args.shared_head:
+        def read_with_head() -> None:  # as extraction reads a benchmark: the head once, then every batch after it
+            prefix = read_shared_prefix(model, args.layer, prompts)
+            tails = length_batches([len(p.input_ids) - prefix.length for p in prompts], budget)
+            for batch in tails:
+                batch_saliency(model, sae, args.layer, [prompts[i] for i in batch], pad_id, prefix=prefix)
+
+        with_head, peak = measure(lambda _: read_with_head(), [prompts], device)
+        print(f"{'  + head read once':<26}{'pipeline':<16}{with_head:>12,.0f}{'':>9}"
+              f"{with_head * per_token / rate:>10.0%}{peak:>10.2f}   ({args.shared_head} tokens of every prompt)")
     print(f"\nStopping at layer {args.layer} of {model.config.num_hidden_layers} skips "
           f"{1 - (args.layer + 1) / model.config.num_hidden_layers:.0%} of the layers: the forward pass alone gains at most "
           f"{model.config.num_hidden_layers / (args.layer + 1):.2f}× over the naive full forward; beyond that the gain "

@@ -87,7 +87,7 @@ class Bench:
 
 BENCHES = [
     Bench("extraction", "saliency extraction: pipeline vs naive (random weights, SmolLM2-135M shape)",
-          quick=["--n-prompts", "16"], args=["--shared-head", "48"]),  # the default benchmarks share 39-60 tokens
+          quick=["--n-prompts", "16"], args=["--shared-head", "48"]),  # the default benchmarks share 37-60 tokens
     Bench("shard_rows", "extraction's host side: keeping the saliency rows for the shard (ShardRows vs Python lists)",
           quick=["--items", "2000"]),
     Bench("mc_scoring", "multiple-choice scoring: pipeline vs lm-evaluation-harness",

@@ -11,7 +11,7 @@ Models and SAEs have random weights of a real shape, so nothing is downloaded:
                                                                 # GPU: the issue's H100 setup (bf16)
 Prints tokens/s, peak device memory and the fraction of the roofline (FLOPs of the layers up to the hooked
 one plus the SAE encoder, over the measured matmul rate of this machine). `--shared-head N` gives every prompt
-the same first N uncounted tokens, as a chat template's system turn and a benchmark's instruction do (39-60 of
+the same first N uncounted tokens, as a chat template's system turn and a benchmark's instruction do (37-60 of
 the default benchmarks' 59-135 SmolLM2 tokens), and adds the workflow's reading of them: once, each batch
 starting from their key/value cache (`hooks.read_shared_prefix`). Its tokens/s counts every prompt token, the
 head's included, so it can pass the roofline of reading them all.
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--shared-head", type=int, default=0,
-                        help="uncounted tokens every prompt starts with (default benchmarks: 39-60); adds a row reading them once")
+                        help="uncounted tokens every prompt starts with (default benchmarks: 37-60); adds a row reading them once")
     args = parser.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -127,8 +127,6 @@ def read_prompts(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt],
     counts the tokens after it. Progress with rate and ETA goes to the log."""
     prefix = read_shared_prefix(model, layer, prompts)
     skip = prefix.length if prefix is not None else 0
-    if prefix is not None:
-        log.info("%s: the %d tokens every prompt starts with are read once", what, skip)
     progress = Progress(log, what, sum(len(p.input_ids) for p in prompts), "tokens")
     for batch in length_batches([len(p.input_ids) - skip for p in prompts], batch_tokens):
         chosen = [prompts[i] for i in batch]

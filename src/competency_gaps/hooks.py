@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from competency_gaps.models import decoder_layers
 
 if TYPE_CHECKING:
     from competency_gaps.prompts import EncodedPrompt
+
+log = logging.getLogger(__name__)
 
 
 # Massive activations (Sun et al., 2024): a few corpus tokens, nearly all the first one kept from a row that starts
@@ -91,7 +94,7 @@ class SharedPrefix:
     """The first `length` tokens of every prompt of a set, the same ids in all and counted in none, read once
     (up to the hooked layer, or through the whole model for scoring) into a key/value cache that each batch
     starts from, so that a batch reads only what follows. The default benchmarks' prompts share their chat
-    template's system turn and their instruction: 39-60 of their 59-135 SmolLM2 tokens a prompt."""
+    template's system turn and their instruction: 37-60 of their 59-135 SmolLM2 tokens a prompt."""
 
     length: int
     cache: Any  # a transformers Cache of one row: its layers up to the hooked one filled (or all of them)
@@ -133,6 +136,7 @@ def read_prefix(model: torch.nn.Module, ids: list[int], layer: int | None = None
                 model(input_ids=input_ids, use_cache=True, **with_cache(model, cache))
             except _StopForward:
                 pass
+    log.info("the %d tokens every prompt starts with are read once", len(ids))
     return SharedPrefix(len(ids), cache)
 
 

@@ -147,8 +147,8 @@ BENCHMARK_THREADS = config["benchmark_threads"]
 
 
 def evaluation_priority(wildcards):
-    """Benchmarks scored by decoding go first: theirs are the longest evaluation jobs (the default run's GSM8K: 233 s
-    on one thread, the next 110 s), and a long job started last runs alone while the other cores wait."""
+    """Benchmarks scored by decoding go first: theirs are the longest evaluation jobs (the default run's GSM8K: 240 s
+    on one thread, the next 79 s), and a long job started last runs alone while the other cores wait."""
     spec = config["benchmarks"][wildcards.benchmark]
     return 1 if get_adapter(spec["adapter"], spec.get("options")).generates else 0
 

@@ -231,10 +231,13 @@ def test_shared_prefix_logprobs_on_sliding_window_models(tiny_model, architectur
     torch.manual_seed(0)
     model = (MistralForCausalLM(MistralConfig(**shape)) if architecture == "mistral"
              else Gemma2ForCausalLM(Gemma2Config(**shape))).eval()
-    pairs = mixed_pairs(tokenizer)
-    assert max(len(context) for context, _ in pairs) > 2 * shape["sliding_window"]
-    got = evaluate.continuation_logprobs(model, pairs, batch_size=8, pad_id=tokenizer.pad_token_id)
-    assert_logprobs_match(got, reference_logprobs(model, pairs))
+    head = tokenizer("Answer the question about Janet and her apples.")["input_ids"]
+    for pairs in (mixed_pairs(tokenizer), [(head + context, option) for context, option in mixed_pairs(tokenizer)]):
+        assert max(len(context) for context, _ in pairs) > 2 * shape["sliding_window"]
+        got = evaluate.continuation_logprobs(model, pairs, batch_size=8, pad_id=tokenizer.pad_token_id)
+        assert_logprobs_match(got, reference_logprobs(model, pairs))
+    # A shared head is not read apart: the padding after it would take window slots from the context.
+    assert evaluate.shared_context_prefix(model, [context for context, _ in pairs]) is None
 
 
 @pytest.fixture()

@@ -18,7 +18,8 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from competency_gaps.benchmarks.base import GENERATION_POLICIES, LOGLIK_POLICIES
-from competency_gaps.hooks import SharedPrefix, cache_rows, new_cache, read_prefix, shared_prefix_length, with_cache
+from competency_gaps.hooks import (SharedPrefix, cache_rows, has_sliding_window, new_cache, read_prefix, shared_prefix_length,
+                                  with_cache)
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import prompt_text
 from competency_gaps.saliency import length_batches, padded
@@ -113,7 +114,7 @@ def shared_context_prefix(model: Any, contexts: list[list[int]]) -> SharedPrefix
     """The head all `contexts` share (an item template's system turn and instruction), read once through the
     model, leaving each context a token of its own; None when they share none, or for a model with
     sliding-window layers, which count the padding between the head and the rest as context."""
-    if getattr(model.config.get_text_config(), "sliding_window", None):
+    if has_sliding_window(model):
         return None
     length = shared_prefix_length(contexts, min(len(context) for context in contexts) - 1) if contexts else 0
     return read_prefix(model, contexts[0][:length]) if length else None

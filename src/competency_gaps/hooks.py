@@ -69,6 +69,14 @@ def new_cache(model: torch.nn.Module) -> Any:
     return DynamicCache(config=model.config)
 
 
+def has_sliding_window(model: torch.nn.Module) -> bool:
+    """Does any layer attend over a window of cache slots (Mistral, Gemma 2 and 3), so that padding inside a row
+    of the cache would take the place of context?"""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    return any(isinstance(layer, DynamicSlidingWindowLayer) for layer in new_cache(model).layers)
+
+
 def with_cache(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The forward's keyword argument for a key/value cache: `cache` from transformers 5.24 on, `past_key_values`
     before (deprecated since then)."""

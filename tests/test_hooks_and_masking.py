@@ -387,3 +387,28 @@ def test_multiple_choice_scores_read_the_shared_head_once(tiny_model, monkeypatc
     whole = evaluate.continuation_logprobs(model, pairs, 8, tokenizer.pad_token_id)
     for got, expected in zip(shared, whole, strict=True):
         assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_shared_head_longer_than_a_sliding_window_changes_no_activation(tiny_model):
+    """Mistral with a 6-token window: the head (longer than the window) is read once, and each prompt's tokens
+    after it get the residual vectors of reading the prompt whole."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from competency_gaps.hooks import read_shared_prefix
+    from competency_gaps.prompts import EncodedPrompt
+
+    _, tokenizer = tiny_model
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=8, sliding_window=6)).eval()
+    head = tokenizer("Answer the question about Janet and her apples.")["input_ids"]
+    tails = [tokenizer(text)["input_ids"] for text in ("How many apples?", "Who was incompetent in the end?")]
+    prompts = [EncodedPrompt(head + tail, [False] * len(head) + [True] * len(tail)) for tail in tails]
+    prefix = read_shared_prefix(model, 1, prompts)
+    assert prefix is not None and prefix.length == len(head) > 6
+    for prompt in prompts:
+        ids = torch.tensor([prompt.input_ids])
+        full = residual_stream(model, 1, ids, None)[0, prefix.length :]
+        tail = residual_stream(model, 1, ids[:, prefix.length :], None, prefix)[0]
+        torch.testing.assert_close(tail, full, rtol=1e-4, atol=1e-5)

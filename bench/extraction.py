@@ -13,7 +13,7 @@ Prints tokens/s, peak device memory and the fraction of the roofline (FLOPs of t
 one plus the SAE encoder, over the measured matmul rate of this machine). `--shared-head N` gives every prompt
 the same first N uncounted tokens, as a chat template's system turn and a benchmark's instruction do (37-60 of
 the default benchmarks' 59-135 SmolLM2 tokens), and adds the workflow's reading of them: once, each batch
-starting from their key/value cache (`hooks.read_shared_prefix`). Its tokens/s counts every prompt token, the
+starting from their key/value cache (`concept_labels.read_prompts`). Its tokens/s counts every prompt token, the
 head's included, so it can pass the roofline of reading them all.
 """
 
@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from competency_gaps.concept_labels import read_prompts  # noqa: E402
 from competency_gaps.extract import ShardRows  # noqa: E402
-from competency_gaps.hooks import read_shared_prefix  # noqa: E402
 from competency_gaps.models import decoder_layers  # noqa: E402
 from competency_gaps.prompts import EncodedPrompt  # noqa: E402
 from competency_gaps.labels import TopContexts, feed  # noqa: E402
@@ -240,13 +240,9 @@ def main() -> None:
     print(f"{'  + shard rows kept':<26}{'pipeline':<16}{with_rows:>12,.0f}{'':>9}"
           f"{with_rows * per_token / rate:>10.0%}{peak:>10.2f}   (extract.ShardRows)")
     if args.shared_head:
-        def read_with_head() -> None:  # as extraction reads a benchmark: the head once, then every batch after it
-            prefix = read_shared_prefix(model, args.layer, prompts)
-            tails = length_batches([len(p.input_ids) - prefix.length for p in prompts], budget)
-            for batch in tails:
-                batch_saliency(model, sae, args.layer, [prompts[i] for i in batch], pad_id, prefix=prefix)
-
-        with_head, peak = measure(lambda _: read_with_head(), [prompts], device)
+        # As extraction reads a benchmark (concept_labels.read_prompts): the head once, then every batch after it.
+        with_head, peak = measure(lambda batch: list(read_prompts(model, sae, args.layer, batch, pad_id, budget, [])),
+                                  [prompts], device)
         print(f"{'  + head read once':<26}{'pipeline':<16}{with_head:>12,.0f}{'':>9}"
               f"{with_head * per_token / rate:>10.0%}{peak:>10.2f}   ({args.shared_head} tokens of every prompt)")
     print(f"\nStopping at layer {args.layer} of {model.config.num_hidden_layers} skips "

@@ -11,8 +11,10 @@ from competency_gaps.rankings import (
     KAPPA_MAX,
     RANKINGS,
     benchmark_means,
+    benchmark_spread,
     estimate_shrinkage_strength,
     rank_concepts,
+    sampling_terms,
     shrunk_chi_model,
 )
 
@@ -103,8 +105,18 @@ def test_new_columns_are_appended_after_the_existing_ones():
 
 
 def shrink_frame(rows) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema={"concept": pl.Int32, "chi_model": pl.Float64, "chi_model_prior": pl.Float64,
-                                      "scored_ess": pl.Float64}, orient="row")
+    """Suite rows (concept, chi_model, prior m, scored ESS n), each concept on n equally salient items of one
+    large benchmark whose scores vary as Bernoulli(m): the classical case, where the sampling terms are
+    null_variance m(1 − m)/n, own_share 1 and item_variance m(1 − m)."""
+    return with_classical_terms(pl.DataFrame(rows, schema={
+        "concept": pl.Int32, "chi_model": pl.Float64, "chi_model_prior": pl.Float64, "scored_ess": pl.Float64},
+        orient="row"))
+
+
+def with_classical_terms(frame: pl.DataFrame) -> pl.DataFrame:
+    variance = pl.col("chi_model_prior") * (1 - pl.col("chi_model_prior"))
+    return frame.with_columns(null_variance=variance / pl.col("scored_ess"), own_share=pl.lit(1.0),
+                              item_variance=variance)
 
 
 def test_shrinkage_formula_with_a_fixed_strength():
@@ -127,14 +139,13 @@ def test_fixed_strength_in_the_tables_and_thresholds():
 
 def test_strength_estimate_by_the_method_of_moments():
     # (chi, m, n):  A (0.1, 0.5, 4)  B (0.9, 0.5, 4)  C (0.5, 0.2, 2)  D (0.2, 0.2, 1); E has no chi_model.
-    # mean (chi − m)²      = (0.16 + 0.16 + 0.09 + 0) / 4                  = 0.1025
-    # mean m(1 − m) / n    = (0.0625 + 0.0625 + 0.08 + 0.16) / 4           = 0.09125
-    # mean (1 − 1/n)       = (0.75 + 0.75 + 0.5 + 0) / 4                   = 0.5
-    # τ² = (0.1025 − 0.09125) / 0.5 = 0.0225;  mean m(1 − m) = (0.25 + 0.25 + 0.16 + 0.16) / 4 = 0.205
-    # κ = 0.205 / 0.0225 − 1 = 73/9.
+    # d² = (chi − m)²: 0.16, 0.16, 0.09, 0;  σ² = m(1 − m)/n: 0.0625, 0.0625, 0.08, 0.16;  g² V = m(1 − m).
+    # mean (d² − σ²)     = (0.0975 + 0.0975 + 0.01 − 0.16) / 4   = 0.01125
+    # mean (g² V − σ²)   = (0.1875 + 0.1875 + 0.08 + 0) / 4       = 0.11375
+    # λ = 0.01125 / 0.11375 and κ = 1/λ − 1 = 91/9 − 1 = 82/9.
     frame = shrink_frame([(0, 0.1, 0.5, 4.0), (1, 0.9, 0.5, 4.0), (2, 0.5, 0.2, 2.0), (3, 0.2, 0.2, 1.0),
                           (4, None, None, None)])
-    assert estimate_shrinkage_strength(frame) == pytest.approx(73 / 9)
+    assert estimate_shrinkage_strength(frame) == pytest.approx(82 / 9)
 
 
 def test_strength_estimate_recovers_a_simulated_beta_binomial():
@@ -143,16 +154,16 @@ def test_strength_estimate_recovers_a_simulated_beta_binomial():
     m = rng.uniform(0.2, 0.8, size=4000)
     theta = rng.beta(20 * m, 20 * (1 - m))
     chi = rng.binomial(40, theta) / 40
-    frame = pl.DataFrame({"concept": np.arange(4000), "chi_model": chi, "chi_model_prior": m,
-                          "scored_ess": np.full(4000, 40.0)})
+    frame = with_classical_terms(pl.DataFrame({"concept": np.arange(4000), "chi_model": chi, "chi_model_prior": m,
+                                               "scored_ess": np.full(4000, 40.0)}))
     assert estimate_shrinkage_strength(frame) == pytest.approx(20, rel=0.15)
 
 
 def test_no_spread_beyond_noise_shrinks_everything_to_the_prior():
-    # chi = m for every concept: τ² = (0 − mean m(1−m)/n) / ... < 0 -> κ = ∞, clamped to KAPPA_MAX.
+    # chi = m for every concept: mean (d² − σ²) = −mean m(1−m)/n < 0 -> κ = ∞, clamped to KAPPA_MAX.
     frame = shrink_frame([(0, 0.5, 0.5, 4.0), (1, 0.2, 0.2, 10.0), (2, 0.7, 0.7, 3.0)])
     assert estimate_shrinkage_strength(frame) == KAPPA_MAX
-    # Spread exactly at the noise level: (chi − m)² = m(1 − m)/n for each concept -> τ² = 0, same answer.
+    # Spread exactly at the noise level: (chi − m)² = m(1 − m)/n for each concept -> λ = 0, same answer.
     frame = shrink_frame([(0, 1.0, 0.5, 1.0), (1, 0.0, 0.5, 1.0), (2, 0.25, 0.5, 4.0), (3, 0.75, 0.5, 4.0)])
     assert estimate_shrinkage_strength(frame) == KAPPA_MAX
     assert np.isfinite(KAPPA_MAX) and KAPPA_MAX >= 1e9
@@ -166,20 +177,71 @@ def test_strength_estimate_degenerate_cases():
     assert estimate_shrinkage_strength(shrink_frame([(0, 1.0, 0.5, 1.0), (1, 0.0, 0.3, 1.0)])) == KAPPA_MAX
     # Benchmarks all at 0 or 1: m(1 − m) = 0 and chi = m.
     assert estimate_shrinkage_strength(shrink_frame([(0, 1.0, 1.0, 5.0), (1, 0.0, 0.0, 3.0)])) == KAPPA_MAX
-    # Spread at the Bernoulli maximum (every θ is 0 or 1): τ² ≥ mean m(1 − m) -> no shrinkage, κ = 0.
-    # (0, 0.5, 2), (1, 0.5, 2): τ² = (0.25 − 0.125) / 0.5 = 0.25 = mean m(1 − m) -> κ = 0.25 / 0.25 − 1 = 0.
+    # Spread at the Bernoulli maximum (every θ is 0 or 1): λ = 1 -> no shrinkage, κ = 0.
+    # (0, 0.5, 2), (1, 0.5, 2): λ = (0.25 − 0.125) / (0.25 − 0.125) = 1 -> κ = 1/1 − 1 = 0.
     frame = shrink_frame([(0, 0.0, 0.5, 2.0), (1, 1.0, 0.5, 2.0)])
     assert estimate_shrinkage_strength(frame) == 0.0
     assert frame.select(shrunk_chi_model(0.0))["chi_model_shrunk"].to_list() == [0.0, 1.0]
-    # Beyond it (chi 1 where m = 0.2: (chi − m)² = 0.64 > m(1 − m)): κ = 0.16 / 1.12 − 1 < 0, clamped to 0.
+    # Beyond it (chi 1 where m = 0.2): λ = (0.64 − 0.08) / (0.16 − 0.08) = 7 -> κ = 1/7 − 1 < 0, clamped to 0.
     assert estimate_shrinkage_strength(shrink_frame([(0, 1.0, 0.2, 2.0), (1, 1.0, 0.2, 2.0)])) == 0.0
 
 
 def test_estimated_strength_goes_into_thresholds():
-    _, suite, thresholds = tables(*frames(TWO_BENCHMARK_SALIENCY, TWO_BENCHMARK_ITEMS), 3, NO_BOOT)
-    expected = estimate_shrinkage_strength(suite)
+    saliency, items = frames(TWO_BENCHMARK_SALIENCY, TWO_BENCHMARK_ITEMS)
+    table, suite, thresholds = tables(saliency, items, 3, NO_BOOT)
+    terms = sampling_terms(gap_sums(saliency, items), benchmark_spread(items), "pooled")
+    expected = estimate_shrinkage_strength(suite.join(terms, on="concept", how="left"))
     assert thresholds["shrinkage_strength"] == pytest.approx(expected)
     assert isinstance(thresholds["shrinkage_strength"], float)
+
+
+def gap_sums(saliency: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    from competency_gaps.concepts import frame_batches, gap_statistics
+    return gap_statistics(frame_batches(saliency), items, 3, NO_BOOT).sums
+
+
+def test_benchmark_spread_is_the_sample_variance_of_scored_items():
+    _, items = frames(TWO_BENCHMARK_SALIENCY, TWO_BENCHMARK_ITEMS + [("U", "u1", None), ("V", "v1", 0.5)])
+    spread = benchmark_spread(items).sort("benchmark")
+    assert spread["n_scored"].to_list() == [4, 4, 0, 1]  # h5 and u1 have no score
+    # E: 1, 1, 1, 0 -> Σ (p − 0.75)² / 3 = 0.75 / 3; H likewise; U and V have fewer than two scores.
+    assert spread["score_variance"].to_list() == pytest.approx([0.25, 0.25, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("pooling", ["pooled", "mean"])
+def test_sampling_terms_by_hand(pooling):
+    # E and H: N = 4 scored items each, v = 0.25. c1: E (S 4, Q 8, n 2), H (S 1, Q 1, n 1).
+    # pooled a = (4/5, 1/5); mean a = (1/2, 1/2).
+    #   null_variance = Σ a² v (Q/S² − 1/N): pooled 0.64·0.25·0.25 + 0.04·0.25·0.75 = 0.0475;
+    #                                        mean   0.25·0.25·0.25 + 0.25·0.25·0.75 = 0.0625
+    #   own_share = Σ a (1 − n/N):           pooled 0.8·0.5 + 0.2·0.75 = 0.55;  mean 0.5·0.5 + 0.5·0.75 = 0.625
+    # c0 covers all of H's scored items with equal saliency: its adjusted value is 0 whatever the scores, so
+    # both its noise and its own share are 0. c2 never fires: no row.
+    saliency, items = frames(TWO_BENCHMARK_SALIENCY, TWO_BENCHMARK_ITEMS)
+    terms = sampling_terms(gap_sums(saliency, items), benchmark_spread(items), pooling).sort("concept")
+    assert terms["concept"].to_list() == [0, 1]
+    expected = {"pooled": (0.0475, 0.55), "mean": (0.0625, 0.625)}[pooling]
+    assert terms.row(1)[1:] == pytest.approx((*expected, 0.25))
+    assert terms.row(0)[1:] == pytest.approx((0.0, 0.0, 0.25))
+
+
+def test_strength_estimate_recovers_concept_shifts_across_mixed_benchmarks():
+    """Items of an easy (0.8) and a hard (0.2) benchmark; each of 1,200 concepts owns 15 items of each and shifts
+    their success rate by δ_c ~ N(0, λ·0.16), λ = 1/21 (κ = 20). A concept's prior is 0.5, so m(1 − m) = 0.25,
+    but its items vary as 0.16: reading the noise off m(1 − m) would overstate it and estimate κ ≈ 55."""
+    rng = np.random.default_rng(7)
+    n_concepts, per_benchmark, kappa = 1200, 15, 20.0
+    shift = rng.normal(0.0, np.sqrt(0.16 / (kappa + 1)), size=n_concepts)
+    saliency, items = [], []
+    for benchmark, rate in (("easy", 0.8), ("hard", 0.2)):
+        success = np.clip(rate + np.repeat(shift, per_benchmark), 0, 1)
+        scores = rng.random(success.size) < success
+        for index, (concept, score) in enumerate(zip(np.repeat(np.arange(n_concepts), per_benchmark), scores)):
+            items.append((benchmark, f"{benchmark}{index}", float(score)))
+            saliency.append((benchmark, f"{benchmark}{index}", int(concept), 1.0))
+    saliency, items = frames(saliency, items)
+    _, _, thresholds = tables(saliency, items, n_concepts, NO_BOOT)
+    assert thresholds["shrinkage_strength"] == pytest.approx(kappa, rel=0.25)
 
 
 # ------------------------------------------------------------------------------------------- rankings
@@ -232,8 +294,13 @@ def test_motivating_case_end_to_end_with_an_estimated_strength():
     assert value(suite, BROAD, "scored_ess") == pytest.approx(200)
     assert value(suite, 0, "chi_model") == 0.0 and value(suite, 0, "scored_support") == 2
     # The 120 narrow concepts scatter around 0.5 exactly as two Bernoulli(0.5) draws would: the spread is
-    # noise, so κ is large (≈ 171 by hand: τ² = 0.08875 / 60.995) and the narrow zeros shrink towards 0.5.
-    assert thresholds["shrinkage_strength"] == pytest.approx(0.25 / (0.08875 / 60.995) - 1, rel=1e-6)
+    # noise, so κ is large and the narrow zeros shrink towards 0.5. By hand (v = 0.25 · 400/399, N = 400):
+    # narrow σ² = v (1/2 − 1/N), g = 1 − 2/N, d² 0.25 for the 60 at 0 or 1 and 0 for the 60 at 0.5;
+    # broad σ² = v (1/200 − 1/N), g = 1/2, d² = 0.09.
+    v, n = 0.25 * 400 / 399, 400
+    excess = (60 * 0.25 - 120 * v * (1 / 2 - 1 / n) + 0.09 - v * (1 / 200 - 1 / n)) / 121
+    room = (120 * ((1 - 2 / n) ** 2 * v - v * (1 / 2 - 1 / n)) + 0.25 * v - v * (1 / 200 - 1 / n)) / 121
+    assert thresholds["shrinkage_strength"] == pytest.approx(room / excess - 1, rel=1e-6)
     point = rank_concepts(suite.filter(pl.col("chi_model").is_not_null()), "point")["concept"].to_list()
     assert sorted(point[:30]) == list(range(30)) and point[30] == BROAD
     shrunk = rank_concepts(suite.filter(pl.col("chi_model").is_not_null()), "shrunk")["concept"].to_list()

@@ -29,9 +29,11 @@ from competency_gaps.rankings import (
     RANKINGS,
     adjusted_chi_model,
     benchmark_means,
+    benchmark_spread,
     mean_prior,
     rank_concepts,
     ranking_description,
+    sampling_terms,
     shrinkage_strength,
     shrunk_adjusted_chi_model,
     shrunk_chi_model,
@@ -607,7 +609,9 @@ def _with_support_aware_estimates(suite: pl.DataFrame, statistics: GapStatistics
     # Prior and chi_model rest on the same scored items; keep 'null exactly where chi_model is' explicit.
     suite = suite.with_columns(pl.when(pl.col("chi_model").is_not_null()).then(pl.col("chi_model_prior"))
                                .alias("chi_model_prior"))
-    kappa = shrinkage_strength(suite, options.shrinkage_strength)
+    terms = sampling_terms(statistics.sums, benchmark_spread(statistics.items), options.pooling)
+    kappa = shrinkage_strength(suite.join(terms.with_columns(pl.col("concept").cast(pl.Int32)), on="concept",
+                                          how="left"), options.shrinkage_strength)
     return suite.with_columns(adjusted_chi_model(), shrunk_chi_model(kappa), shrunk_adjusted_chi_model(kappa)), kappa
 
 

@@ -22,8 +22,13 @@ draws its variance) with success rate θ_c, and θ_c ~ Beta(κ m_c, κ (1 − m_
     shrunk_c = (n_c chi_c + κ m_c) / (n_c + κ)
 
 so a concept moves towards its prior in proportion to κ / (n_c + κ): two items barely move it off m_c, an ESS of
-hundreds leaves it near its own chi_c. κ ("prior items") is a config value or is estimated; see
-`estimate_shrinkage_strength`.
+hundreds leaves it near its own chi_c. κ ("prior items") is a config value or is estimated from the spread of the
+adjusted values beyond their sampling noise; see `estimate_shrinkage_strength` and `sampling_terms`. That noise is
+worked out from the items' own benchmarks (each benchmark's score variance, and the share of a concept's items in
+the benchmark mean it is compared with), not from m_c (1 − m_c): a concept spanning a benchmark at 5 % and one at
+90 % has m_c (1 − m_c) near its maximum while its items vary far less, and a concept covering most of a benchmark
+can hardly differ from that benchmark's mean. Reading the noise off m_c overstated it enough on a mixed suite to
+hide every concept-level difference (κ̂ = ∞).
 
 Both at once (the default ranking). The shrunk value minus the prior is the posterior estimate of how much
 weaker or stronger than its benchmarks predict the concept is:
@@ -36,8 +41,6 @@ pulls narrow concepts towards 0, so neither a hard benchmark nor two failed item
 """
 
 from __future__ import annotations
-
-import math
 
 import polars as pl
 
@@ -103,54 +106,72 @@ def shrunk_adjusted_chi_model(kappa: float | None) -> pl.Expr:
     return (n * (pl.col("chi_model") - pl.col("chi_model_prior")) / (n + kappa)).alias("chi_model_shrunk_adjusted")
 
 
-def between_concept_variance(frame: pl.DataFrame) -> tuple[float | None, float]:
-    """Method-of-moments τ² and mean m(1 − m) over the concepts with chi_model, prior and scored_ess.
-
-    Under the beta-binomial model, E[θ(1 − θ)] = m(1 − m) − τ², so for one concept
-        E[(chi − m)²] = Var θ + E[θ(1 − θ)] / n = τ² (1 − 1/n) + m(1 − m) / n.
-    Averaging over concepts (a common τ²) and solving:
-        τ² = [mean (chi − m)² − mean m(1 − m)/n] / mean (1 − 1/n).
-    Returns (τ², mean m(1 − m)); τ² is None when no concept is rated and NaN when it is not identifiable (every
-    concept rests on n = 1 item: mean (1 − 1/n) = 0 and the spread is all noise).
-    """
-    rated = frame.filter(
-        pl.col("chi_model").is_not_null() & pl.col("chi_model_prior").is_not_null() & pl.col("scored_ess").is_not_null()
+def benchmark_spread(items: pl.DataFrame) -> pl.DataFrame:
+    """Per benchmark of `items` (benchmark, score; null: no scorer): n_scored and score_variance (the sample
+    variance of its scored items' scores, 0 with fewer than two)."""
+    score = pl.col("score").cast(pl.Float64).fill_nan(None)
+    return items.group_by("benchmark").agg(
+        n_scored=score.count().cast(pl.Int64),
+        score_variance=score.var(ddof=1).fill_null(0.0),
     )
-    if rated.height == 0:
-        return None, 0.0
-    n = pl.max_horizontal(pl.col("scored_ess"), pl.lit(1.0))  # ESS >= 1; guard rounding just below it
-    prior = pl.col("chi_model_prior")
-    variance = prior * (1 - prior)
-    moments = rated.select(
-        deviation=((pl.col("chi_model") - prior) ** 2).mean(),
-        noise=(variance / n).mean(),
-        weight=(1 - 1 / n).mean(),
-        variance=variance.mean(),
-    ).row(0, named=True)
-    if not moments["weight"] > 0:
-        return math.nan, moments["variance"]
-    return (moments["deviation"] - moments["noise"]) / moments["weight"], moments["variance"]
+
+
+def sampling_terms(sums: pl.DataFrame, spread: pl.DataFrame, pooling: str) -> pl.DataFrame:
+    """Per concept, what the κ estimate needs to tell concept-level spread from sampling noise.
+
+    sums: concept, benchmark, scored_support (n_cb), scored_saliency (S_cb), scored_saliency_sq (Q_cb);
+    spread: `benchmark_spread` (N_b, v_b). The adjusted value is Σ_b a_cb (chi_cb − p̄_b) over the benchmarks
+    where the concept has a chi_model, a_cb = S_cb / Σ S (pooling 'pooled') or 1 / B_c (pooling 'mean'). Returns
+    concept and
+    - null_variance = Σ_b a_cb² v_b (Q_cb / S_cb² − 1 / N_b): its variance when every item of b scores
+      independently around p̄_b with variance v_b (p̄_b is estimated from the same items, hence the − 1 / N_b);
+    - own_share = Σ_b a_cb (1 − n_cb / N_b): the share of a shift of the concept's items that shows in the
+      adjusted value (the rest moves p̄_b with it);
+    - item_variance = Σ_b a_cb v_b: the score variance of the concept's items, the scale of its possible shift.
+    """
+    rated = sums.filter(pl.col("scored_saliency") > 0).join(spread, on="benchmark", how="left")
+    if pooling == "pooled":
+        weight = pl.col("scored_saliency") / pl.col("scored_saliency").sum().over("concept")
+    else:
+        weight = 1.0 / pl.len().over("concept")
+    n_items, variance = pl.col("n_scored"), pl.col("score_variance")
+    return rated.with_columns(weight=weight).group_by("concept").agg(
+        null_variance=(pl.col("weight") ** 2 * variance
+                       * (pl.col("scored_saliency_sq") / pl.col("scored_saliency") ** 2 - 1.0 / n_items)).sum(),
+        own_share=(pl.col("weight") * (1.0 - pl.col("scored_support") / n_items)).sum(),
+        item_variance=(pl.col("weight") * variance).sum(),
+    )
 
 
 def estimate_shrinkage_strength(frame: pl.DataFrame) -> float | None:
-    """κ̂ = mean m(1 − m) / τ̂² − 1 (method of moments, see `between_concept_variance`), clamped to [0, KAPPA_MAX].
+    """κ̂ by the method of moments over the concepts with chi_model, chi_model_prior and the `sampling_terms`.
 
-    With θ ~ Beta(κ m, κ (1 − m)), Var θ = m(1 − m) / (κ + 1); solving for κ with a common τ² and the average
-    m(1 − m) gives the formula. Degenerate cases:
+    Let a concept's shift (the true difference from its prior) have variance λ V_c, V_c its item_variance and
+    λ = 1 / (κ + 1) (the beta-binomial's τ² / m(1 − m)). The adjusted value d_c = chi_c − m_c shows own_share g_c
+    of that shift, over sampling noise of variance σ_c² (null_variance) shrunk by 1 − λ as the shift takes its
+    part of the items' variance:
+        E[d_c²] = λ g_c² V_c + (1 − λ) σ_c²,   so   λ̂ = mean (d² − σ²) / mean (g² V − σ²),   κ̂ = 1 / λ̂ − 1.
+    For a concept on a few items of one large benchmark (g = 1, σ² = V / n) this is the classical
+    E[(chi − m)²] = τ² (1 − 1/n) + m(1 − m) / n. Degenerate cases:
     - no concept with chi_model: None (nothing to shrink);
-    - τ̂² ≤ 0 (the spread of chi around the priors is no more than sampling noise), every concept on n = 1
-      item (τ² not identifiable) or mean m(1 − m) = 0 (every benchmark at 0 or 1, so chi = m): κ = ∞, i.e.
-      KAPPA_MAX, and every shrunk value is its prior;
-    - τ̂² ≥ mean m(1 − m) (spread as large as Bernoulli allows): κ = 0, no shrinkage.
-    Non-binary scores in [0, 1] have within-item variance below θ(1 − θ), so the noise term is an upper bound
-    and κ̂ errs towards more shrinkage.
+    - mean (d² − σ²) ≤ 0 (the spread around the priors is no more than sampling noise), or mean (g² V − σ²) ≤ 0
+      (no concept could show a shift above its noise: every concept on one item, or every benchmark's scores
+      all equal): κ = ∞, i.e. KAPPA_MAX, and every shrunk value is its prior;
+    - λ̂ ≥ 1 (spread as large as the items' variance allows): κ = 0, no shrinkage.
     """
-    tau2, variance = between_concept_variance(frame)
-    if tau2 is None:
+    rated = frame.filter(pl.all_horizontal(pl.col("chi_model", "chi_model_prior", "null_variance", "own_share",
+                                                   "item_variance").is_not_null()))
+    if rated.height == 0:
         return None
-    if math.isnan(tau2) or not tau2 > 0 or not variance > 0:
+    noise = pl.col("null_variance")
+    moments = rated.select(
+        excess=((pl.col("chi_model") - pl.col("chi_model_prior")) ** 2 - noise).mean(),
+        room=(pl.col("own_share") ** 2 * pl.col("item_variance") - noise).mean(),
+    ).row(0, named=True)
+    if not moments["room"] > 0 or not moments["excess"] > 0:
         return KAPPA_MAX
-    return float(min(max(variance / tau2 - 1.0, 0.0), KAPPA_MAX))
+    share = moments["excess"] / moments["room"]
+    return float(min(max(1.0 / share - 1.0, 0.0), KAPPA_MAX))
 
 
 def shrinkage_strength(frame: pl.DataFrame, fixed: float | None) -> float | None:

@@ -26,7 +26,7 @@ STAGE_VERSIONS = {
     "sae_quality": 2,  # 2: merged from extraction's measurement on every extracted item (was a sample, read again)
     "extract": 5,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts; 4: sae_fit.json; 5: massive activations not read; a token holding part of a character shown as its bytes
     "labels": 4,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape; 4: massive activations (attention sinks) in corpus rows not read; partial characters shown as bytes
-    "reduce": 4,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels
+    "reduce": 5,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels; 5: kappa from each benchmark's own score variance
     "robustness": 2,  # 2: robustness.md with labels
     "figures": 2,  # 2: labels in every table and card
     "explorer": 1,

@@ -9,7 +9,7 @@ SAE corpus)
 - Collection: `sae.collect_activations` on the pipeline's model (results/models/model=smollm2-135m) over rows
   of results/sae_corpus/corpus.parquet cut by `sae.token_chunks` (context length 128, batches of 16 rows, as
   the stage runs it); tokens/s counts every token the model reads (position 0 of each row is read, not kept).
-- Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the stage's own settings: d_sae 4608, k 32, batch
+- Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the stage's own settings: d_sae 4608, k 64, batch
   256, lr 1e-3) on the collected vectors, or on random vectors of the model's width with --random (with
   --collect-vectors 0 nothing is read from results/); activation vectors/s = training vectors / seconds of the whole `train_topk_sae` call (set-up
   and norm scale included, as in the stage). The default config trains on 300k vectors; 20k keeps this run short.
@@ -160,7 +160,7 @@ def main() -> None:
                         help="vectors collected (default: --n-vectors, or 4,096 with --random; 0: skip collection)")
     parser.add_argument("--random", action="store_true", help="train on random vectors instead of the collected ones")
     parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=256, help="training batch (the stage's batch_size)")
     parser.add_argument("--collect-batch", type=int, default=16, help="corpus rows per forward (the stage's)")
     parser.add_argument("--context-length", type=int, default=128)

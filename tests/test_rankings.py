@@ -6,7 +6,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from competency_gaps.concepts import GapOptions, concept_benchmark_table, concept_suite_table, summary_markdown
+from competency_gaps.concepts import (
+    GapOptions,
+    concept_benchmark_table,
+    concept_suite_table,
+    frame_batches,
+    gap_statistics,
+    summary_markdown,
+)
 from competency_gaps.rankings import (
     KAPPA_MAX,
     RANKINGS,
@@ -196,7 +203,6 @@ def test_estimated_strength_goes_into_thresholds():
 
 
 def gap_sums(saliency: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
-    from competency_gaps.concepts import frame_batches, gap_statistics
     return gap_statistics(frame_batches(saliency), items, 3, NO_BOOT).sums
 
 

@@ -170,8 +170,8 @@ def estimate_shrinkage_strength(frame: pl.DataFrame) -> float | None:
     ).row(0, named=True)
     if not moments["room"] > 0 or not moments["excess"] > 0:
         return KAPPA_MAX
-    share = moments["excess"] / moments["room"]
-    return float(min(max(1.0 / share - 1.0, 0.0), KAPPA_MAX))
+    concept_share = moments["excess"] / moments["room"]  # λ̂: the share of the items' variance that is the concept's
+    return float(min(max(1.0 / concept_share - 1.0, 0.0), KAPPA_MAX))
 
 
 def shrinkage_strength(frame: pl.DataFrame, fixed: float | None) -> float | None:

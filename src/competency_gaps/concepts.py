@@ -610,8 +610,7 @@ def _with_support_aware_estimates(suite: pl.DataFrame, statistics: GapStatistics
     suite = suite.with_columns(pl.when(pl.col("chi_model").is_not_null()).then(pl.col("chi_model_prior"))
                                .alias("chi_model_prior"))
     terms = sampling_terms(statistics.sums, benchmark_spread(statistics.items), options.pooling)
-    kappa = shrinkage_strength(suite.join(terms.with_columns(pl.col("concept").cast(pl.Int32)), on="concept",
-                                          how="left"), options.shrinkage_strength)
+    kappa = shrinkage_strength(suite.join(terms, on="concept", how="left"), options.shrinkage_strength)
     return suite.with_columns(adjusted_chi_model(), shrunk_chi_model(kappa), shrunk_adjusted_chi_model(kappa)), kappa
 
 

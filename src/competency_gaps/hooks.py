@@ -62,6 +62,16 @@ def residual_hook(model: torch.nn.Module, layer: int) -> Iterator[dict[str, torc
         handle.remove()
 
 
+def _forward_to_layer(model: torch.nn.Module, layer: int, **inputs: Any) -> dict[str, torch.Tensor]:
+    """One forward of `model` on `inputs`, stopped after decoder layer `layer`; what the hook captured."""
+    with residual_hook(model, layer) as captured:
+        try:
+            model(**inputs)
+        except _StopForward:
+            pass
+    return captured
+
+
 def new_cache(model: torch.nn.Module) -> Any:
     """An empty key/value cache laid out for `model` (full or sliding-window layers, as its config says)."""
     from transformers import DynamicCache
@@ -139,11 +149,7 @@ def read_prefix(model: torch.nn.Module, ids: list[int], layer: int | None = None
     if layer is None:
         model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
     else:
-        with residual_hook(model, layer):
-            try:
-                model(input_ids=input_ids, use_cache=True, **with_cache(model, cache))
-            except _StopForward:
-                pass
+        _forward_to_layer(model, layer, input_ids=input_ids, use_cache=True, **with_cache(model, cache))
     log.info("the %d tokens every prompt starts with are read once", len(ids))
     return SharedPrefix(len(ids), cache)
 
@@ -170,11 +176,7 @@ def residual_stream(model: torch.nn.Module, layer: int, input_ids_BL: torch.Tens
         raise ValueError("residual_stream: an attention mask cannot be combined with a shared prefix")
     else:
         kwargs = {"use_cache": True, **with_cache(model, prefix.rows(input_ids_BL.shape[0]))}
-    with residual_hook(model, layer) as captured:
-        try:
-            model(input_ids=input_ids_BL, **kwargs)
-        except _StopForward:
-            pass
+    captured = _forward_to_layer(model, layer, input_ids=input_ids_BL, **kwargs)
     if "resid_BLD" not in captured:
         raise RuntimeError(f"the hook on layer {layer} never fired")
     return captured["resid_BLD"]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,15 @@ def _spec(args: argparse.Namespace, job: str) -> dict[str, Any]:
 def _log_ready(what: str) -> None:
     """Log the job's start-up time: imports and loading, up to its first model work."""
     log.info("ready after %.1f s (imports, %s loaded)", time.perf_counter() - _STARTED, what)
+
+
+def _log_finished() -> None:
+    """Log the job's wall and CPU time and peak memory, measured by the process itself (Snakemake's benchmark
+    files sample CPU time, which misses up to its sampling interval); bench/main_job.py reads this line."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak_mb = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    log.info("finished after %.1f s wall, %.1f CPU-seconds, peak RSS %.0f MB", time.perf_counter() - _STARTED,
+             usage.ru_utime + usage.ru_stime, peak_mb)
 
 
 def _torch_runtime(runtime: dict[str, Any]):
@@ -411,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_input_tables(args)
     args.func(args)
+    _log_finished()
 
 
 if __name__ == "__main__":

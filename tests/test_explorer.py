@@ -17,12 +17,11 @@ import polars as pl
 import pytest
 
 from competency_gaps.concepts import jaccard_overlap
+from competency_gaps.concept_map import run_concept_map
 from competency_gaps.explorer_data import (
     cluster_names,
-    concept_map,
     concept_table,
     correlation_drivers,
-    exact_neighbours,
     label_words,
     overlap_heatmap,
 )
@@ -98,30 +97,6 @@ def test_concept_table_marks_never_firing_as_na_and_ranks_like_the_lists():
     assert [c for _, c in sorted(zip(table["rank"], table["concept"]))] == expected == [1, 3, 0, 2]
 
 
-def test_the_maps_neighbour_graph_is_the_exact_cosine_one(monkeypatch):
-    directions = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
-    indices, distances, _ = exact_neighbours(directions, 5)
-    unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
-    cosine_distance = 1 - unit @ unit.T
-    assert (indices[:, 0] == np.arange(300)).all()  # each concept is its own nearest neighbour, as UMAP expects
-    np.testing.assert_allclose(distances, np.sort(cosine_distance, axis=1)[:, :5], atol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(cosine_distance, indices, 1), distances, atol=1e-5)
-    monkeypatch.setattr("competency_gaps.explorer_data.EXACT_NEIGHBOURS_MAX", 299)
-    assert exact_neighbours(directions, 5) == (None, None, None)  # above the limit UMAP searches itself
-
-
-def test_concept_map_is_seeded_and_clusters_every_point():
-    rng = np.random.default_rng(0)
-    directions = np.concatenate([rng.normal(0, 0.05, (20, 8)) + 3 * np.eye(8)[0], rng.normal(0, 0.05, (20, 8)) - 3 * np.eye(8)[1]])
-    labels = ['"alpha"'] * 20 + ['"beta"'] * 20
-    spec = {"umap_neighbors": 5, "clusters": 2, "seed": 0}
-    first, second = concept_map(directions, labels, spec), concept_map(directions, labels, spec)
-    assert first == second
-    assert sorted(set(first["cluster"][:20])) != sorted(set(first["cluster"][20:]))  # the two groups split
-    assert sorted(c["name"] for c in first["clusters"]) == ["alpha", "beta"]
-    assert all(len(c["hull"]) >= 3 for c in first["clusters"])
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A site built by the stage from synthetic shards
 
@@ -190,7 +165,10 @@ def write_inputs(root: Path) -> dict:
                                                        "hook_name": "blocks.1.hook_resid_post",
                                                        "explained_variance": 0.9, "dead_fraction": 0.0,
                                                        "training_tokens": 1000, "source": {"train": {}}}))
-    return {"concepts_dir": concepts_dir, "labels_dir": labels_dir, "sae_dir": sae_dir, **paths}
+    layout = root / "concept_map" / "concept_map.parquet"
+    run_concept_map(sae_dir, SPEC, layout)  # the real stage
+    return {"concepts_dir": concepts_dir, "labels_dir": labels_dir, "sae_summary": sae_dir / "summary.json",
+            "layout": layout, **paths}
 
 
 SPEC = {"umap_neighbors": 8, "clusters": 4, "shard_size": 16, "seed": 0}
@@ -202,8 +180,8 @@ def inputs(tmp_path_factory) -> dict:
 
 
 def build_site(inputs: dict, out: Path) -> None:
-    run_explorer(inputs["concepts_dir"], inputs["labels_dir"], inputs["sae_dir"], inputs["items"], inputs["scores"],
-                 inputs["saliency"], SPEC, out, "tiny", 1)
+    run_explorer(inputs["concepts_dir"], inputs["labels_dir"], inputs["sae_summary"], inputs["layout"], inputs["items"],
+                 inputs["scores"], inputs["saliency"], SPEC, out, "tiny", 1)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_every_stage_carries_its_code_version(config, monkeypatch):
     for job, extra in [("prepare", {"benchmark": "b"}), ("evaluate", {"model": "tiny", "benchmark": "b"}),
                        ("extract", {"model": "tiny", "benchmark": "b", "layer": 1}), ("reduce", {}),
                        ("sae", {"model": "tiny", "layer": 1}), ("sae_quality", {"model": "tiny", "layer": 1}),
-                       ("prepare_model", {"model": "tiny"}), ("corpus", {})]:
+                       ("prepare_model", {"model": "tiny"}), ("corpus", {}), ("concept_map", {}), ("explorer", {})]:
         before = spec_json(config, job, **extra)
         assert json.loads(before)["version"] == workflow.STAGE_VERSIONS[job]
         # Bumping a stage's version changes its params, which is what makes Snakemake rerun it.
@@ -47,6 +47,17 @@ def test_no_global_seed_reaches_a_model_job(config):
                        ("extract", {"model": "tiny", "benchmark": "b", "layer": 1})]:
         assert "seed" not in job_spec(config, job, **extra)["config"]["runtime"]
     assert job_spec(config, "reduce")["config"]["gaps"]["seed"] == 0  # the gap analysis has its own
+
+
+def test_the_map_layout_sees_only_its_own_explorer_settings(config):
+    """What the explorer shows (contexts, shard size) reruns the explorer, not the map's UMAP."""
+    before = spec_json(config, "concept_map")
+    config["explorer"].update(contexts=9, shard_size=64, examples_per_side=1)
+    assert spec_json(config, "concept_map") == before
+    config["explorer"]["umap_neighbors"] = 30
+    assert spec_json(config, "concept_map") != before
+    assert job_spec(config, "concept_map")["config"]["explorer"] == {
+        key: config["explorer"][key] for key in ("umap_neighbors", "umap_min_dist", "clusters", "max_clusters", "seed")}
 
 
 def test_slug_alternatives_match_literally():

@@ -271,7 +271,8 @@ def test_adding_a_layer_schedules_only_its_sae_extractions_and_reducer(finished_
     config["models"]["tiny"]["layers"].append({"layer": 2, "sae": {"path": str(random_sae_dirs[2])}})
     write_config(finished_run, config)
     try:
-        assert planned_jobs(finished_run) == {"sae": 1, "sae_quality": 1, "extract": len(BENCHMARKS), **EXTRACTED}
+        assert planned_jobs(finished_run) == {"sae": 1, "sae_quality": 1, "concept_map": 1, "extract": len(BENCHMARKS),
+                                              **EXTRACTED}
     finally:
         write_config(finished_run, base_config)
 

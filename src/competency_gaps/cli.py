@@ -27,7 +27,7 @@ INPUT_TABLES = {
     "reduce": ("saliency", "tokens", "scores", "labels"),
     "robustness": ("saliency", "tokens", "scores", "labels"),
     "figures": ("concept_benchmark", "concepts", "benchmarks", "overlap", "items", "scores", "saliency"),
-    "explorer": ("concepts", "labels", "items", "scores", "saliency"),
+    "explorer": ("concepts", "labels", "concept_map", "items", "scores", "saliency"),
 }
 
 # Job start-up is timed from here (the interpreter starts ~0.05 s earlier): see `_log_ready`.
@@ -225,12 +225,18 @@ def cmd_robustness(args: argparse.Namespace) -> None:
         run_robustness_figures(Path(args.out_dir), context=args.title)
 
 
+def cmd_concept_map(args: argparse.Namespace) -> None:
+    from competency_gaps.concept_map import run_concept_map
+
+    run_concept_map(Path(args.sae_weights).parent, _spec(args, "concept_map")["explorer"], Path(args.out))
+
+
 def cmd_explorer(args: argparse.Namespace) -> None:
     from competency_gaps.explorer_site import run_explorer
 
     spec = _spec(args, "explorer")["explorer"]
-    run_explorer(Path(args.concepts).parent, Path(args.labels).parent, Path(args.sae_weights).parent, args.items,
-                 args.scores, args.saliency, spec, Path(args.out_dir), args.model, args.layer)
+    run_explorer(Path(args.concepts).parent, Path(args.labels).parent, Path(args.sae_summary), Path(args.concept_map),
+                 args.items, args.scores, args.saliency, spec, Path(args.out_dir), args.model, args.layer)
 
 
 def cmd_explorer_index(args: argparse.Namespace) -> None:
@@ -368,10 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wrong", type=int, default=5, help="lowest-scored wrong items per benchmark in wrong_items.md")
     c.add_argument("--item-concepts", type=int, default=5, help="top concepts by saliency shown per wrong item")
 
+    c = stage("concept-map", cmd_concept_map, "the concept map's layout of one SAE (UMAP of its decoder directions, "
+              "k-means clusters)", "model", "layer")
+    c.add_argument("--sae-weights", required=True, help="the SAE's sae_weights.safetensors (its decoder directions)")
+    c.add_argument("--out", required=True, help="output Parquet: concept, x, y, cluster")
+
     c = stage("explorer", cmd_explorer, "the interactive explorer (a static site) of one (model, layer)", "model", "layer")
     c.add_argument("--concepts", required=True, help="concepts.parquet of the reducer (its folder's tables are read)")
     c.add_argument("--labels", required=True, help="labels.parquet of the labels stage (its folder's contexts.parquet too)")
-    c.add_argument("--sae-weights", required=True, help="the SAE's sae_weights.safetensors (decoder directions; summary.json beside it)")
+    c.add_argument("--sae-summary", required=True, help="the SAE's summary.json (its settings and quality, in the overview)")
+    c.add_argument("--concept-map", required=True, help="concept_map.parquet of the concept_map stage (the map's layout)")
     c.add_argument("--items", nargs="+", required=True, help="items tables (prompts, gold answers, categories)")
     c.add_argument("--scores", nargs="+", required=True, help="scores tables (scores, responses)")
     c.add_argument("--saliency", nargs="+", required=True, help="saliency shards of this layer (items' top concepts)")

@@ -1,6 +1,6 @@
 """What the explorer shows, as plain JSON-able structures built from the stage tables: the concept table, the
-concept map (UMAP of the decoder directions, clustered and named), the heatmaps with the concepts behind each cell,
-one detail record per concept and one record per item. No HTML or file layout here: `explorer_site` writes the site.
+concept map (the concept_map stage's layout, its clusters outlined and named), the heatmaps with the concepts
+behind each cell, one detail record per concept and one record per item. No HTML or file layout here: `explorer_site` writes the site.
 
 Metrics are keyed "model" (χ_model) and "bench" (χ_bench) everywhere, as in the site's toggle.
 """
@@ -190,49 +190,6 @@ def cluster_names(labels: list[str], cluster: np.ndarray, n_words: int = 3) -> d
     return names
 
 
-def project_directions(directions_KD: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
-    """2-D UMAP (cosine metric) of the concepts' decoder directions; PCA when there are too few concepts for
-    a neighbour graph. Seeded, so the map is the same on every run."""
-    directions = np.asarray(directions_KD, dtype=np.float32)
-    if directions.shape[0] < 8:
-        centred = directions - directions.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        out = centred @ vt[:2].T
-        return np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
-    import umap
-
-    n_neighbors = min(n_neighbors, directions.shape[0] - 1)
-    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine",
-                        random_state=seed, n_jobs=1, precomputed_knn=exact_neighbours(directions, n_neighbors))
-    return reducer.fit_transform(directions)
-
-
-EXACT_NEIGHBOURS_MAX = 16384  # concepts up to which the neighbour graph is computed exactly (brute force)
-
-
-def exact_neighbours(directions_KD: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray, None] | tuple[None, None, None]:
-    """UMAP's `precomputed_knn` for up to EXACT_NEIGHBOURS_MAX concepts: each concept's nearest directions by
-    cosine distance (itself first), by brute force. Measured at 4,608 concepts on 2 CPU cores: 13 s for the whole
-    map against 48 s with UMAP's own approximate search, most of which is compiling it (numba). The cost grows
-    with the square of the concepts (16,384 × 16,384 × d_model multiply-adds at the limit: seconds); above it,
-    UMAP searches itself."""
-    if directions_KD.shape[0] > EXACT_NEIGHBOURS_MAX:
-        return None, None, None
-    from sklearn.neighbors import NearestNeighbors
-
-    distances, indices = NearestNeighbors(n_neighbors=n_neighbors, metric="cosine", algorithm="brute").fit(
-        directions_KD).kneighbors(directions_KD)
-    return indices, distances.astype(np.float32), None
-
-
-def cluster_points(xy_K2: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """k-means clusters of the map's points (seeded)."""
-    from sklearn.cluster import KMeans
-
-    n_clusters = max(1, min(n_clusters, xy_K2.shape[0]))
-    return KMeans(n_clusters=n_clusters, n_init=4, random_state=seed).fit_predict(xy_K2).astype(np.int64)
-
-
 def hull(points_N2: np.ndarray) -> list[list[float]]:
     """Convex hull of a cluster's points, as a closed outline (empty for fewer than 3 distinct points)."""
     from scipy.spatial import ConvexHull, QhullError
@@ -246,12 +203,12 @@ def hull(points_N2: np.ndarray) -> list[list[float]]:
     return [[round(float(x), 4), round(float(y), 4)] for x, y in points_N2[vertices]]
 
 
-def concept_map(directions_KD: np.ndarray, labels: list[str], spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Every concept a point: UMAP of the decoder directions, k-means clusters with hulls and names."""
-    xy = project_directions(directions_KD, int(spec.get("umap_neighbors", 15)), float(spec.get("umap_min_dist", 0.1)),
-                            int(spec.get("seed", 0)))
-    n_clusters = spec.get("clusters") or max(2, round(math.sqrt(len(labels) / 8)))
-    cluster = cluster_points(xy, int(min(n_clusters, spec.get("max_clusters", 60))), int(spec.get("seed", 0)))
+def concept_map(layout: pl.DataFrame, labels: list[str]) -> dict[str, Any]:
+    """Every concept a point, from the concept_map stage's layout (x, y and cluster by concept): its clusters
+    outlined (convex hulls) and named by the labels (`labels[c]`: concept c's)."""
+    layout = layout.sort("concept")
+    xy = layout.select("x", "y").to_numpy().astype(np.float64)
+    cluster = layout["cluster"].to_numpy().astype(np.int64)
     names = cluster_names(labels, cluster)
     clusters = []
     for c in sorted(names):
@@ -259,16 +216,6 @@ def concept_map(directions_KD: np.ndarray, labels: list[str], spec: Mapping[str,
         clusters.append({"id": c, "name": names[c], "size": int(members.shape[0]), "hull": hull(members),
                          "x": round(float(np.median(members[:, 0])), 4), "y": round(float(np.median(members[:, 1])), 4)})
     return {"x": _rounded(xy[:, 0]), "y": _rounded(xy[:, 1]), "cluster": cluster.tolist(), "clusters": clusters}
-
-
-def decoder_directions(sae_dir: str | Path) -> np.ndarray:
-    """The SAE's decoder directions (K × d_in) straight from its safetensors file (no sae-lens import)."""
-    from safetensors.numpy import load_file
-
-    weights = load_file(str(Path(sae_dir) / "sae_weights.safetensors"))
-    if "W_dec" not in weights:
-        raise ValueError(f"{sae_dir}/sae_weights.safetensors has no W_dec (keys: {sorted(weights)})")
-    return weights["W_dec"].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------

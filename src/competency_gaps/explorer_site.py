@@ -26,7 +26,6 @@ from competency_gaps.explorer_data import (
     concept_records,
     concept_table,
     correlation_heatmap,
-    decoder_directions,
     example_rows,
     item_records,
     overlap_heatmap,
@@ -103,9 +102,11 @@ def index_page(sites: list[Mapping[str, str]]) -> str:
             f"  <p>One explorer per model and SAE layer:</p>\n  <ul>\n{links}\n  </ul>\n</body>\n</html>\n")
 
 
-def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths: list[str], score_paths: list[str],
-                 saliency_paths: list[str], spec: Mapping[str, Any], out_dir: Path, model: str, layer: int) -> None:
-    """Build the explorer of one (model, layer) from the reducer's, the labels stage's and the SAE's outputs."""
+def run_explorer(concepts_dir: Path, labels_dir: Path, sae_summary: Path, map_path: Path, item_paths: list[str],
+                 score_paths: list[str], saliency_paths: list[str], spec: Mapping[str, Any], out_dir: Path, model: str,
+                 layer: int) -> None:
+    """Build the explorer of one (model, layer) from the reducer's and the labels stage's tables, the SAE's
+    summary and the concept map's layout."""
     concepts = pl.read_parquet(concepts_dir / "concepts.parquet")
     concept_benchmark = pl.read_parquet(concepts_dir / "concept_benchmark.parquet")
     thresholds = json.loads((concepts_dir / "thresholds.json").read_text())
@@ -115,9 +116,9 @@ def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths
     table = concept_table(concepts, concept_benchmark, labels, benchmarks, thresholds.get("ranking"))
     log.info("concept table: %d concepts × %d benchmarks", len(table["concept"]), len(benchmarks))
 
-    directions = decoder_directions(sae_dir)
+    layout = pl.read_parquet(map_path)
     label_by_id = dict(zip(table["concept"], table["label"]))
-    map_data = concept_map(directions, [label_by_id.get(c, "") for c in range(directions.shape[0])], spec)
+    map_data = concept_map(layout, [label_by_id.get(c, "") for c in range(layout.height)])
     log.info("concept map: %d points, %d clusters", len(map_data["x"]), len(map_data["clusters"]))
 
     scores = read_shards(score_paths, ["item_id", "score", "response"])
@@ -134,7 +135,7 @@ def run_explorer(concepts_dir: Path, labels_dir: Path, sae_dir: Path, item_paths
 
     meta = {
         **overview(pl.read_parquet(concepts_dir / "benchmarks.parquet"), categories, benchmarks,
-                   json.loads((sae_dir / "summary.json").read_text()), thresholds, len(table["concept"]),
+                   json.loads(sae_summary.read_text()), thresholds, len(table["concept"]),
                    int(labels["live"].sum()), model, layer),
         "correlation": {metric: correlation_heatmap(concept_benchmark, metric, benchmarks) for metric in ("model", "bench")},
         "overlap": overlap_heatmap(concept_benchmark, benchmarks),

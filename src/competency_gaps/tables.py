@@ -110,6 +110,15 @@ CONTEXTS = pa.schema(
     ]
 )
 
+CONCEPT_MAP = pa.schema(
+    [
+        ("concept", pa.int32()),
+        ("x", pa.float32()),  # the concept's point: UMAP of its decoder direction
+        ("y", pa.float32()),
+        ("cluster", pa.int32()),  # k-means cluster of the points
+    ]
+)
+
 
 # The tables a later stage reads, by file name, so a reader can check what it is given.
 SCHEMAS_BY_FILE_NAME = {
@@ -119,6 +128,7 @@ SCHEMAS_BY_FILE_NAME = {
     "item_tokens.parquet": ITEM_TOKENS,
     "labels.parquet": LABELS,
     "contexts.parquet": CONTEXTS,
+    "concept_map.parquet": CONCEPT_MAP,
 }
 REBUILD_HINT = ("delete it and rerun the same snakemake command: the job that writes it runs again, "
                 "and so does every job that reads it")

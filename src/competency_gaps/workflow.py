@@ -29,7 +29,8 @@ STAGE_VERSIONS = {
     "reduce": 5,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels; 5: kappa from each benchmark's own score variance
     "robustness": 2,  # 2: robustness.md with labels
     "figures": 2,  # 2: labels in every table and card
-    "explorer": 1,
+    "concept_map": 1,
+    "explorer": 2,  # 2: the map's layout read from the concept_map stage
     "compare": 1,
 }
 
@@ -44,6 +45,7 @@ PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "opti
 EVALUATE_KEYS = ("max_new_tokens", "judge")
 EXTRACT_KEYS = ("context_policy",)
 CONTEXT_KEYS = ("top_k", "before", "after")  # of `labels`: the benchmark contexts extraction collects
+MAP_KEYS = ("umap_neighbors", "umap_min_dist", "clusters", "max_clusters", "seed")  # of `explorer`: the map's layout
 
 
 def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -109,6 +111,8 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
         return {"gaps": config["gaps"]}
     if job == "figures":
         return {}
+    if job == "concept_map":
+        return {"explorer": _pick(config["explorer"], MAP_KEYS)}
     if job == "explorer":
         return {"explorer": config["explorer"]}
     if job == "compare":  # flipped_sae decides which jobs exist, not what one writes

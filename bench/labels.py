@@ -1,5 +1,5 @@
-"""Cost of the labels stage at a given SAE width: corpus pass (forward + SAE + top contexts), context tables,
-logit lens + labels + detection scores, and peak memory.
+"""Cost of the labels at a given SAE width: the corpus pass (the corpus_contexts job: forward + SAE + top contexts),
+then the labels job's context tables and logit lens + labels + detection scores, and peak memory.
 
 Random SAE weights are fine for timing. It reads the default model and SAE corpus from a results folder (run
 `make run` once first); at the default width it also merges that run's benchmark contexts.
@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO / "src"))
 from competency_gaps.concept_labels import (  # noqa: E402
     TokenText,
     collect_corpus_contexts,
+    context_frame,
     context_tables,
     label_concepts,
 )
@@ -71,7 +73,9 @@ def main() -> None:
     text = TokenText(tokenizer)
     benchmark_contexts = sorted(str(p) for p in results.glob(f"extract/model={args.model}/benchmark=*/layer={args.layer}/contexts.parquet")) \
         if args.d_sae == 4608 else []
-    top, sample = context_tables(collected, benchmark_contexts, 20, text)
+    corpus = pl.concat([context_frame(collected.top.result(), "top", "corpus", None, text),
+                        context_frame(collected.sample.result(), "sample", "corpus", None, text)])
+    top, sample = context_tables(corpus, benchmark_contexts, 20)
     steps["context tables (decode, merge)"] = time.perf_counter() - start
     start = time.perf_counter()
     labels = label_concepts(model, sae, top, sample, collected.pool, text, spec)

@@ -1,10 +1,47 @@
-rule labels:
-    """What each concept of one (model, layer) is: its top contexts from the SAE corpus and from the benchmark items
-    (with per-token activations), the tokens its decoder direction promotes (logit lens), a label for every live
-    concept and the label's detection score on held-out contexts; concept_cards.md is in the report."""
+rule corpus_contexts:
+    """The labels' corpus pass for one (model, layer): a seeded slice of the SAE corpus read through the model and
+    the SAE, keeping each concept's top contexts, a held-out sample of activating contexts and a pool of windows for
+    non-activating examples. It reads the SAE and the corpus alone, so it runs beside the evaluations once the SAE
+    is trained, on benchmark_threads like extraction, and a new benchmark does not rerun it."""
     input:
         manifest=f"{RESULTS}/models/model={{model}}/manifest.json",
         corpus=f"{RESULTS}/sae_corpus/corpus.parquet",
+        sae_cfg=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/cfg.json",
+        sae_weights=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/sae_weights.safetensors",
+    output:
+        contexts=f"{RESULTS}/corpus_contexts/model={{model}}/layer={{layer}}/contexts.parquet",
+        pool=f"{RESULTS}/corpus_contexts/model={{model}}/layer={{layer}}/negative_pool.safetensors",
+    params:
+        spec=lambda wc: spec_json(config, "corpus_contexts", model=wc.model, layer=wc.layer),
+        sae_dir=lambda wc, input: os.path.dirname(input.sae_cfg),
+    conda:
+        "../envs/competency-gaps.yaml"
+    log:
+        f"{RESULTS}/logs/corpus_contexts/model={{model}}/layer={{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks_runtime/corpus_contexts/model={{model}}/layer={{layer}}.tsv"
+    threads: BENCHMARK_THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=60,
+        gpu=1 if ON_GPU else 0,
+        batch_tokens=lambda wc: throughput(config, wc.model)["batch_tokens"],  # speed only: a resource, not a param
+    shell:
+        "OMP_NUM_THREADS={threads} python -m competency_gaps corpus-contexts --model {wildcards.model} "
+        "--layer {wildcards.layer} --spec {params.spec:q} --batch-tokens {resources.batch_tokens} "
+        "--manifest {input.manifest} --sae-dir {params.sae_dir} --corpus {input.corpus} --out {output.contexts} "
+        "--pool {output.pool} 2> {log}"
+
+
+rule labels:
+    """What each concept of one (model, layer) is: its top contexts from the SAE corpus (corpus_contexts) and from
+    the benchmark items (extraction), with per-token activations, the tokens its decoder direction promotes (logit
+    lens), a label for every live concept and the label's detection score on held-out contexts; concept_cards.md
+    is in the report."""
+    input:
+        manifest=f"{RESULTS}/models/model={{model}}/manifest.json",
+        corpus_contexts=f"{RESULTS}/corpus_contexts/model={{model}}/layer={{layer}}/contexts.parquet",
+        negative_pool=f"{RESULTS}/corpus_contexts/model={{model}}/layer={{layer}}/negative_pool.safetensors",
         sae_cfg=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/cfg.json",
         sae_weights=f"{RESULTS}/sae/model={{model}}/layer={{layer}}/sae_weights.safetensors",
         contexts=expand(
@@ -41,9 +78,9 @@ rule labels:
         mem_mb=model_mem_mb,
         runtime=60,
         gpu=1 if ON_GPU else 0,
-        batch_tokens=lambda wc: throughput(config, wc.model)["batch_tokens"],  # speed only: a resource, not a param
     shell:
         "OMP_NUM_THREADS={threads} python -m competency_gaps labels --model {wildcards.model} --layer {wildcards.layer} "
-        "--spec {params.spec:q} --batch-tokens {resources.batch_tokens} --manifest {input.manifest} "
-        "--sae-dir {params.sae_dir} --corpus {input.corpus} --contexts {input.contexts} --out-dir {params.out_dir} "
+        "--spec {params.spec:q} --manifest {input.manifest} --sae-dir {params.sae_dir} "
+        "--corpus-contexts {input.corpus_contexts} --negative-pool {input.negative_pool} --contexts {input.contexts} "
+        "--out-dir {params.out_dir} "
         "--llm-cache {params.llm_cache} --title 'Concept cards: model {wildcards.model}, layer {wildcards.layer}' 2> {log}"

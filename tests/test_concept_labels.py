@@ -11,7 +11,15 @@ import polars as pl
 import pytest
 import torch
 
-from competency_gaps.concept_labels import TokenText, run_labels, unembedding_and_norm
+from competency_gaps.concept_labels import (
+    TokenText,
+    collect_corpus_contexts,
+    context_frame,
+    read_negative_pool,
+    run_corpus_contexts,
+    run_labels,
+    unembedding_and_norm,
+)
 from competency_gaps.extract import run_extract
 from competency_gaps.templates import render_prompt
 
@@ -43,9 +51,30 @@ def labelled(tiny_model, random_sae_dirs, tmp_path_factory):
     pl.DataFrame({"text": [" ".join(QUESTIONS * 3)] * 4}).write_parquet(folder / "corpus.parquet")
     out = folder / "out"
     spec = {"labels": SPEC, "neuronpedia": None, "layer": 1, "context_length": 16}
-    run_labels(model, tokenizer, sae, 1, str(folder / "corpus.parquet"), [str(shard / "contexts.parquet")], spec, out,
-               "cards", batch_tokens=64)
+    corpus = folder / "corpus_contexts"
+    run_corpus_contexts(model, tokenizer, sae, 1, str(folder / "corpus.parquet"), spec, corpus / "contexts.parquet",
+                        corpus / "negative_pool.safetensors", batch_tokens=64)
+    run_labels(model, tokenizer, sae, corpus / "contexts.parquet", corpus / "negative_pool.safetensors",
+               [str(shard / "contexts.parquet")], spec, out, "cards")
     return model, sae, shard, out
+
+
+def test_the_corpus_pass_saves_what_it_collected(labelled, tiny_model, tmp_path):
+    """The corpus_contexts job's files hold the corpus pass exactly: the labels job reads back the same top
+    contexts, sample and negative pool that one job holding it all in memory would use."""
+    model, sae, _, out = labelled
+    _, tokenizer = tiny_model
+    corpus = out.parent / "corpus_contexts"
+    spec = {"labels": SPEC, "context_length": 16}
+    collected = collect_corpus_contexts(model, tokenizer, sae, 1, str(out.parent / "corpus.parquet"), spec, 64)
+    text = TokenText(tokenizer)
+    saved = pl.read_parquet(corpus / "contexts.parquet")
+    for kind, contexts in (("top", collected.top), ("sample", collected.sample)):
+        assert saved.filter(pl.col("kind") == kind).equals(context_frame(contexts.result(), kind, "corpus", None, text))
+    pool, restored = collected.pool.result(), read_negative_pool(corpus / "negative_pool.safetensors", SPEC).result()
+    assert pool.keys() == restored.keys() and len(pool["seq"]) > 0
+    for name in pool:
+        assert torch.equal(pool[name], restored[name]), name
 
 
 def test_extraction_writes_each_concepts_top_contexts(labelled):

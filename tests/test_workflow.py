@@ -221,13 +221,15 @@ def dry_run_jobs(workdir: Path, *args: str) -> dict[str, str]:
 
 def test_gpu_resources_and_threads_follow_the_job(finished_run, base_config):
     """cuda: model jobs ask for a GPU; copying a pretrained SAE asks for neither a GPU nor many threads; the
-    per-benchmark model jobs take `benchmark_threads`, the once-per-layer ones `threads`."""
+    per-benchmark model jobs and the labels' corpus pass take `benchmark_threads`, the once-per-layer ones
+    `threads`."""
     with edited(finished_run, base_config, lambda config: config.update(device="cuda", threads=2, benchmark_threads=3)):
         jobs = dry_run_jobs(finished_run, "--forceall", "--cores", "4")
     assert "gpu=1" in jobs["evaluate"] and "gpu=1" in jobs["extract"]
     assert "gpu=0" in jobs["sae"] and "threads:" not in jobs["sae"]  # a dry run prints threads only when > 1
     assert "threads: 3" in jobs["evaluate"] and "threads: 3" in jobs["extract"]
     assert "threads: 2" in jobs["labels"]
+    assert "threads: 3" in jobs["corpus_contexts"] and "gpu=1" in jobs["corpus_contexts"]  # an extraction-like pass
     assert re.search(r"mem_mb=\d+", jobs["evaluate"])
 
 
@@ -271,8 +273,8 @@ def test_adding_a_layer_schedules_only_its_sae_extractions_and_reducer(finished_
     config["models"]["tiny"]["layers"].append({"layer": 2, "sae": {"path": str(random_sae_dirs[2])}})
     write_config(finished_run, config)
     try:
-        assert planned_jobs(finished_run) == {"sae": 1, "sae_quality": 1, "concept_map": 1, "extract": len(BENCHMARKS),
-                                              **EXTRACTED}
+        assert planned_jobs(finished_run) == {"sae": 1, "sae_quality": 1, "concept_map": 1, "corpus_contexts": 1,
+                                              "extract": len(BENCHMARKS), **EXTRACTED}
     finally:
         write_config(finished_run, base_config)
 

@@ -23,7 +23,8 @@ INPUT_TABLES = {
     "evaluate": ("items",),
     "sae": ("corpus",),
     "extract": ("items", "scores"),
-    "labels": ("corpus", "contexts"),
+    "corpus_contexts": ("corpus",),
+    "labels": ("corpus_contexts", "contexts"),
     "reduce": ("saliency", "tokens", "scores", "labels"),
     "robustness": ("saliency", "tokens", "scores", "labels"),
     "figures": ("concept_benchmark", "concepts", "benchmarks", "overlap", "items", "scores", "saliency"),
@@ -185,13 +186,22 @@ def cmd_extract(args: argparse.Namespace) -> None:
                 batch_tokens=args.batch_tokens or 4096, sae_fit_path=args.sae_fit)
 
 
+def cmd_corpus_contexts(args: argparse.Namespace) -> None:
+    from competency_gaps.concept_labels import run_corpus_contexts
+
+    spec = _spec(args, "corpus_contexts")
+    model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
+    run_corpus_contexts(model, tokenizer, sae, spec["layer"], args.corpus, spec, Path(args.out), Path(args.pool),
+                        batch_tokens=args.batch_tokens or 4096)
+
+
 def cmd_labels(args: argparse.Namespace) -> None:
     from competency_gaps.concept_labels import run_labels
 
     spec = _spec(args, "labels")
     model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
-    run_labels(model, tokenizer, sae, spec["layer"], args.corpus, args.contexts, spec, Path(args.out_dir), args.title,
-               batch_tokens=args.batch_tokens or 4096, llm_cache=args.llm_cache)
+    run_labels(model, tokenizer, sae, args.corpus_contexts, args.negative_pool, args.contexts, spec, Path(args.out_dir),
+               args.title, llm_cache=args.llm_cache)
 
 
 def cmd_reduce(args: argparse.Namespace) -> None:
@@ -323,15 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sae-fit", help="output: how well the SAE reconstructs the counted tokens (JSON, for sae_quality)")
     c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
 
-    c = stage("labels", cmd_labels, "top contexts, logit lens, a label and its detection score for every concept of one (model, layer)",
+    c = stage("corpus_contexts", cmd_corpus_contexts, "the labels' corpus pass for one (model, layer): the SAE corpus's "
+              "top contexts, a held-out activating sample and a pool of negative windows", "model", "layer")
+    c.add_argument("--manifest", required=True)
+    c.add_argument("--sae-dir", required=True)
+    c.add_argument("--corpus", required=True, help="the SAE corpus")
+    c.add_argument("--out", required=True, help="output CONTEXTS Parquet: the corpus's top contexts and the sample")
+    c.add_argument("--pool", required=True, help="output safetensors: the negative pool")
+    c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
+
+    c = stage("labels", cmd_labels, "logit lens, a label and its detection score for every concept of one (model, layer)",
               "model", "layer")
     c.add_argument("--manifest", required=True)
     c.add_argument("--sae-dir", required=True)
-    c.add_argument("--corpus", required=True, help="the SAE corpus (corpus contexts, held-out samples, negatives)")
+    c.add_argument("--corpus-contexts", required=True, help="the corpus pass's contexts (corpus-contexts --out)")
+    c.add_argument("--negative-pool", required=True, help="the corpus pass's negative pool (corpus-contexts --pool)")
     c.add_argument("--contexts", nargs="*", default=[], help="top-context shards written by extraction (one per benchmark)")
     c.add_argument("--out-dir", required=True, help="folder for labels.parquet, contexts.parquet, concept_cards.md, label_quality.json")
     c.add_argument("--llm-cache", help="JSONL cache of the LLM labeller's answers (labels.llm; resumable)")
-    c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
     c.add_argument("--title", default="Concept cards")
 
     c = stage("reduce", cmd_reduce, "concept × benchmark gap tables for one (model, layer)")

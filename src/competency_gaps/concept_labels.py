@@ -1,9 +1,10 @@
 """Stage: what each concept is, per (model, layer): top contexts, the logit lens, a label and its detection score.
 
-Extraction collects each benchmark's top contexts while it reads the items (`benchmark_contexts`); this stage
-reads a seeded slice of the SAE corpus for corpus contexts, a seeded random sample of activating contexts
-(held out: the label is made from the top ones) and a pool of non-activating windows, then labels every
-live concept. The maths is in labels.py, the optional LLM labeller in labellers.py.
+Extraction collects each benchmark's top contexts while it reads the items (`benchmark_contexts`); the corpus
+pass (`run_corpus_contexts`, a job of its own that needs only the SAE) reads a seeded slice of the SAE corpus for
+corpus contexts, a seeded random sample of activating contexts (held out: the label is made from the top ones)
+and a pool of non-activating windows; the labels job then labels every live concept. The maths is in labels.py,
+the optional LLM labeller in labellers.py.
 
 Cost: one forward pass to the hooked layer over `corpus_tokens` tokens (plus the top-k bookkeeping, which
 follows the non-zero activations), one (concepts × vocabulary) logit-lens product in chunks, and
@@ -41,7 +42,7 @@ from competency_gaps.hooks import read_shared_prefix
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt
 from competency_gaps.saliency import SparseSaliency, batch_saliency, length_batches
-from competency_gaps.tables import CONTEXTS, LABELS, table_from_rows, write_json, write_parquet, write_text
+from competency_gaps.tables import CONTEXTS, LABELS, atomic_path, table_from_rows, write_json, write_parquet, write_text
 
 if TYPE_CHECKING:
     from competency_gaps.sae import SAEEvaluation
@@ -368,12 +369,37 @@ def collect_corpus_contexts(model: Any, tokenizer: Any, sae: Any, layer: int, co
     return collected
 
 
-def context_tables(collected: Collected, benchmark_contexts: list[str], k: int, text: TokenText) -> tuple[pl.DataFrame, pl.DataFrame]:
+def run_corpus_contexts(model: Any, tokenizer: Any, sae: Any, layer: int, corpus_path: str, spec: dict[str, Any],
+                        contexts_path: Path, pool_path: Path, *, batch_tokens: int = 4096) -> None:
+    """The corpus pass of the labels stage, a job of its own: it reads the SAE corpus only, so it runs once the SAE
+    is trained and a new benchmark does not rerun it. Writes the corpus's top contexts and the activating sample
+    (CONTEXTS rows, kind top / sample) and the negative pool (its tensors, for `NegativePool.from_result`)."""
+    from safetensors.torch import save_file
+
+    collected = collect_corpus_contexts(model, tokenizer, sae, layer, corpus_path, spec, batch_tokens)
+    text = TokenText(tokenizer)
+    frames = [context_frame(collected.top.result(), "top", "corpus", None, text),
+              context_frame(collected.sample.result(), "sample", "corpus", None, text)]
+    write_parquet(pl.concat(frames).to_arrow(), contexts_path, CONTEXTS)
+    with atomic_path(pool_path) as temporary:
+        save_file({name: tensor.contiguous() for name, tensor in collected.pool.result().items()}, str(temporary))
+    log.info("corpus contexts: %d top and %d sampled, %d pooled windows", frames[0].height, frames[1].height,
+             len(collected.pool))
+
+
+def read_negative_pool(path: str | Path, labels_spec: dict[str, Any]) -> NegativePool:
+    """The negative pool the corpus pass saved, as it was."""
+    from safetensors.torch import load_file
+
+    return NegativePool.from_result(load_file(str(path)), labels_spec["negative_pool"], labels_spec["before"],
+                                    labels_spec["seed"])
+
+
+def context_tables(corpus_contexts: pl.DataFrame, benchmark_contexts: list[str], k: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Top contexts (the corpus's k and the benchmarks' k best, per concept) and the activating sample."""
-    corpus_top = context_frame(collected.top.result(), "top", "corpus", None, text)
     bench_top = best_per_concept([pl.read_parquet(path) for path in benchmark_contexts], k)
-    sample = context_frame(collected.sample.result(), "sample", "corpus", None, text)
-    return pl.concat([corpus_top, bench_top]), sample
+    corpus_top = corpus_contexts.filter(pl.col("kind") == "top")
+    return pl.concat([corpus_top, bench_top]), corpus_contexts.filter(pl.col("kind") == "sample")
 
 
 def label_concepts(model: Any, sae: Any, top: pl.DataFrame, sample: pl.DataFrame, pool: NegativePool, text: TokenText,
@@ -390,14 +416,15 @@ def label_concepts(model: Any, sae: Any, top: pl.DataFrame, sample: pl.DataFrame
     return labels
 
 
-def run_labels(model: Any, tokenizer: Any, sae: Any, layer: int, corpus_path: str, benchmark_contexts: list[str],
-               spec: dict[str, Any], out_dir: Path, title: str, *, batch_tokens: int = 4096,
+def run_labels(model: Any, tokenizer: Any, sae: Any, corpus_contexts: str | Path, negative_pool: str | Path,
+               benchmark_contexts: list[str], spec: dict[str, Any], out_dir: Path, title: str, *,
                llm_cache: str | None = None) -> pl.DataFrame:
-    """Write labels.parquet, contexts.parquet, concept_cards.md and label_quality.json for one (model, layer)."""
-    collected = collect_corpus_contexts(model, tokenizer, sae, layer, corpus_path, spec, batch_tokens)
+    """Write labels.parquet, contexts.parquet, concept_cards.md and label_quality.json for one (model, layer), from
+    the corpus pass's outputs (`run_corpus_contexts`) and the benchmarks' top contexts (extraction's)."""
     text = TokenText(tokenizer)
-    top, sample = context_tables(collected, benchmark_contexts, spec["labels"]["top_k"], text)
-    labels = label_concepts(model, sae, top, sample, collected.pool, text, spec, llm_cache)
+    top, sample = context_tables(pl.read_parquet(corpus_contexts), benchmark_contexts, spec["labels"]["top_k"])
+    pool = read_negative_pool(negative_pool, spec["labels"])
+    labels = label_concepts(model, sae, top, sample, pool, text, spec, llm_cache)
     quality = label_quality(labels)
     write_parquet(labels.to_arrow(), out_dir / "labels.parquet", LABELS)
     write_parquet(pl.concat([top, sample]).to_arrow(), out_dir / "contexts.parquet", CONTEXTS)

@@ -25,7 +25,8 @@ STAGE_VERSIONS = {
     "sae": 3,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse; 3: massive activations left out of training and held-out figures
     "sae_quality": 2,  # 2: merged from extraction's measurement on every extracted item (was a sample, read again)
     "extract": 5,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts; 4: sae_fit.json; 5: massive activations not read; a token holding part of a character shown as its bytes
-    "labels": 4,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape; 4: massive activations (attention sinks) in corpus rows not read; partial characters shown as bytes
+    "corpus_contexts": 1,  # the labels' corpus pass (was inside labels, version 4)
+    "labels": 5,  # 2: at most two promoted tokens in heuristic labels; cards show the strongest contexts first; 3: cards escaped by markdown_escape; 4: massive activations (attention sinks) in corpus rows not read; partial characters shown as bytes; 5: the corpus pass is the corpus_contexts job
     "reduce": 5,  # 2: scored support/ESS filters, CI support floor, cut-off and skip reporting, rankings; 3: summary findings first; 4: labels; 5: kappa from each benchmark's own score variance
     "robustness": 2,  # 2: robustness.md with labels
     "figures": 2,  # 2: labels in every table and card
@@ -45,6 +46,7 @@ PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "opti
 EVALUATE_KEYS = ("max_new_tokens", "judge")
 EXTRACT_KEYS = ("context_policy",)
 CONTEXT_KEYS = ("top_k", "before", "after")  # of `labels`: the benchmark contexts extraction collects
+CORPUS_PASS_KEYS = ("top_k", "before", "after", "corpus_tokens", "n_detection", "negative_pool", "seed")  # of `labels`
 MAP_KEYS = ("umap_neighbors", "umap_min_dist", "clusters", "max_clusters", "seed")  # of `explorer`: the map's layout
 
 
@@ -103,6 +105,9 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
                 "benchmark": _benchmark(config, benchmark, EXTRACT_KEYS),
                 "layer": int(layer), "saliency": config["saliency"], "contexts": _pick(config["labels"], CONTEXT_KEYS),
                 "runtime": _runtime(config)}
+    if job == "corpus_contexts":
+        return {"labels": _pick(config["labels"], CORPUS_PASS_KEYS), "layer": int(layer),
+                "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}
     if job == "labels":
         labels = {key: value for key, value in config["labels"].items() if key != "neuronpedia"}
         return {"labels": labels, "neuronpedia": config["labels"]["neuronpedia"].get(f"{model}/{layer}"),

@@ -1,18 +1,21 @@
-"""Greedy generation: the pipeline's `evaluate.greedy_responses` against a plain `model.generate` loop.
+"""Greedy generation: the pipeline's `evaluate.greedy_decode` against a plain `model.generate` loop.
 
-Usage: .venv/bin/python bench/generation.py [--n-prompts 16] [--batch-size 8] [--max-new-tokens 128]
-(about 1.5 minutes on 2 idle CPU cores with the defaults; run `make run` first: it needs the converted model)
+Usage: .venv/bin/python bench/generation.py [--n-prompts 40] [--batch-size 40] [--max-new-tokens 512]
+(the defaults are the evaluate stage's on GSM8K: about 7 minutes on 2 idle CPU cores, one repeat; run `make run`
+first: it needs the converted model)
 
 Both decode the same prompts greedily in the same batches, left padded, with the same stop tokens
-(`generate(eos_token_id=evaluate.stop_token_ids(...))`) and the same max_new_tokens. Prompts are GSM8K items
+(`evaluate.stop_token_ids`) and the same max_new_tokens; the pipeline drops a row from the batch (and its
+key/value cache) once it stops, `generate` decodes it until the batch's longest row stops. Prompts are GSM8K items
 of results/benchmarks/benchmark=gsm8k/items.parquet rendered by the pipeline's own `prompt_text` (what the
 evaluate stage decodes), the model is the pipeline's SmolLM2 (results/models/model=smollm2-135m/manifest.json).
 New tokens are counted the same way for both, from the generated ids: per row, up to and including its first
 stop token (each is one decoding step), or max_new_tokens when it has none; the padding after a stop is not
-counted. The two run batch by batch in alternating order, every batch --repeats times (default 2), so that a
+counted. The two run batch by batch in alternating order, every batch --repeats times (default 1), so that a
 drift of the VM's speed hits both alike; tokens/s is given over all runs and over each batch's fastest repeat
 (on the shared 2-core VM a burst of other work slowed one decoding run up to 15×, the other not at all).
-Prints new tokens/s, decoding steps and whether the decoded texts (and token ids) are identical.
+Prints new tokens/s, decoding steps, the rows decoded over them and whether the decoded texts (and token ids)
+are identical.
 """
 
 from __future__ import annotations
@@ -43,33 +46,6 @@ DEFAULT_MANIFEST = REPO / "results" / "models" / "model=smollm2-135m" / "manifes
 DEFAULT_ITEMS = REPO / "results" / "benchmarks" / "benchmark=gsm8k" / "items.parquet"
 
 
-class GenerateRecorder:
-    """The model with every `generate` output kept, so the pipeline's token ids can be counted without
-    changing its code; everything else (parameters, generation_config) is the wrapped model's."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self.outputs: list[torch.Tensor] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        output = self._model.generate(**kwargs)
-        self.outputs.append(output)
-        return output
-
-
-def new_token_rows(output: torch.Tensor, prompt_length: int, stop_ids: list[int], max_new_tokens: int) -> list[list[int]]:
-    """Per row, the generated ids up to and including the first stop token (the rest is padding)."""
-    rows = []
-    stops = set(stop_ids)
-    for row in output[:, prompt_length:].tolist():
-        end = next((position + 1 for position, token in enumerate(row) if token in stops), len(row))
-        rows.append(row[: min(end, max_new_tokens)])
-    return rows
-
-
 def encode_batch(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Left padded, no special tokens added: the rendered chat prompt already holds them (as in the pipeline)."""
     tokenizer.padding_side = "left"
@@ -84,18 +60,16 @@ def plain_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_token
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                             pad_token_id=tokenizer.pad_token_id)
     new = output[:, encoded["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new, skip_special_tokens=True), new_token_rows(output, encoded["input_ids"].shape[1],
-                                                                                 stop_ids, max_new_tokens)
+    return tokenizer.batch_decode(new, skip_special_tokens=True), [evaluate.until_stop(row, stop_ids) for row in new.tolist()]
 
 
-def pipeline_generate(recorder: GenerateRecorder, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+def pipeline_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
                       stop_ids: list[int]) -> tuple[list[str], list[list[int]]]:
-    """`evaluate.greedy_responses` on one batch (batch_size = len(prompts): one `generate` call)."""
-    recorder.outputs.clear()
-    generations = evaluate.greedy_responses(recorder, tokenizer, prompts, len(prompts), max_new_tokens)
-    prompt_length = encode_batch(tokenizer, prompts)["input_ids"].shape[1]
-    (output,) = recorder.outputs
-    return [g.text for g in generations], new_token_rows(output, prompt_length, stop_ids, max_new_tokens)
+    """The evaluate stage's decoding of one batch (`evaluate.greedy_decode`: a row leaves the batch when it stops),
+    its texts decoded as `evaluate.greedy_responses` decodes them."""
+    encoded = encode_batch(tokenizer, prompts)
+    rows = evaluate.greedy_decode(model, encoded["input_ids"], encoded["attention_mask"], stop_ids, max_new_tokens)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True), rows
 
 
 Method = Callable[[list[str]], tuple[list[str], list[list[int]]]]
@@ -139,15 +113,24 @@ def decoding_steps(tokens: list[list[int]], batch_size: int) -> int:
     return sum(max(len(row) for row in tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size))
 
 
+def row_steps(tokens: list[list[int]], batch_size: int, leave_when_stopped: bool) -> int:
+    """Rows decoded, summed over the steps: `generate` decodes every row of a batch until its longest stops; the
+    pipeline a row until it stops."""
+    if leave_when_stopped:
+        return sum(len(row) for row in tokens)
+    return sum(len(tokens[i : i + batch_size]) * max(len(row) for row in tokens[i : i + batch_size])
+               for i in range(0, len(tokens), batch_size))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="model manifest written by the pipeline")
     parser.add_argument("--items", default=str(DEFAULT_ITEMS), help="an items table of a generation benchmark")
-    parser.add_argument("--n-prompts", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8, help="the pipeline's default generation_batch_size")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="GSM8K's config says 512; 128 keeps the run short")
+    parser.add_argument("--n-prompts", type=int, default=40, help="GSM8K's items in the default config")
+    parser.add_argument("--batch-size", type=int, default=40, help="the default config's generation_batch_size")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="GSM8K's in the default config")
     parser.add_argument("--system-prompt", default=None, help="the model's system_prompt (default config: none)")
-    parser.add_argument("--repeats", type=int, default=2, help="times every batch is decoded by each (alternating order)")
+    parser.add_argument("--repeats", type=int, default=1, help="times every batch is decoded by each (alternating order)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,11 +141,10 @@ def main() -> None:
     prompts = [prompt_text(tokenizer, item, args.system_prompt) for item in items]
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     stop_ids = evaluate.stop_token_ids(model, tokenizer)
-    recorder = GenerateRecorder(model)
 
     def methods_for(max_new_tokens: int) -> dict[str, Method]:
         return {
-            "pipeline (evaluate.greedy_responses)": lambda b: pipeline_generate(recorder, tokenizer, b, max_new_tokens, stop_ids),
+            "pipeline (evaluate.greedy_decode)": lambda b: pipeline_generate(model, tokenizer, b, max_new_tokens, stop_ids),
             "plain model.generate": lambda b: plain_generate(model, tokenizer, b, max_new_tokens, stop_ids),
         }
 
@@ -178,18 +160,19 @@ def main() -> None:
           f"on average; batch size {args.batch_size}, left padded; greedy, max_new_tokens {args.max_new_tokens}; "
           f"stop ids {stop_ids}; {len(batches) * args.repeats} alternating steps")
     print()
-    print(f"| implementation | new tokens per repeat | decoding steps | seconds (all {args.repeats}) | new tokens/s (all) "
-          f"| × plain | new tokens/s (best of {args.repeats} per batch) | × plain |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| implementation | new tokens per repeat | decoding steps | rows decoded over the steps | seconds (all "
+          f"{args.repeats}) | new tokens/s (all) | × plain | new tokens/s (best of {args.repeats} per batch) | × plain |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in methods:
         generated = sum(len(row) for row in tokens[name])
         total, best = runs.total(name), runs.best(name)
-        print(f"| {name} | {generated} | {decoding_steps(tokens[name], args.batch_size)} | {total:.1f} | "
+        print(f"| {name} | {generated} | {decoding_steps(tokens[name], args.batch_size)} | "
+              f"{row_steps(tokens[name], args.batch_size, name == pipeline)} | {total:.1f} | "
               f"{generated * args.repeats / total:.1f} | {runs.total(plain) / total:.2f} | {generated / best:.1f} | "
               f"{runs.best(plain) / best:.2f} |")
     ratios = [b / a for batch_a, batch_b in zip(runs.seconds[pipeline], runs.seconds[plain]) for a, b in zip(batch_a, batch_b)]
     print(f"\npipeline speed over plain per step: {min(ratios):.2f} to {max(ratios):.2f}")
-    cut_off = sum(len(row) == args.max_new_tokens and row[-1] not in stop_ids for row in tokens[pipeline])
+    cut_off = sum(evaluate.is_cut_off(row, stop_ids, args.max_new_tokens) for row in tokens[pipeline])
     print(f"rows cut off at max_new_tokens: {cut_off} of {len(prompts)}")
     print(f"decoded texts identical: {'yes' if texts[pipeline] == texts[plain] else 'NO'}; "
           f"token ids identical: {'yes' if tokens[pipeline] == tokens[plain] else 'NO'}")

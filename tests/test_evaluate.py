@@ -82,21 +82,62 @@ def test_stop_set_accepts_a_single_or_no_generation_config_id(gemma_tokenizer, c
 
 # --- cut-off generations on the tiny model ---------------------------------------------------------
 
-def test_cut_off_rows_of_a_left_padded_batch():
-    pad, stop, word = 0, 2, 9
-    new_tokens = torch.tensor([
-        [word, stop, pad, pad],  # finished early: padded after its stop token
-        [word, word, word, stop],  # stopped on the last allowed token
-        [word, word, word, word],  # ran out of tokens
-    ])
-    assert evaluate.cut_off_rows(new_tokens, [stop, 5], max_new_tokens=4) == [False, False, True]
-    # The whole batch stopped before max_new_tokens: nothing was cut off.
-    assert evaluate.cut_off_rows(new_tokens[:, :2], [stop], max_new_tokens=4) == [False, False, False]
+def test_a_row_ends_at_its_first_stop_token_and_is_cut_off_without_one():
+    stop, word = 2, 9
+    assert evaluate.until_stop([word, stop, 0, 0], [stop, 5]) == [word, stop]  # finished early: padding dropped
+    assert evaluate.until_stop([word, word], [stop]) == [word, word]
+    assert not evaluate.is_cut_off([word, stop], [stop], max_new_tokens=4)
+    assert not evaluate.is_cut_off([word, word, word, stop], [stop], max_new_tokens=4)  # stopped on the last token
+    assert evaluate.is_cut_off([word] * 4, [stop], max_new_tokens=4)  # ran out of tokens
+
+
+def varied_model(architecture: str, vocab_size: int):
+    """A random model whose greedy tokens change from step to step (large initial weights), so that a row decoded
+    from a misaligned cache or mask would come out different."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, initializer_range=0.5)
+    torch.manual_seed(0)
+    if architecture == "mistral":
+        return MistralForCausalLM(MistralConfig(**shape, sliding_window=6)).eval()
+    return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral"])
+def test_greedy_decoding_equals_generate_as_rows_finish(tiny_model, architecture):
+    """Rows that stop leave the batch (and the cache); the rows still decoding come out as `generate` decodes them."""
+    _, tokenizer = tiny_model
+    model = varied_model(architecture, len(tokenizer))
+    tokenizer.padding_side = "left"
+    prompts = ["Question: one?", "Question: how many apples does Janet have in all?", "Hi", "Tell me a story about a cat."]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    never = [len(tokenizer) - 1]
+    free = evaluate.generate_new_tokens(model, encoded, never, 12, tokenizer.pad_token_id)
+    assert evaluate.greedy_decode(model, encoded["input_ids"], encoded["attention_mask"], never, 12) == free
+    # Stop two rows early, at different steps, on tokens they emit.
+    stops = [free[0][2], free[2][1]]
+    expected = evaluate.generate_new_tokens(model, encoded, stops, 12, tokenizer.pad_token_id)
+    got = evaluate.greedy_decode(model, encoded["input_ids"], encoded["attention_mask"], stops, 12)
+    assert got == expected
+    assert sorted(len(row) for row in got)[:2] == [2, 3] and max(len(row) for row in got) == 12
+
+
+def test_a_generation_config_that_processes_logits_decodes_with_generate(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    assert evaluate.logits_settings(model) == []
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.3)
+    assert evaluate.logits_settings(model) == ["repetition_penalty"]
+    calls = []
+    monkeypatch.setattr(evaluate, "generate_new_tokens", lambda *args: calls.append(args) or [[1]])
+    evaluate.greedy_responses(model, tokenizer, ["Hi"], batch_size=1, max_new_tokens=3)
+    assert len(calls) == 1
 
 
 @pytest.fixture()
 def forced_tokens(tiny_model) -> Iterator[list[list[int]]]:
-    """Make the tiny model emit, in batch row r, the token forced[r][step] at each decoding step."""
+    """Make the tiny model emit, in batch row r, the token forced[r][step] at each decoding step. A row that stops
+    leaves the batch, so the rows after it move up: give the rows that stop early the last places."""
     model, _ = tiny_model
     forced: list[list[int]] = []
     step = {"call": 0}
@@ -104,7 +145,7 @@ def forced_tokens(tiny_model) -> Iterator[list[list[int]]]:
     def force(module, inputs, logits):
         # One forward call per generated token (the first one reads the prompt).
         bias = torch.zeros_like(logits[:, -1])
-        for row, tokens in enumerate(forced):
+        for row, tokens in enumerate(forced[: bias.shape[0]]):
             bias[row, tokens[min(step["call"], len(tokens) - 1)]] = 1e4
         step["call"] += 1
         return logits + bias[:, None]
@@ -117,12 +158,12 @@ def forced_tokens(tiny_model) -> Iterator[list[list[int]]]:
 def test_generation_stops_at_stop_tokens_and_records_cut_off(tiny_model, forced_tokens):
     model, tokenizer = tiny_model
     word, im_end = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("<|im_end|>")
-    forced_tokens += [[im_end], [word, word, word, im_end], [word]]
+    forced_tokens += [[word, word, word, im_end], [word], [im_end]]
     # Prompts of different lengths, so the batch is left padded.
-    prompts = ["Question: one?", "Question: how many apples does Janet have in all?", "Hi"]
+    prompts = ["Question: how many apples does Janet have in all?", "Hi", "Question: one?"]
     generated = evaluate.greedy_responses(model, tokenizer, prompts, batch_size=3, max_new_tokens=4)
-    assert [g.cut_off for g in generated] == [False, False, True]
-    assert [g.text for g in generated] == ["", "aaa", "aaaa"]
+    assert [g.cut_off for g in generated] == [False, True, False]
+    assert [g.text for g in generated] == ["aaa", "aaaa", ""]
 
 
 def test_generation_stops_at_the_models_own_eos(tiny_model, forced_tokens, monkeypatch):

@@ -183,10 +183,10 @@ def test_planted_scores_reach_the_gap_tables_through_the_score_import(planted):
 
     workdir, concept, suite = planted["workdir"], planted["concept"], planted["suite"]
     n = len(BENCHMARK_NAMES)
-    # The first run stopped at the reducer: the leaves it never built (figures, explorer, SAE quality) are planned
-    # too, but nothing upstream of the scores (no prepare, sae or extract job).
+    # The first run stopped at the reducer: the leaves it never built (figures, the explorer and its map's layout,
+    # SAE quality) are planned too, but nothing upstream of the scores (no prepare, sae or extract job).
     assert planted["jobs"] == {"evaluate": n, "reduce_concepts": 1, "robustness": 1, "figures": 1, "explorer": 1,
-                               "explorer_index": 1, "sae_quality": 1, "all": 1}
+                               "concept_map": 1, "explorer_index": 1, "sae_quality": 1, "all": 1}
 
     _, reread = load_run(workdir)
     expected = planted["planted_items"].join(reread.select("benchmark", "item_id", imported="score"),

@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wrong", type=int, default=5, help="lowest-scored wrong items per benchmark in wrong_items.md")
     c.add_argument("--item-concepts", type=int, default=5, help="top concepts by saliency shown per wrong item")
 
-    c = stage("concept-map", cmd_concept_map, "the concept map's layout of one SAE (UMAP of its decoder directions, "
+    c = stage("concept_map", cmd_concept_map, "the concept map's layout of one SAE (UMAP of its decoder directions, "
               "k-means clusters)", "model", "layer")
     c.add_argument("--sae-weights", required=True, help="the SAE's sae_weights.safetensors (its decoder directions)")
     c.add_argument("--out", required=True, help="output Parquet: concept, x, y, cluster")

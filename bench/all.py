@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python bench/all.py [--quick] [--skip reduce,mc_scoring]
 (23 minutes on the 2-vCPU reference VM while another job shared it, mostly extraction and multiple-choice
- scoring; --quick: smaller sizes everywhere, 10 minutes there)
+ scoring, before generation.py decoded the evaluate stage's own batch, which adds about 5; --quick: smaller
+ sizes everywhere, 10 minutes there)
 
 Runs, as child processes with the project's interpreter and each script's own CPU defaults: extraction.py
 (saliency extraction, random weights), shard_rows.py (extraction's host side), mc_scoring.py (multiple-choice

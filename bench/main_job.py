@@ -164,7 +164,7 @@ def bounds_report(table: pl.DataFrame, cores: int, span_s: float, target_s: floa
             f"{row['job']} ({row['cpu_s']:.0f} of {min(row['threads'], cores) * row['wall_s']:.0f})"
             for row in unused.head(3).iter_rows(named=True)),
     ]
-    top = table.sort("cpu_s", descending=True, nulls_last=True).head(5)
+    top = held.sort("cpu_s", descending=True).head(5)
     lines.append("largest shares of the work: " + "; ".join(
         f"{row['job']} {row['cpu_s']:.0f} s ({100 * row['cpu_s'] / cpu:.0f} %)" for row in top.iter_rows(named=True)))
     start_up = table["start_up_s"].drop_nulls()

@@ -59,7 +59,7 @@ def labelled(tiny_model, random_sae_dirs, tmp_path_factory):
     return model, sae, shard, out
 
 
-def test_the_corpus_pass_saves_what_it_collected(labelled, tiny_model, tmp_path):
+def test_the_corpus_pass_saves_what_it_collected(labelled, tiny_model):
     """The corpus_contexts job's files hold the corpus pass exactly: the labels job reads back the same top
     contexts, sample and negative pool that one job holding it all in memory would use."""
     model, sae, _, out = labelled

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import polars as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +24,8 @@ sys.path.insert(0, str(REPO / "src"))
 from competency_gaps.concept_labels import (  # noqa: E402
     TokenText,
     collect_corpus_contexts,
-    context_frame,
     context_tables,
+    corpus_context_frame,
     label_concepts,
 )
 from competency_gaps.models import load_model, load_tokenizer, read_manifest  # noqa: E402
@@ -73,9 +72,7 @@ def main() -> None:
     text = TokenText(tokenizer)
     benchmark_contexts = sorted(str(p) for p in results.glob(f"extract/model={args.model}/benchmark=*/layer={args.layer}/contexts.parquet")) \
         if args.d_sae == 4608 else []
-    corpus = pl.concat([context_frame(collected.top.result(), "top", "corpus", None, text),
-                        context_frame(collected.sample.result(), "sample", "corpus", None, text)])
-    top, sample = context_tables(corpus, benchmark_contexts, 20)
+    top, sample = context_tables(corpus_context_frame(collected, text), benchmark_contexts, 20)
     steps["context tables (decode, merge)"] = time.perf_counter() - start
     start = time.perf_counter()
     labels = label_concepts(model, sae, top, sample, collected.pool, text, spec)

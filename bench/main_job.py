@@ -116,21 +116,21 @@ def _from_job_log(path: Path | None, pattern: re.Pattern[str]) -> float | None:
 def job_table(jobs: list[Job], workdir: Path) -> pl.DataFrame:
     """One row per finished job: wall from the Snakemake log, start-up and CPU time from the job's own log (CPU
     time from its benchmark file where the job logs none) and peak RSS from its benchmark file."""
+    finished = sorted((j for j in jobs if j.end is not None and j.rule != "all"), key=lambda j: j.start)
     rows = []
-    for job in sorted((j for j in jobs if j.end is not None and j.rule != "all"), key=lambda j: j.start):
+    for job in finished:
         figures = _benchmark_figures(workdir / job.benchmark if job.benchmark else None)
         job_log = workdir / job.log if job.log else None
         name = Path(job.benchmark).with_suffix("").as_posix().split("benchmarks_runtime/")[-1] if job.benchmark else job.rule
         rows.append({
-            "job": name, "threads": job.threads, "start_s": 0.0, "wall_s": (job.end - job.start).total_seconds(),
+            "job": name, "threads": job.threads, "start_s": (job.start - finished[0].start).total_seconds(),
+            "wall_s": (job.end - job.start).total_seconds(),
             "cpu_s": _from_job_log(job_log, _FINISHED_AFTER) or figures.get("cpu_s"),
             "start_up_s": _from_job_log(job_log, _READY),
             "max_rss_mb": figures.get("max_rss_mb"), "mem_mb": _int_or_none(job.resources.get("mem_mb")),
-            "runtime_min": _int_or_none(job.resources.get("runtime")), "_start": job.start,
+            "runtime_min": _int_or_none(job.resources.get("runtime")),
         })
-    table = pl.DataFrame(rows)
-    first = table["_start"].min()
-    return table.with_columns(start_s=(pl.col("_start") - first).dt.total_seconds()).drop("_start")
+    return pl.DataFrame(rows)
 
 
 def _int_or_none(value: str | None) -> int | None:

@@ -369,6 +369,12 @@ def collect_corpus_contexts(model: Any, tokenizer: Any, sae: Any, layer: int, co
     return collected
 
 
+def corpus_context_frame(collected: Collected, text: TokenText) -> pl.DataFrame:
+    """The corpus pass's top contexts and activating sample as CONTEXTS rows (kind top, then sample)."""
+    return pl.concat([context_frame(collected.top.result(), "top", "corpus", None, text),
+                      context_frame(collected.sample.result(), "sample", "corpus", None, text)])
+
+
 def run_corpus_contexts(model: Any, tokenizer: Any, sae: Any, layer: int, corpus_path: str, spec: dict[str, Any],
                         contexts_path: Path, pool_path: Path, *, batch_tokens: int = 4096) -> None:
     """The corpus pass of the labels stage, a job of its own: it reads the SAE corpus only, so it runs once the SAE
@@ -377,14 +383,12 @@ def run_corpus_contexts(model: Any, tokenizer: Any, sae: Any, layer: int, corpus
     from safetensors.torch import save_file
 
     collected = collect_corpus_contexts(model, tokenizer, sae, layer, corpus_path, spec, batch_tokens)
-    text = TokenText(tokenizer)
-    frames = [context_frame(collected.top.result(), "top", "corpus", None, text),
-              context_frame(collected.sample.result(), "sample", "corpus", None, text)]
-    write_parquet(pl.concat(frames).to_arrow(), contexts_path, CONTEXTS)
+    contexts = corpus_context_frame(collected, TokenText(tokenizer))
+    write_parquet(contexts.to_arrow(), contexts_path, CONTEXTS)
     with atomic_path(pool_path) as temporary:
         save_file({name: tensor.contiguous() for name, tensor in collected.pool.result().items()}, str(temporary))
-    log.info("corpus contexts: %d top and %d sampled, %d pooled windows", frames[0].height, frames[1].height,
-             len(collected.pool))
+    top = int((contexts["kind"] == "top").sum())
+    log.info("corpus contexts: %d top and %d sampled, %d pooled windows", top, contexts.height - top, len(collected.pool))
 
 
 def read_negative_pool(path: str | Path, labels_spec: dict[str, Any]) -> NegativePool:

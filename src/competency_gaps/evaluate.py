@@ -91,6 +91,12 @@ class ContextCache:
     next_logprobs: torch.Tensor  # [contexts, vocabulary] float32, on the model's device
 
 
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: real tokens take 0..n-1 whatever the padding; padding gets a harmless 1
+    (as in `generate`)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 def read_contexts(model: Any, contexts: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> ContextCache:
     """One forward over the contexts, left padded so that every context ends in the last column: its
     logits are the only ones computed, and positions between real tokens are the same in the cache as in
@@ -101,8 +107,7 @@ def read_contexts(model: Any, contexts: list[list[int]], pad_id: int, prefix: Sh
     ids, tail_mask = padded([context[skip:] for context in contexts], pad_id, side="left")
     ids = ids.to(device)
     mask = torch.cat([torch.ones(len(contexts), skip, dtype=tail_mask.dtype), tail_mask], dim=1).to(device)
-    # Real tokens take positions 0..n-1 whatever the padding; padding gets a harmless 1 (as in `generate`).
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, skip:]
+    positions = padded_positions(mask)[:, skip:]
     cache = prefix.rows(len(contexts)) if prefix is not None else new_cache(model)
     output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                    **with_cache(model, cache))
@@ -330,7 +335,7 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     finished requests, took 359 s on one thread.
     """
     stops = torch.tensor(stop_ids, device=input_ids.device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = padded_positions(attention_mask)
     cache = new_cache(model)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1, **with_cache(model, cache)).logits

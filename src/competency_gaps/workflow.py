@@ -46,7 +46,7 @@ PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "opti
 EVALUATE_KEYS = ("max_new_tokens", "judge")
 EXTRACT_KEYS = ("context_policy",)
 CONTEXT_KEYS = ("top_k", "before", "after")  # of `labels`: the benchmark contexts extraction collects
-CORPUS_PASS_KEYS = ("top_k", "before", "after", "corpus_tokens", "n_detection", "negative_pool", "seed")  # of `labels`
+CORPUS_PASS_KEYS = CONTEXT_KEYS + ("corpus_tokens", "n_detection", "negative_pool", "seed")  # of `labels`: the corpus pass
 MAP_KEYS = ("umap_neighbors", "umap_min_dist", "clusters", "max_clusters", "seed")  # of `explorer`: the map's layout
 
 
@@ -111,7 +111,7 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
     if job == "labels":
         labels = {key: value for key, value in config["labels"].items() if key != "neuronpedia"}
         return {"labels": labels, "neuronpedia": config["labels"]["neuronpedia"].get(f"{model}/{layer}"),
-                "layer": int(layer), "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}
+                "layer": int(layer), "runtime": _runtime(config)}  # the corpus pass reads the corpus: not these
     if job == "reduce":
         return {"gaps": config["gaps"]}
     if job == "figures":

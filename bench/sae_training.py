@@ -12,7 +12,9 @@ SAE corpus)
 - Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the stage's own settings: d_sae 4608, k 64, batch
   256, lr 1e-3) on the collected vectors, or on random vectors of the model's width with --random (with
   --collect-vectors 0 nothing is read from results/); activation vectors/s = training vectors / seconds of the whole `train_topk_sae` call (set-up
-  and norm scale included, as in the stage). The default config trains on 300k vectors; 20k keeps this run short.
+  and norm scale included, as in the stage). Trained twice on the same vectors: with the stage's SAE, which
+  decodes only the k active latents (`sae_topk.GatheredTopKTrainingSAE`), and with sae-lens's own
+  TopKTrainingSAE, which decodes densely; the ratio of their rates is printed last. The default config trains on 300k vectors; 20k keeps this run short.
 - `--stream`: the stage's streamed path end to end: `sae.row_activations` of a random-weight model of a real
   model's shape (bench/extraction.py's SHAPES) over random token rows, through the `ShuffleBuffer` (host
   memory), into `train_topk_sae`. Prints vectors/s of the whole run (forward passes + buffer + training) and
@@ -68,10 +70,15 @@ def time_collection(model, layer: int, chunks: torch.Tensor, n_vectors: int, bat
     return acts, time.perf_counter() - start
 
 
-def time_training(acts: torch.Tensor, spec: dict, layer: int) -> float:
+def time_training(acts: torch.Tensor, spec: dict, layer: int, training_class: type | None = None) -> tuple[float, float]:
+    """Seconds of `train_topk_sae` and the trained SAE's explained variance on the last 4,096 vectors (seen in
+    training: a check that both SAEs learned alike, not a held-out figure)."""
+    from competency_gaps.sae import evaluate_sae
+
     start = time.perf_counter()
-    train_topk_sae(acts, spec, layer, "bench", torch.device("cpu"))
-    return time.perf_counter() - start
+    sae = train_topk_sae(acts, spec, layer, "bench", torch.device("cpu"), training_class)
+    seconds = time.perf_counter() - start
+    return seconds, evaluate_sae(sae, acts[-4096:])["explained_variance"]
 
 
 def random_vectors(n: int, d_model: int, seed: int) -> torch.Tensor:
@@ -199,11 +206,20 @@ def main() -> None:
               f"({collect / seconds:,.0f} vectors kept/s) |")
         del model
     train = random_vectors(args.n_vectors, D_MODEL if acts is None else acts.shape[1], seed=0) if args.random else acts[: args.n_vectors]
-    seconds = time_training(train, spec, args.layer)
+    from sae_lens import TopKTrainingSAE
+
     source = "random" if args.random else "collected"
-    print(f"| SAE training (`train_topk_sae`, sae-lens) | {args.n_vectors:,} {source} vectors, d_model {train.shape[1]}, "
-          f"d_sae {args.d_sae}, k {args.k}, batch {args.batch_size} ({args.n_vectors // args.batch_size} steps) | "
-          f"{seconds:.1f} | {args.n_vectors / seconds:,.0f} vectors/s |")
+    size = (f"{args.n_vectors:,} {source} vectors, d_model {train.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
+            f"batch {args.batch_size} ({args.n_vectors // args.batch_size} steps)")
+    rates = {}
+    for name, training_class in (("the stage's (`train_topk_sae`: decodes the k active latents)", None),
+                                 ("sae-lens's own TopKTrainingSAE (dense decode), same trainer", TopKTrainingSAE)):
+        seconds, explained = time_training(train, spec, args.layer, training_class)
+        rates[name] = args.n_vectors / seconds
+        print(f"| SAE training, {name} | {size} | {seconds:.1f} | {rates[name]:,.0f} vectors/s (EV {explained:.4f} on "
+              "its last 4,096 training vectors) |")
+    ours, dense = rates.values()
+    print(f"\nSAE training: {ours / dense:.2f}× the vectors/s of sae-lens's dense TopK decode")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""The SAE trained with decoding by gathered rows equals sae-lens's own TopK training, loss for loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.saes.sae import TrainStepInput
+
+from competency_gaps.sae_topk import GatheredTopKTrainingSAE, deterministic_on_cpu
+
+D_IN, D_SAE, K = 24, 96, 6
+
+
+def twin_saes(rescale: bool) -> tuple[TopKTrainingSAE, GatheredTopKTrainingSAE]:
+    """sae-lens's SAE and ours with the same, non-trivial weights (a decoder of uneven row norms, a bias)."""
+    cfg = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescale)
+    torch.manual_seed(0)
+    reference = TopKTrainingSAE(cfg)
+    with torch.no_grad():
+        reference.W_dec.mul_(torch.rand(D_SAE, 1) * 3 + 0.2)
+        reference.W_enc.normal_(0, 0.3)
+        reference.b_dec.normal_()
+        reference.b_enc.normal_(0, 0.1)
+    gathered = GatheredTopKTrainingSAE(cfg)
+    gathered.load_state_dict(reference.state_dict())
+    return reference, gathered
+
+
+def one_step(sae: TopKTrainingSAE, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[dict[str, float], torch.Tensor, dict[str, torch.Tensor]]:
+    sae.zero_grad()
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0,
+                                                   is_logging_step=False))
+    out.loss.backward()
+    losses = {name: value.item() for name, value in out.losses.items()}
+    return losses, out.sae_out.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+def dead_mask(n_dead: int) -> torch.Tensor | None:
+    if n_dead == 0:
+        return None
+    mask = torch.zeros(D_SAE, dtype=torch.bool)
+    mask[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    return mask
+
+
+# no dead latents; fewer dead than the auxiliary k (d_in / 2 = 12: every dead latent decodes); more than it
+@pytest.mark.parametrize("n_dead", [0, 5, 40])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_losses_and_gradients_equal_sae_lens(rescale: bool, n_dead: int):
+    reference, gathered = twin_saes(rescale)
+    x = torch.randn(50, D_IN, generator=torch.Generator().manual_seed(2)) * 2 + 1
+    dead = dead_mask(n_dead)
+    want_losses, want_out, want_grads = one_step(reference, x, dead)
+    got_losses, got_out, got_grads = one_step(gathered, x, dead)
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+    assert (got_losses["auxiliary_reconstruction_loss"] > 0) == (n_dead > 0)
+    torch.testing.assert_close(got_out, want_out)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_the_trainer_statistics_see_the_same_firing_latents():
+    reference, gathered = twin_saes(True)
+    x = torch.randn(50, D_IN, generator=torch.Generator().manual_seed(3))
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    want, got = reference.training_forward_pass(step).feature_acts, gathered.training_forward_pass(step).feature_acts
+    torch.testing.assert_close(got, want.detach())
+    assert not got.requires_grad  # the statistics' dense copy carries no gradient
+    assert ((got > 0).sum(-1) <= K).all()
+
+
+def test_saved_inference_sae_is_sae_lens_topk(tmp_path):
+    from sae_lens import SAE
+
+    _, gathered = twin_saes(True)
+    gathered.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(str(tmp_path), device="cpu")
+    assert loaded.cfg.architecture() == "topk"
+    x = torch.randn(8, D_IN)
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    torch.testing.assert_close(loaded(x), gathered.training_forward_pass(step).sae_out.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_algorithms_only_while_training_on_cpu():
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_on_cpu(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with deterministic_on_cpu(torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled() == before

@@ -12,13 +12,16 @@ from competency_gaps.sae_topk import GatheredTopKTrainingSAE, deterministic_on_c
 D_IN, D_SAE, K = 24, 96, 6
 
 
-def twin_saes(rescale: bool) -> tuple[TopKTrainingSAE, GatheredTopKTrainingSAE]:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def twin_saes(rescale: bool, device: str = "cpu") -> tuple[TopKTrainingSAE, GatheredTopKTrainingSAE]:
     """sae-lens's SAE and ours with the same, non-trivial weights (a decoder of uneven row norms, a bias)."""
-    cfg = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescale)
+    cfg = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescale, device=device)
     torch.manual_seed(0)
     reference = TopKTrainingSAE(cfg)
     with torch.no_grad():
-        reference.W_dec.mul_(torch.rand(D_SAE, 1) * 3 + 0.2)
+        reference.W_dec.mul_(torch.rand(D_SAE, 1).to(device) * 3 + 0.2)
         reference.W_enc.normal_(0, 0.3)
         reference.b_dec.normal_()
         reference.b_enc.normal_(0, 0.1)
@@ -36,21 +39,22 @@ def one_step(sae: TopKTrainingSAE, x: torch.Tensor, dead: torch.Tensor | None) -
     return losses, out.sae_out.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}
 
 
-def dead_mask(n_dead: int) -> torch.Tensor | None:
+def dead_mask(n_dead: int, device: str) -> torch.Tensor | None:
     if n_dead == 0:
         return None
     mask = torch.zeros(D_SAE, dtype=torch.bool)
     mask[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
-    return mask
+    return mask.to(device)
 
 
 # no dead latents; fewer dead than the auxiliary k (d_in / 2 = 12: every dead latent decodes); more than it
 @pytest.mark.parametrize("n_dead", [0, 5, 40])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_losses_and_gradients_equal_sae_lens(rescale: bool, n_dead: int):
-    reference, gathered = twin_saes(rescale)
-    x = torch.randn(50, D_IN, generator=torch.Generator().manual_seed(2)) * 2 + 1
-    dead = dead_mask(n_dead)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_losses_and_gradients_equal_sae_lens(rescale: bool, n_dead: int, device: str):
+    reference, gathered = twin_saes(rescale, device)
+    x = (torch.randn(50, D_IN, generator=torch.Generator().manual_seed(2)) * 2 + 1).to(device)
+    dead = dead_mask(n_dead, device)
     want_losses, want_out, want_grads = one_step(reference, x, dead)
     got_losses, got_out, got_grads = one_step(gathered, x, dead)
     assert got_losses == pytest.approx(want_losses, rel=1e-5)

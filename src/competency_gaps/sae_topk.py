@@ -5,7 +5,8 @@ product, though only k of d_sae latents are non-zero; its auxiliary loss decodes
 way. Its sparse option (`use_sparse_activations`) fails in backward on CPU (sae-lens 6.54, torch 2.13: no
 SparseCPU kernel for `aten::view`). `GatheredTopKTrainingSAE` keeps sae-lens's model, trainer and loss and
 decodes with `embedding_bag`, a weighted sum of the k decoder rows: the same losses and gradients (tested
-against sae-lens's own to float rounding), two dense products per step where sae-lens does five or more.
+against sae-lens's own to float rounding), three dense products of the encoder's size per step where sae-lens
+does six, and nine while latents are dead.
 
 It imports sae-lens at module level: import this module only where an SAE is trained.
 """

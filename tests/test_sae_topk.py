@@ -7,7 +7,7 @@ import torch
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
-from competency_gaps.sae_topk import GatheredTopKTrainingSAE, deterministic_on_cpu
+from competency_gaps.sae_topk import GatheredTopKTrainingSAE, deterministic_on_cpu, training_sae_class
 
 D_IN, D_SAE, K = 24, 96, 6
 
@@ -93,3 +93,20 @@ def test_deterministic_algorithms_only_while_training_on_cpu():
     assert torch.are_deterministic_algorithms_enabled() == before
     with deterministic_on_cpu(torch.device("cuda")):
         assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_the_stage_trains_the_gathered_sae_on_cpu_and_cuda_only():
+    assert training_sae_class(torch.device("cpu")) is GatheredTopKTrainingSAE
+    assert training_sae_class(torch.device("cuda")) is GatheredTopKTrainingSAE
+    assert training_sae_class(torch.device("mps")) is TopKTrainingSAE
+
+
+def test_train_topk_sae_trains_the_gathered_sae_deterministically():
+    from competency_gaps.sae import train_topk_sae
+
+    spec = {"d_sae": D_SAE, "k": K, "training_tokens": 6400, "batch_size": 64, "lr": 3e-3, "seed": 0}
+    acts = torch.randn(3000, D_IN, generator=torch.Generator().manual_seed(4)) + 2
+    first, second = (train_topk_sae(acts, spec, 2, "tiny-model", torch.device("cpu")) for _ in range(2))
+    assert type(first) is GatheredTopKTrainingSAE
+    for name, weights in first.state_dict().items():
+        assert torch.equal(weights, second.state_dict()[name]), name

@@ -378,7 +378,7 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
     from sae_lens import SAETrainer, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    from competency_gaps.sae_topk import GatheredTopKTrainingSAE, deterministic_on_cpu
+    from competency_gaps.sae_topk import deterministic_on_cpu, training_sae_class
 
     if spec["training_tokens"] < spec["batch_size"]:  # zero steps: sae-lens's norm estimate divides by zero
         raise ValueError(f"SAE training: training_tokens={spec['training_tokens']} is less than one batch (batch_size={spec['batch_size']})")
@@ -403,7 +403,7 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
     )
     sae_cfg.metadata.hook_name = hook_name(layer)
     sae_cfg.metadata.model_name = model_name
-    sae = (training_class or GatheredTopKTrainingSAE)(sae_cfg)
+    sae = (training_class or training_sae_class(device))(sae_cfg)
     # The trainer scales inputs to norm sqrt(d_in); the scale is estimated here, on the same sample as the
     # decoder bias, so the trainer reads no extra batches for it (a stream then runs exactly one pass).
     scale = d_in**0.5 / sample_ND.norm(dim=1).mean().item()

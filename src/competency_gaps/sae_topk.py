@@ -69,6 +69,12 @@ class GatheredTopKTrainingSAE(TopKTrainingSAE):
         return self.cfg.aux_loss_coefficient * scale * (reconstruction - residual).pow(2).sum(dim=-1).mean()
 
 
+def training_sae_class(device: torch.device) -> type[TopKTrainingSAE]:
+    """The gathered decode where `embedding_bag`'s backward with per-vector weights is long established (CPU,
+    CUDA); sae-lens's own dense decode elsewhere (mps)."""
+    return GatheredTopKTrainingSAE if device.type in ("cpu", "cuda") else TopKTrainingSAE
+
+
 @contextmanager
 def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
     """torch's deterministic algorithms while training on a CPU: `embedding_bag`'s backward otherwise sums a

@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/sae_variants.py [--read-tokens 300000] [--variant "epochs=1 training_tokens=300000" ...]
 (run `make run` first: it needs the converted model, the SAE corpus and the benchmarks' items; about 9 minutes
-to collect 300k tokens on 2 CPU cores, then 2.5 minutes per 300k vectors trained)
+to collect 300k tokens on 2 CPU cores, then about 1.2 minutes per 300k vectors trained)
 
 - Collects, once: the stage's first pass (`sae.training_data(...).first_pass`, the default config's model, layer,
   corpus, chat_fraction and seed) over --read-tokens tokens, float16 in memory; the held-out corpus rows

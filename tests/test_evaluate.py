@@ -123,6 +123,19 @@ def test_greedy_decoding_equals_generate_as_rows_finish(tiny_model, architecture
     assert sorted(len(row) for row in got)[:2] == [2, 3] and max(len(row) for row in got) == 12
 
 
+def test_decoding_progress_counts_the_rows_still_decoding(tiny_model, caplog):
+    _, tokenizer = tiny_model
+    model = varied_model("llama", len(tokenizer))
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(["Question: one?", "Hi", "Tell me a story about a cat."], return_tensors="pt", padding=True)
+    free = evaluate.generate_new_tokens(model, encoded, [len(tokenizer) - 1], 8, tokenizer.pad_token_id)
+    with caplog.at_level("INFO", logger="competency_gaps.evaluate"):
+        evaluate.greedy_decode(model, encoded["input_ids"], encoded["attention_mask"], [free[1][1]], 8)
+    # the last step's line: one row stopped at its second token, and the run may end before max_new_tokens
+    assert "decoding: 8 / 8 steps" in caplog.text
+    assert "ETA at most 0 s); 2 of 3 rows still decoding" in caplog.text
+
+
 def test_a_generation_config_that_processes_logits_decodes_with_generate(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
     assert evaluate.logits_settings(model) == []

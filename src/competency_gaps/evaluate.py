@@ -341,9 +341,9 @@ def greedy_decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                    logits_to_keep=1, **with_cache(model, cache)).logits
     rows, position = torch.arange(input_ids.shape[0], device=input_ids.device), positions[:, -1]
     new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    progress = Progress(log, "decoding", max_new_tokens, "steps")  # the ETA assumes no row stops early
+    progress = Progress(log, "decoding", max_new_tokens, "steps", total_is_bound=True)  # it ends once every row stops
     for step in range(max_new_tokens):
-        progress.update(1)
+        progress.update(1, f"{len(rows)} of {input_ids.shape[0]} rows still decoding")
         token = logits[:, -1].argmax(-1)
         for row, value in zip(rows.tolist(), token.tolist()):
             new_tokens[row].append(value)

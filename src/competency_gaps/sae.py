@@ -372,8 +372,8 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
                    device: torch.device, training_class: type | None = None):
     """Train a TopK SAE with sae-lens's SAETrainer (with the dead-latent auxiliary loss) on in-memory
     activations (N, d_in), or on a stream of (batch_size, d_in) batches on `device` (the DataProvider
-    protocol), of which it reads exactly training_tokens // batch_size. The SAE decodes only its active
-    latents in training (`sae_topk.GatheredTopKTrainingSAE`: sae-lens's losses, fewer dense products);
+    protocol), of which it reads exactly training_tokens // batch_size. On CPU and CUDA the SAE decodes only
+    its active latents in training (`sae_topk.GatheredTopKTrainingSAE`: sae-lens's losses, fewer dense products);
     `training_class` (sae-lens's own TopKTrainingSAE) is for measuring against it (bench/sae_training.py)."""
     from sae_lens import SAETrainer, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig

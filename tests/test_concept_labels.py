@@ -184,3 +184,28 @@ def test_an_llm_labeller_labels_and_judges_every_live_concept(labelled, tiny_mod
     assert asked >= len(live)  # one explanation per live concept, plus the judge's prompts
     with_llm(labels, top, sets, llm, str(cache))
     assert len(read_cache(cache)) == asked
+
+
+def test_a_context_frame_row_holds_its_own_window(tiny_model):
+    from competency_gaps.tables import CONTEXTS
+
+    _, tokenizer = tiny_model
+    text = TokenText(tokenizer)
+    result = {"concept": torch.tensor([4, 4, 9]), "rank": torch.tensor([0, 1, 0]), "seq": torch.tensor([1, 0, 1]),
+              "pos": torch.tensor([5, 2, 7]), "activation": torch.tensor([2.5, 1.0, 0.5]),
+              "window_tokens": torch.tensor([[-1, 10, 11], [12, 10, -1], [13, 14, 15]]),
+              "window_acts": torch.tensor([[0.0, 2.5, 0.1], [0.3, 1.0, 0.0], [0.2, 0.5, 0.4]]), "peak_index": 1}
+    frame = context_frame(result, "top", "quiz", ["item-a", "item-b"], text)
+    assert frame.schema == pl.Schema(pl.from_arrow(CONTEXTS.empty_table()).schema)
+    rows = frame.to_dicts()
+    assert [row["item_id"] for row in rows] == ["item-b", "item-a", "item-b"]
+    assert [row["token_ids"] for row in rows] == result["window_tokens"].tolist()
+    assert [row["tokens"] for row in rows] == [[text(t) for t in window] for window in result["window_tokens"].tolist()]
+    assert rows[0]["tokens"][0] == "" and rows[1]["tokens"][1] == rows[0]["tokens"][1]  # -1: no token; ids decode alike
+    assert [row["activations"] for row in rows] == result["window_acts"].tolist()  # float32 both ways: exact
+    assert [(row["concept"], row["rank"], row["sequence"], row["position"], row["peak_index"]) for row in rows] == [
+        (4, 0, 1, 5, 1), (4, 1, 0, 2, 1), (9, 0, 1, 7, 1)]
+    corpus = context_frame(result, "sample", "corpus", None, text)
+    assert corpus["item_id"].null_count() == 3 and set(corpus["kind"]) == {"sample"}
+    assert context_frame({name: value[:0] if torch.is_tensor(value) else value for name, value in result.items()},
+                         "top", "corpus", None, text).height == 0

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 
 from competency_gaps.figure_data import concept_markdown, markdown_escape
@@ -105,19 +106,31 @@ class TokenText:
         return self.cache[token_id]
 
 
+def window_lists(values: pa.Array, width: int) -> pa.ListArray:
+    """Flat per-token values, `width` per window, as one list per window."""
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, width, dtype=np.int32)), values)
+
+
 def context_frame(result: dict[str, Any], kind: str, source: str, item_ids: list[str] | None, text: TokenText) -> pl.DataFrame:
-    """A `TopContexts.result()` as CONTEXTS rows (item_ids maps a sequence to its item; None for the corpus)."""
-    windows = result["window_tokens"].tolist()
-    sequences = result["seq"].tolist()
-    frame = pl.DataFrame({
-        "concept": result["concept"].numpy().astype(np.int32), "kind": kind, "rank": result["rank"].numpy().astype(np.int32),
-        "source": source, "item_id": [item_ids[s] for s in sequences] if item_ids is not None else [None] * len(sequences),
-        "sequence": sequences, "position": result["pos"].numpy().astype(np.int32),
-        "activation": result["activation"].numpy(), "token_ids": windows,
-        "tokens": [[text(t) for t in window] for window in windows],
-        "activations": result["window_acts"].tolist(), "peak_index": int(result["peak_index"]),
-    }, schema_overrides={"item_id": pl.String})
-    return pl.from_arrow(frame.to_arrow().select(CONTEXTS.names).cast(CONTEXTS))
+    """A `TopContexts.result()` as CONTEXTS rows (item_ids maps a sequence to its item; None for the corpus).
+    The windows' lists are built from flat arrays: the corpus pass has some 10^5 contexts."""
+    windows = result["window_tokens"].numpy()
+    n, width = windows.shape
+    sequences = result["seq"].numpy()
+    ids, inverse = np.unique(windows, return_inverse=True)  # each distinct token's text decoded once
+    texts = pa.array([text(int(t)) for t in ids], pa.string()).take(pa.array(inverse.reshape(-1)))
+    table = pa.table({
+        "concept": result["concept"].numpy().astype(np.int32), "kind": pa.array([kind] * n, pa.string()),
+        "rank": result["rank"].numpy().astype(np.int32), "source": pa.array([source] * n, pa.string()),
+        "item_id": pa.array([item_ids[s] for s in sequences.tolist()] if item_ids is not None else [None] * n, pa.string()),
+        "sequence": sequences.astype(np.int64), "position": result["pos"].numpy().astype(np.int32),
+        "activation": result["activation"].numpy().astype(np.float32),
+        "token_ids": window_lists(pa.array(windows.reshape(-1).astype(np.int32)), width),
+        "tokens": window_lists(texts, width),
+        "activations": window_lists(pa.array(result["window_acts"].numpy().reshape(-1).astype(np.float32)), width),
+        "peak_index": np.full(n, int(result["peak_index"]), dtype=np.int32),
+    })
+    return pl.from_arrow(table.select(CONTEXTS.names).cast(CONTEXTS))
 
 
 def read_prompts(model: Any, sae: Any, layer: int, prompts: list[EncodedPrompt], pad_id: int, batch_tokens: int,

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from competency_gaps.models import load_model, load_tokenizer, read_manifest  # noqa: E402
-from competency_gaps.sae import collect_activations, token_chunks, train_topk_sae  # noqa: E402
+from competency_gaps.sae import collect_activations, evaluate_sae, token_chunks, train_topk_sae  # noqa: E402
 
 DEFAULT_MANIFEST = REPO / "results" / "models" / "model=smollm2-135m" / "manifest.json"
 DEFAULT_CORPUS = REPO / "results" / "sae_corpus" / "corpus.parquet"
@@ -73,8 +73,6 @@ def time_collection(model, layer: int, chunks: torch.Tensor, n_vectors: int, bat
 def time_training(acts: torch.Tensor, spec: dict, layer: int, training_class: type | None = None) -> tuple[float, float]:
     """Seconds of `train_topk_sae` and the trained SAE's explained variance on the last 4,096 vectors (seen in
     training: a check that both SAEs learned alike, not a held-out figure)."""
-    from competency_gaps.sae import evaluate_sae
-
     start = time.perf_counter()
     sae = train_topk_sae(acts, spec, layer, "bench", torch.device("cpu"), training_class)
     seconds = time.perf_counter() - start

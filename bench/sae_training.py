@@ -7,14 +7,15 @@ SAE corpus)
 (the stage's streamed path on a random-weight model, no results/ needed: see `--stream` below)
 
 - Collection: `sae.collect_activations` on the pipeline's model (results/models/model=smollm2-135m) over rows
-  of results/sae_corpus/corpus.parquet cut by `sae.token_chunks` (context length 128, batches of 16 rows, as
+  of results/sae_corpus/corpus.parquet cut by `sae.token_chunks` (context length 128, batches of 8 rows, as
   the stage runs it); tokens/s counts every token the model reads (position 0 of each row is read, not kept).
 - Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the stage's own settings: d_sae 4608, k 64, batch
   256, lr 1e-3) on the collected vectors, or on random vectors of the model's width with --random (with
   --collect-vectors 0 nothing is read from results/); activation vectors/s = training vectors / seconds of the whole `train_topk_sae` call (set-up
-  and norm scale included, as in the stage). Trained twice on the same vectors: with the stage's SAE, which
-  decodes only the k active latents (`sae_topk.GatheredTopKTrainingSAE`), and with sae-lens's own
-  TopKTrainingSAE, which decodes densely; the ratio of their rates is printed last. The default config trains on 300k vectors; 20k keeps this run short.
+  and norm scale included, as in the stage). Trained twice on the same vectors: as the stage trains, decoding
+  only the k active latents (`sae_topk.GatheredTopKTrainingSAE`) and stepping a fused Adam
+  (`sae_topk.FusedAdamTrainer`), and with sae-lens's own TopKTrainingSAE (dense decode) and SAETrainer (plain
+  Adam); the ratio of their rates is printed last. The default config trains on 300k vectors; 20k keeps this run short.
 - `--stream`: the stage's streamed path end to end: `sae.row_activations` of a random-weight model of a real
   model's shape (bench/extraction.py's SHAPES) over random token rows, through the `ShuffleBuffer` (host
   memory), into `train_topk_sae`. Prints vectors/s of the whole run (forward passes + buffer + training) and
@@ -70,11 +71,11 @@ def time_collection(model, layer: int, chunks: torch.Tensor, n_vectors: int, bat
     return acts, time.perf_counter() - start
 
 
-def time_training(acts: torch.Tensor, spec: dict, layer: int, training_class: type | None = None) -> tuple[float, float]:
+def time_training(acts: torch.Tensor, spec: dict, layer: int, sae_lens_own: bool = False) -> tuple[float, float]:
     """Seconds of `train_topk_sae` and the trained SAE's explained variance on the last 4,096 vectors (seen in
     training: a check that both SAEs learned alike, not a held-out figure)."""
     start = time.perf_counter()
-    sae = train_topk_sae(acts, spec, layer, "bench", torch.device("cpu"), training_class)
+    sae = train_topk_sae(acts, spec, layer, "bench", torch.device("cpu"), sae_lens_own)
     seconds = time.perf_counter() - start
     return seconds, evaluate_sae(sae, acts[-4096:])["explained_variance"]
 
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=4608)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=256, help="training batch (the stage's batch_size)")
-    parser.add_argument("--collect-batch", type=int, default=16, help="corpus rows per forward (the stage's)")
+    parser.add_argument("--collect-batch", type=int, default=8, help="corpus rows per forward (the stage's at batch_tokens 1024)")
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stream", action="store_true", help="the streamed stage path on a random-weight model (see above)")
@@ -204,20 +205,18 @@ def main() -> None:
               f"({collect / seconds:,.0f} vectors kept/s) |")
         del model
     train = random_vectors(args.n_vectors, D_MODEL if acts is None else acts.shape[1], seed=0) if args.random else acts[: args.n_vectors]
-    from sae_lens import TopKTrainingSAE
-
     source = "random" if args.random else "collected"
     size = (f"{args.n_vectors:,} {source} vectors, d_model {train.shape[1]}, d_sae {args.d_sae}, k {args.k}, "
             f"batch {args.batch_size} ({args.n_vectors // args.batch_size} steps)")
     rates = {}
-    for name, training_class in (("the stage's (`train_topk_sae`: decodes the k active latents)", None),
-                                 ("sae-lens's own TopKTrainingSAE (dense decode), same trainer", TopKTrainingSAE)):
-        seconds, explained = time_training(train, spec, args.layer, training_class)
+    for name, sae_lens_own in (("the stage's (`train_topk_sae`: decodes the k active latents, fused Adam)", False),
+                               ("sae-lens's own TopKTrainingSAE and SAETrainer (dense decode, plain Adam)", True)):
+        seconds, explained = time_training(train, spec, args.layer, sae_lens_own)
         rates[name] = args.n_vectors / seconds
         print(f"| SAE training, {name} | {size} | {seconds:.1f} | {rates[name]:,.0f} vectors/s (EV {explained:.4f} on "
               "its last 4,096 training vectors) |")
     ours, dense = rates.values()
-    print(f"\nSAE training: {ours / dense:.2f}× the vectors/s of sae-lens's dense TopK decode")
+    print(f"\nSAE training: {ours / dense:.2f}× the vectors/s of sae-lens's own TopK training")
 
 
 if __name__ == "__main__":

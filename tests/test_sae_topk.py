@@ -7,7 +7,17 @@ import torch
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
-from competency_gaps.sae_topk import GatheredTopKTrainingSAE, deterministic_on_cpu, training_sae_class
+from sae_lens import SAETrainer
+from sae_lens.config import SAETrainerConfig
+
+from competency_gaps import sae_topk
+from competency_gaps.sae_topk import (
+    FusedAdamTrainer,
+    GatheredTopKTrainingSAE,
+    deterministic_on_cpu,
+    trainer_class,
+    training_sae_class,
+)
 
 D_IN, D_SAE, K = 24, 96, 6
 
@@ -99,6 +109,60 @@ def test_the_stage_trains_the_gathered_sae_on_cpu_and_cuda_only():
     assert training_sae_class(torch.device("cpu")) is GatheredTopKTrainingSAE
     assert training_sae_class(torch.device("cuda")) is GatheredTopKTrainingSAE
     assert training_sae_class(torch.device("mps")) is TopKTrainingSAE
+
+
+def twin_trainers(steps: int) -> tuple[SAETrainer, FusedAdamTrainer]:
+    """sae-lens's trainer and the fused one on SAEs with the same weights, with a warm-up, a cosine schedule and a
+    linear decay."""
+    cfg = SAETrainerConfig(total_training_samples=steps * 8, train_batch_size_samples=8, lr=3e-3, lr_end=3e-4,
+                           lr_scheduler_name="cosineannealing", lr_warm_up_steps=5, lr_decay_steps=7, device="cpu",
+                           adam_beta1=0.8, adam_beta2=0.99)
+    reference, twin = twin_saes(rescale=True)
+    plain = SAETrainer(cfg=cfg, sae=reference, data_provider=iter([]))
+    fused = FusedAdamTrainer(cfg=cfg, sae=twin, data_provider=iter([]))
+    return plain, fused
+
+
+def test_the_fused_trainer_keeps_sae_lens_settings_schedule_and_update():
+    steps = 40
+    plain, fused = twin_trainers(steps)
+    assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults.get("fused")
+    settings = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+    assert {k: fused.optimizer.defaults[k] for k in settings} == {k: plain.optimizer.defaults[k] for k in settings}
+    assert [p for group in fused.optimizer.param_groups for p in group["params"]] == list(fused.sae.parameters())
+    x = torch.randn(8, D_IN, generator=torch.Generator().manual_seed(1)) + 1
+    rates = []
+    for _ in range(steps):
+        for trainer in (plain, fused):
+            trainer.optimizer.zero_grad()
+            trainer.sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                             n_training_steps=0, is_logging_step=False)).loss.backward()
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+        rates.append((plain.optimizer.param_groups[0]["lr"], fused.optimizer.param_groups[0]["lr"]))
+    assert [a for a, _ in rates] == [b for _, b in rates]  # warm-up, cosine and decay step for step
+    assert len(set(a for a, _ in rates)) > 10
+    for name, weights in plain.sae.state_dict().items():  # 40 Adam steps: the same weights to float rounding
+        torch.testing.assert_close(fused.sae.state_dict()[name], weights, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_stage_steps_the_fused_adam_on_cpu_and_cuda_only(monkeypatch):
+    assert trainer_class(torch.device("cpu")) is FusedAdamTrainer
+    assert trainer_class(torch.device("cuda")) is FusedAdamTrainer
+    assert trainer_class(torch.device("mps")) is SAETrainer
+    from competency_gaps.sae import train_topk_sae
+
+    made = []
+
+    class Spy(FusedAdamTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.optimizer)
+
+    monkeypatch.setattr(sae_topk, "FusedAdamTrainer", Spy)
+    spec = {"d_sae": D_SAE, "k": K, "training_tokens": 640, "batch_size": 64, "lr": 3e-3, "seed": 0}
+    train_topk_sae(torch.randn(1000, D_IN) + 2, spec, 2, "tiny-model", torch.device("cpu"))
+    assert len(made) == 1 and made[0].defaults["fused"]
 
 
 def test_train_topk_sae_trains_the_gathered_sae_deterministically():

@@ -369,16 +369,17 @@ def evaluate_sae(sae: Any, acts_ND: torch.Tensor, chunk: int = 4096) -> dict[str
 
 
 def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, Any], layer: int, model_name: str,
-                   device: torch.device, training_class: type | None = None):
+                   device: torch.device, sae_lens_own: bool = False):
     """Train a TopK SAE with sae-lens's SAETrainer (with the dead-latent auxiliary loss) on in-memory
     activations (N, d_in), or on a stream of (batch_size, d_in) batches on `device` (the DataProvider
     protocol), of which it reads exactly training_tokens // batch_size. On CPU and CUDA the SAE decodes only
-    its active latents in training (`sae_topk.GatheredTopKTrainingSAE`: sae-lens's losses, fewer dense products);
-    `training_class` (sae-lens's own TopKTrainingSAE) is for measuring against it (bench/sae_training.py)."""
-    from sae_lens import SAETrainer, TopKTrainingSAEConfig
+    its active latents in training (`sae_topk.GatheredTopKTrainingSAE`: sae-lens's losses, fewer dense products)
+    and steps a fused Adam (`sae_topk.FusedAdamTrainer`). `sae_lens_own` trains with sae-lens's own
+    TopKTrainingSAE and SAETrainer instead, to measure against them (bench/sae_training.py)."""
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    from competency_gaps.sae_topk import deterministic_on_cpu, training_sae_class
+    from competency_gaps.sae_topk import deterministic_on_cpu, trainer_class, training_sae_class
 
     if spec["training_tokens"] < spec["batch_size"]:  # zero steps: sae-lens's norm estimate divides by zero
         raise ValueError(f"SAE training: training_tokens={spec['training_tokens']} is less than one batch (batch_size={spec['batch_size']})")
@@ -403,7 +404,7 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
     )
     sae_cfg.metadata.hook_name = hook_name(layer)
     sae_cfg.metadata.model_name = model_name
-    sae = (training_class or training_sae_class(device))(sae_cfg)
+    sae = (TopKTrainingSAE if sae_lens_own else training_sae_class(device))(sae_cfg)
     # The trainer scales inputs to norm sqrt(d_in); the scale is estimated here, on the same sample as the
     # decoder bias, so the trainer reads no extra batches for it (a stream then runs exactly one pass).
     scale = d_in**0.5 / sample_ND.norm(dim=1).mean().item()
@@ -428,7 +429,7 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
         feature_sampling_window=max(10, steps // 4),
         n_batches_for_norm_estimate=min(100, steps),
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider)
+    trainer = (SAETrainer if sae_lens_own else trainer_class(device))(cfg=trainer_cfg, sae=sae, data_provider=provider)
     trainer.activation_scaler.scaling_factor = scale
     with deterministic_on_cpu(device):
         return trainer.fit()

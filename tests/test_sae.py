@@ -34,12 +34,14 @@ from competency_gaps.sae import (
     layer_of_hook,
     load_sae,
     prompt_activations,
+    rechunked,
     row_activations,
     run_sae_quality,
     sae_quality,
     token_chunks,
     tokenize_corpus,
     train_sae_for_layer,
+    training_data,
     train_topk_sae,
 )
 from conftest import D_MODEL, D_SAE, N_LAYERS, REPO, save_random_sae
@@ -233,6 +235,28 @@ def test_interleave_keeps_each_producer_at_its_share():
     produced_b = [sum(2 for x in order[: i + 1] if x == 1) for i in range(len(order))]
     produced_a = [sum(4 for x in order[: i + 1] if x == 0) for i in range(len(order))]
     assert all(abs(pa / 40 - pb / 10) <= 0.2 + 1e-9 for pa, pb in zip(produced_a, produced_b))  # within one chunk
+
+
+def test_rechunked_keeps_the_order_in_chunks_of_the_given_size():
+    chunks = [torch.arange(n, dtype=torch.float32)[:, None] + 100 * i for i, n in enumerate([3, 7, 1, 0, 5])]
+    out = list(rechunked(chunks, 4))
+    assert [len(c) for c in out] == [4, 4, 4, 4]
+    torch.testing.assert_close(torch.cat(out), torch.cat(chunks), rtol=0, atol=0)
+    assert [len(c) for c in rechunked(chunks, 6)] == [6, 6, 4] and not list(rechunked([], 4))
+
+
+def test_the_training_stream_does_not_depend_on_the_tokens_per_forward_pass(tiny_model, corpus_parquet, monkeypatch):
+    monkeypatch.setattr(sae_module, "STREAM_CHUNK", 50)  # several chunks of each producer to interleave
+    model, tokenizer = tiny_model
+    texts = pl.read_parquet(corpus_parquet)["text"].to_list()
+    data = training_data(tokenizer, texts, {**LAYER_SPEC, "chat_fraction": 0.4}, CONTEXT_LENGTH)
+    streams = {tokens: list(data.first_pass(model, 1, tokens, CPU)) for tokens in (CONTEXT_LENGTH, 5 * CONTEXT_LENGTH, 10_000)}
+    reference = torch.cat(streams[CONTEXT_LENGTH])
+    assert len(reference) == data.n_plain + data.n_chat
+    for chunks in streams.values():
+        # The same vectors in the same order (chat batches pad differently: float rounding at most).
+        torch.testing.assert_close(torch.cat(chunks), reference, rtol=1e-4, atol=1e-5)
+        assert [len(c) for c in chunks] == [len(c) for c in streams[CONTEXT_LENGTH]]
 
 
 # ---------------------------------------------------------------- batches_forever
@@ -516,7 +540,7 @@ def corpus_parquet(tmp_path_factory) -> Path:
 
 def run_layer_training(tiny_model, corpus_parquet, out_dir: Path, spec=LAYER_SPEC, **kwargs) -> dict:
     model, tokenizer = tiny_model
-    return train_sae_for_layer(model, tokenizer, 1, spec, corpus_parquet, CONTEXT_LENGTH, "tiny", out_dir, CPU, batch_size=8,
+    return train_sae_for_layer(model, tokenizer, 1, spec, corpus_parquet, CONTEXT_LENGTH, "tiny", out_dir, CPU, batch_tokens=8 * CONTEXT_LENGTH,
                                **kwargs)
 
 
@@ -829,8 +853,10 @@ def run_cmd_sae(monkeypatch, tmp_path, config: dict, tiny_model_dir, corpus_parq
 
 def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
     config = train_config(tiny_model_dir, corpus_parquet)
-    seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, corpus_parquet, "--buffer-dir", str(tmp_path), "--mem-mb", "100000")
-    train = seen["args"][3]
+    seen = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, corpus_parquet, "--buffer-dir", str(tmp_path), "--mem-mb", "100000",
+                       "--batch-tokens", "96")
+    train, batch_tokens = seen["args"][3], seen["args"][9]
+    assert batch_tokens == 96
     # The schema's defaults fill what the config leaves out; what it sets wins.
     assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096, "epochs": 1}
     assert seen["kwargs"] == {"system_prompt": "Be brief.", "buffer_dir": str(tmp_path)}

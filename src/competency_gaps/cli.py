@@ -148,7 +148,8 @@ def cmd_sae(args: argparse.Namespace) -> None:
                                train, device.type, spec["runtime"]["dtype"])
     check_memory_request(needed, args.mem_mb, "SAE training")
     train_sae_for_layer(model, load_tokenizer(manifest), spec["layer"], train, Path(args.corpus), spec["context_length"],
-                        spec["model"], out_dir, device, system_prompt=spec.get("system_prompt"), buffer_dir=args.buffer_dir)
+                        spec["model"], out_dir, device, args.batch_tokens, system_prompt=spec.get("system_prompt"),
+                        buffer_dir=args.buffer_dir)
 
 
 def cmd_sae_quality(args: argparse.Namespace) -> None:
@@ -183,7 +184,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
     run_extract(model, tokenizer, sae, spec["layer"], args.items, args.scores, args.out, args.tokens, args.contexts,
                 spec["model"], spec["benchmark"], spec["saliency"], spec["contexts"], args.benchmark,
-                batch_tokens=args.batch_tokens or 4096, sae_fit_path=args.sae_fit)
+                batch_tokens=args.batch_tokens, sae_fit_path=args.sae_fit)
 
 
 def cmd_corpus_contexts(args: argparse.Namespace) -> None:
@@ -192,7 +193,7 @@ def cmd_corpus_contexts(args: argparse.Namespace) -> None:
     spec = _spec(args, "corpus_contexts")
     model, tokenizer, sae = _model_and_sae(spec, args.manifest, args.sae_dir)
     run_corpus_contexts(model, tokenizer, sae, spec["layer"], args.corpus, spec, Path(args.out), Path(args.pool),
-                        batch_tokens=args.batch_tokens or 4096)
+                        batch_tokens=args.batch_tokens)
 
 
 def cmd_labels(args: argparse.Namespace) -> None:
@@ -272,6 +273,12 @@ def cmd_flipped_sae(args: argparse.Namespace) -> None:
                 Path(args.out_dir))
 
 
+def add_batch_tokens(command: argparse.ArgumentParser) -> None:
+    """--batch-tokens, the model's batch_tokens: Snakemake passes it as a resource (speed, not results)."""
+    command.add_argument("--batch-tokens", type=int, default=1024,
+                         help="padded tokens per forward pass when reading activations (default 1024, as the config's; GPU: 32768 or more)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="competency-gaps", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -311,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--manifest", help="model manifest (needed to train)")
     c.add_argument("--corpus", help="corpus Parquet (needed to train)")
     c.add_argument("--out-dir", required=True, help="folder for cfg.json, sae_weights.safetensors, summary.json")
+    add_batch_tokens(c)
     c.add_argument("--buffer-dir", help="folder for the shuffle buffer's file when it exceeds buffer_max_ram_mb (default: the temp dir)")
     c.add_argument("--mem-mb", type=int, help="host memory granted to the job (Snakemake's mem_mb): training refuses to start "
                    "when its estimate exceeds it")
@@ -331,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", required=True, help="output per-item token counts")
     c.add_argument("--contexts", required=True, help="output: each concept's top contexts among the items")
     c.add_argument("--sae-fit", help="output: how well the SAE reconstructs the counted tokens (JSON, for sae_quality)")
-    c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
+    add_batch_tokens(c)
 
     c = stage("corpus_contexts", cmd_corpus_contexts, "the labels' corpus pass for one (model, layer): the SAE corpus's "
               "top contexts, a held-out activating sample and a pool of negative windows", "model", "layer")
@@ -340,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corpus", required=True, help="the SAE corpus")
     c.add_argument("--out", required=True, help="output CONTEXTS Parquet: the corpus's top contexts and the sample")
     c.add_argument("--pool", required=True, help="output safetensors: the negative pool")
-    c.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: the model's batch_tokens, else 4096)")
+    add_batch_tokens(c)
 
     c = stage("labels", cmd_labels, "logit lens, a label and its detection score for every concept of one (model, layer)",
               "model", "layer")

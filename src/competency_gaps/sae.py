@@ -87,7 +87,10 @@ def fetch_sae(source: dict[str, Any], out_dir: Path, allow_pickle: bool = False)
 # the tokenised corpus and the buffer, whatever `training_tokens` is. With `epochs` > 1 the tokens read once
 # are also kept (float16, in RAM or on disk) for the replayed epochs.
 
-CHAT_WINDOW = 64  # chat rows are length-sorted into batches within windows of this many batches
+CHAT_WINDOW = 1024  # chat prompts are length-sorted into batches within windows of this many prompts
+STREAM_CHUNK = 2048  # vectors per chunk where corpus rows and chat documents are mixed (`interleave`)
+# Both are counts of prompts and vectors, not of batches: the training stream's order must not depend on how many
+# tokens a forward pass reads (the model's batch_tokens, a throughput setting).
 
 
 def tokenize_corpus(tokenizer: Any, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +229,21 @@ def chat_prompts(tokenizer: Any, texts: list[str], documents: Iterable[int], n_v
         raise ValueError(f"corpus too small for chat-formatted training: {total} content tokens, {n_vectors} needed "
                          "(raise sae_corpus.max_documents or lower chat_fraction)")
     return prompts, skipped
+
+
+def rechunked(chunks: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The vectors of `chunks` in the same order, `size` at a time (the last chunk possibly shorter)."""
+    pending: list[torch.Tensor] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        while held >= size:
+            joined = torch.cat(pending)
+            yield joined[:size]
+            pending, held = [joined[size:]], held - size
+    if held:
+        yield torch.cat(pending)
 
 
 def interleave(sources: list[tuple[Iterable[torch.Tensor], int]]) -> Iterator[torch.Tensor]:
@@ -450,20 +468,23 @@ class TrainingData:
     skipped: int
     context_length: int
 
-    def first_pass(self, model: Any, layer: int, batch_size: int, device: torch.device,
-                   dropped: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
-        """The training vectors the model produces, corpus rows and chat documents evenly mixed along the stream."""
-        return interleave([
-            (row_activations(model, layer, self.rows[: self.rows.shape[0] - self.heldout_rows], self.n_plain, batch_size,
-                             device, dropped=dropped), self.n_plain),
-            (prompt_activations(model, layer, self.chat, batch_tokens=batch_size * self.context_length,
-                                n_vectors=self.n_chat, window=CHAT_WINDOW * batch_size), self.n_chat),
-        ])
+    def rows_per_pass(self, batch_tokens: int) -> int:
+        """Corpus rows per forward pass within a budget of `batch_tokens` tokens (at least one)."""
+        return max(1, batch_tokens // self.context_length)
 
-    def heldout(self, model: Any, layer: int, n_vectors: int, batch_size: int, device: torch.device,
+    def first_pass(self, model: Any, layer: int, batch_tokens: int, device: torch.device,
+                   dropped: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
+        """The training vectors the model produces, corpus rows and chat documents evenly mixed along the stream
+        (in an order that `batch_tokens`, the tokens per forward pass, does not change)."""
+        rows = row_activations(model, layer, self.rows[: self.rows.shape[0] - self.heldout_rows], self.n_plain,
+                               self.rows_per_pass(batch_tokens), device, dropped=dropped)
+        chat = prompt_activations(model, layer, self.chat, batch_tokens=batch_tokens, n_vectors=self.n_chat, window=CHAT_WINDOW)
+        return interleave([(rechunked(rows, STREAM_CHUNK), self.n_plain), (rechunked(chat, STREAM_CHUNK), self.n_chat)])
+
+    def heldout(self, model: Any, layer: int, n_vectors: int, batch_tokens: int, device: torch.device,
                 dropped: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
-        return row_activations(model, layer, self.rows[self.rows.shape[0] - self.heldout_rows :], n_vectors, batch_size,
-                               device, dropped=dropped)
+        return row_activations(model, layer, self.rows[self.rows.shape[0] - self.heldout_rows :], n_vectors,
+                               self.rows_per_pass(batch_tokens), device, dropped=dropped)
 
 
 def training_data(tokenizer: Any, texts: list[str], spec: dict[str, Any], context_length: int,
@@ -500,12 +521,12 @@ def training_data(tokenizer: Any, texts: list[str], spec: dict[str, Any], contex
 
 def train_sae_for_layer(
     model: Any, tokenizer: Any, layer: int, spec: dict[str, Any], corpus_path: Path, context_length: int,
-    model_name: str, out_dir: Path, device: torch.device, batch_size: int = 16, *,
+    model_name: str, out_dir: Path, device: torch.device, batch_tokens: int = 1024, *,
     system_prompt: str | None = None, buffer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a TopK SAE on the layer's activations over the corpus (`training_data`), streamed through a
     shuffle buffer; save the inference SAE and a summary measured on held-out corpus rows (`sae_quality` adds
-    the benchmarks'). `batch_size` rows per forward pass (chat rows: as many padded tokens). With `epochs` > 1
+    the benchmarks'). The model reads `batch_tokens` tokens per forward pass (throughput only). With `epochs` > 1
     the model reads training_tokens / epochs tokens and the further epochs replay their vectors from a
     float16 `ReplayCache`.
     """
@@ -529,13 +550,13 @@ def train_sae_for_layer(
         passes += 1
         if epoch and epochs > 1:
             log.info("training stream: epoch %d of %d, replayed from the cache", epoch + 1, epochs)
-            yield from cache.chunks(batch_size * context_length, device)
+            yield from cache.chunks(STREAM_CHUNK, device)
             return
         if epoch:
             log.info("training stream: pass %d over the same rows", epoch + 1)
         train_dropped["massive"] = 0
         progress = Progress(log, "SAE training activations", n_read, "tokens")
-        for chunk in data.first_pass(model, layer, batch_size, device, dropped=train_dropped):
+        for chunk in data.first_pass(model, layer, batch_tokens, device, dropped=train_dropped):
             progress.update(len(chunk))
             if epochs > 1:
                 cache.append(chunk)
@@ -550,7 +571,7 @@ def train_sae_for_layer(
     del trained
     sae = load_sae(out_dir, device)
     heldout_dropped: dict[str, int] = {}
-    heldout = evaluate_stream(sae, data.heldout(model, layer, n_heldout, batch_size, device, dropped=heldout_dropped))
+    heldout = evaluate_stream(sae, data.heldout(model, layer, n_heldout, batch_tokens, device, dropped=heldout_dropped))
     summary = {
         "source": {"train": spec},
         "layer": layer,

@@ -22,7 +22,7 @@ STAGE_VERSIONS = {
     "prepare_model": 2,  # 2: manifest paths relative to the manifest; hub revisions pinned
     "corpus": 1,
     "evaluate": 2,  # 2: cut-off responses, stop tokens, ties, short answers, option letters, CrowS-Pairs start, system prompt merged
-    "sae": 5,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse; 3: massive activations left out of training and held-out figures; 4: training decodes only the k active latents (sae-lens's losses, other float rounding: an SAE of the same quality, other weights); 5: a fused Adam (other float rounding)
+    "sae": 5,  # 2: streamed through a shuffle buffer; chat-formatted documents in the training mix (chat_fraction); mse; 3: massive activations left out of training and held-out figures; 4: training decodes only the k active latents (sae-lens's losses, other float rounding: an SAE of the same quality, other weights); 5: a fused Adam (other float rounding), and corpus rows and chat documents mixed in chunks of 2,048 vectors (an order batch_tokens does not change)
     "sae_quality": 2,  # 2: merged from extraction's measurement on every extracted item (was a sample, read again)
     "extract": 5,  # 2: truncation keeps the prompt's prefix; skipped items reported; system prompt merged; total_tokens untruncated; 3: top contexts; 4: sae_fit.json; 5: massive activations not read; a token holding part of a character shown as its bytes
     "corpus_contexts": 1,  # the labels' corpus pass (was inside labels, version 4)

@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--shortest", type=int, default=80)
     parser.add_argument("--longest", type=int, default=400)
     parser.add_argument("--batch-sizes", default="8", help="comma-separated prompts per batch, e.g. 8,32")
-    parser.add_argument("--batch-tokens", type=int, default=0, help="also run the token-budget batching (0: 4096 on CPU, 32768 on GPU)")
+    parser.add_argument("--batch-tokens", type=int, default=0, help="also run the token-budget batching (0: 1024 on CPU, the default config's, 32768 on GPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--shared-head", type=int, default=0,
@@ -213,7 +213,7 @@ def main() -> None:
           f"{rate / per_token:,.0f} tokens/s\n")
     print(f"{'batching':<26}{'method':<16}{'tokens/s':>12}{'× naive':>9}{'roofline':>10}{'peak GiB':>10}")
     pad_id = 0
-    budget = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
+    budget = args.batch_tokens or (32768 if device.type == "cuda" else 1024)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = item_batches(prompts, batch_size)
         naive, naive_peak = measure(lambda b: naive_batch(model, sae, args.layer, b, pad_id), batches, device)

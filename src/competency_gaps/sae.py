@@ -90,7 +90,9 @@ def fetch_sae(source: dict[str, Any], out_dir: Path, allow_pickle: bool = False)
 CHAT_WINDOW = 1024  # chat prompts are length-sorted into batches within windows of this many prompts
 STREAM_CHUNK = 2048  # vectors per chunk where corpus rows and chat documents are mixed (`interleave`)
 # Both are counts of prompts and vectors, not of batches: the training stream's order must not depend on how many
-# tokens a forward pass reads (the model's batch_tokens, a throughput setting).
+# tokens a forward pass reads (the model's batch_tokens, a throughput setting). One thing still reads the pass:
+# `drop_massive` judges a vector against its pass's median norm, so a vector near the 10x cut could in principle
+# be judged otherwise at another batch_tokens (the massive ones sit at 50-150x).
 
 
 def tokenize_corpus(tokenizer: Any, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ Usage: .venv/bin/python bench/all.py [--quick] [--skip reduce,mc_scoring]
 Runs, as child processes with the project's interpreter and each script's own CPU defaults: extraction.py
 (saliency extraction, random weights), shard_rows.py (extraction's host side), mc_scoring.py (multiple-choice
 scoring against lm-eval), generation.py (greedy generation against plain `generate`), sae_training.py (activation collection and SAE
-training, the stage's against sae-lens's dense decode), labels.py (the labels stage), reduce.py (the reducer on synthetic shards up to 3×10^5 items) and
+training, the stage's against sae-lens's own SAE and trainer), labels.py (the labels stage), reduce.py (the reducer on synthetic shards up to 3×10^5 items) and
 explorer.py (the explorer's load and interaction latency at 65,536 concepts in headless Chromium).
 First it prints the machine (CPU model, cores, RAM, GPU, torch version, load average); a script whose inputs
 are missing is skipped with the reason (the model and corpus come from `make run`; lm-eval from
@@ -96,7 +96,7 @@ BENCHES = [
     Bench("generation", "greedy generation: evaluate.greedy_decode vs plain model.generate",
           lambda: first_reason(missing_model, lambda: missing_files(GSM8K_ITEMS)),
           quick=["--n-prompts", "16", "--batch-size", "16", "--max-new-tokens", "256"]),
-    Bench("sae_training", "SAE stage: activation collection; TopK training, the stage's vs sae-lens's dense decode",
+    Bench("sae_training", "SAE stage: activation collection; TopK training, the stage's vs sae-lens's own",
           lambda: first_reason(missing_model, lambda: missing_files(CORPUS)), quick=["--n-vectors", "5120"]),
     Bench("labels", "labels stage: corpus pass, context tables, labels (default SAE width)",
           lambda: first_reason(missing_model, lambda: missing_files(CORPUS)), quick=["--corpus-tokens", "8192"]),

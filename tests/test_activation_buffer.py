@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from competency_gaps.activation_buffer import ReplayCache, ShuffleBuffer
+from competency_gaps.activation_buffer import DEVICE_BUFFER_SHARE, ReplayCache, ShuffleBuffer, storage_device
 
 D = 3
 
@@ -136,6 +136,35 @@ def test_the_disk_mode_rounds_to_float16(tmp_path):
 def test_batches_come_out_on_the_requested_device():
     batch = next(ShuffleBuffer(D, 16, 4, seed=0, device="cpu").batches(labelled_chunks(20, [20])))
     assert batch.device.type == "cpu" and batch.dtype == torch.float32 and batch.shape == (4, D)
+
+
+def test_a_buffer_lives_on_the_cuda_device_only_within_its_share_of_free_memory(monkeypatch):
+    """The placement, with the device's free memory stubbed (no GPU is needed to decide): host memory off CUDA
+    and for a file-backed buffer; on the device while the buffer fits in its share of the free memory."""
+    free = 8 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
+    fits = int(DEVICE_BUFFER_SHARE * free)
+    assert storage_device(cuda, fits, on_disk=False) == cuda
+    assert storage_device(cuda, fits + 1, on_disk=False) == cpu
+    assert storage_device(cuda, 1, on_disk=True) == cpu
+    assert storage_device(cpu, 1, on_disk=False) == cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_buffer_on_the_device_emits_what_a_host_buffer_does(monkeypatch):
+    """The same batches in the same order whether the buffer lives in GPU or host memory, and the device
+    memory is given back on close."""
+    chunks = [chunk.cuda() for chunk in labelled_chunks(300, [17, 40])]
+    with ShuffleBuffer(D, 64, 8, seed=3, device="cuda") as on_device:
+        assert on_device.storage.is_cuda
+        from_device = [batch.cpu() for batch in on_device.batches(chunks)]
+    assert on_device.storage.numel() == 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))  # no room: host memory
+    with ShuffleBuffer(D, 64, 8, seed=3, device="cuda") as on_host:
+        assert not on_host.storage.is_cuda
+        from_host = [batch.cpu() for batch in on_host.batches(chunks)]
+    assert all(torch.equal(a, b) for a, b in zip(from_device, from_host, strict=True))
 
 
 def test_a_buffer_smaller_than_two_batches_is_refused():

@@ -14,7 +14,9 @@ Memory is the buffer (capacity × d_in, fixed when it is made), plus the produce
 batch: nothing grows with the number of training tokens. The buffer lives in RAM as float32, or, when
 `capacity × d_in × 4` bytes exceed `max_ram_bytes`, in a float16 memory-mapped file in a temporary
 directory (removed by `close()`, or when the buffer is garbage-collected); float16 rounds each value to
-about 3 significant digits, which is what the disk mode costs.
+about 3 significant digits, which is what the disk mode costs. Training on a CUDA device, a float32 buffer
+that fits in `DEVICE_BUFFER_SHARE` of the device's free memory lives on the device instead (`storage_device`),
+so that vectors go from the forward pass to the trainer without a round trip through the host.
 
 "Every activation used once per epoch": one pass of the producer is one epoch. Every vector the
 producer yields in a pass is emitted exactly once (`batches` counts and checks this), in an order
@@ -41,6 +43,21 @@ import torch
 log = logging.getLogger(__name__)
 
 
+# On an H100 the forward passes alone produced 341k vectors/s, and 93k/s through a buffer in host memory, which
+# copies every vector out to the host and gathers its batches there (bench/README.md, 2026-11-23). A quarter of
+# the free memory leaves the rest to the trainer and the model's activations.
+DEVICE_BUFFER_SHARE = 0.25
+
+
+def storage_device(device: torch.device, nbytes: int, on_disk: bool) -> torch.device:
+    """Where a buffer of `nbytes` lives: on `device` when that is a CUDA device with `nbytes` within
+    DEVICE_BUFFER_SHARE of its free memory, else in host memory (as a file when `on_disk`)."""
+    if on_disk or device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= DEVICE_BUFFER_SHARE * free else torch.device("cpu")
+
+
 def float16_file(rows: int, d_in: int, tmp_dir: str | Path | None, name: str
                  ) -> tuple[tempfile.TemporaryDirectory, Path, torch.Tensor]:
     """A (rows, d_in) float16 tensor backed by a memory-mapped file in a new temporary directory (the
@@ -61,20 +78,26 @@ class _FileBacked:
     _tmp: tempfile.TemporaryDirectory | None = None
 
     def _allocate(self, rows: int, d_in: int, on_disk: bool, ram_dtype: torch.dtype, tmp_dir: str | Path | None,
-                  name: str) -> None:
-        """`storage` of (rows, d_in): float16 in a memory-mapped file when `on_disk`, else `ram_dtype` in RAM."""
+                  name: str, memory: torch.device = torch.device("cpu")) -> None:
+        """`storage` of (rows, d_in): float16 in a memory-mapped file when `on_disk`, else `ram_dtype` in the
+        `memory` of the host or a device."""
         if on_disk:
             self._tmp, self.path, self.storage = float16_file(rows, d_in, tmp_dir, name)
             log.info("activation %s: %d × %d float16 vectors on disk at %s (%.0f MB)", name, rows, d_in, self.path,
                      rows * d_in * 2 / 2**20)
         else:
-            self.storage = torch.empty(rows, d_in, dtype=ram_dtype)
+            self.storage = torch.empty(rows, d_in, dtype=ram_dtype, device=memory)
+            if memory.type != "cpu":
+                log.info("activation %s: %d × %d vectors in %s memory (%.0f MB)", name, rows, d_in, memory,
+                         self.storage.numel() * self.storage.element_size() / 2**20)
 
     def close(self) -> None:
         if self._tmp is not None:
             del self.storage
             self._tmp.cleanup()
             self._tmp = None
+        elif self.storage.device.type != "cpu":  # device memory goes back now, not when the object is dropped
+            self.storage = self.storage.new_empty(0, self.storage.shape[1])  # (a slice would keep it)
 
     def __enter__(self) -> Self:
         return self
@@ -96,7 +119,8 @@ class ShuffleBuffer(_FileBacked):
         self.d_in, self.capacity, self.batch_size = d_in, capacity, batch_size
         self.device = torch.device(device)
         self.on_disk = max_ram_bytes is not None and capacity * d_in * 4 > max_ram_bytes
-        self._allocate(capacity, d_in, self.on_disk, torch.float32, tmp_dir, "buffer")
+        self._allocate(capacity, d_in, self.on_disk, torch.float32, tmp_dir, "buffer",
+                       storage_device(self.device, capacity * d_in * 4, self.on_disk))
         self._generator = torch.Generator().manual_seed(seed)
         self._free = torch.arange(capacity)  # slots holding no vector, filled in this order
         self.received = 0  # vectors written in, over the buffer's life
@@ -115,7 +139,7 @@ class ShuffleBuffer(_FileBacked):
 
     def _write(self, vectors_ND: torch.Tensor) -> None:
         slots, self._free = self._free[: len(vectors_ND)], self._free[len(vectors_ND):]
-        self.storage[slots] = vectors_ND.to(device="cpu", dtype=self.storage.dtype)
+        self.storage[slots] = vectors_ND.to(device=self.storage.device, dtype=self.storage.dtype)
         self.received += len(vectors_ND)
 
     def _emit(self, slots: torch.Tensor) -> Iterator[torch.Tensor]:

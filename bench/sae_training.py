@@ -18,8 +18,9 @@ SAE corpus)
   Adam); the ratio of their rates is printed last. The default config trains on 300k vectors; 20k keeps this run short.
 - `--stream`: the stage's streamed path end to end: `sae.row_activations` of a random-weight model of a real
   model's shape (bench/extraction.py's SHAPES) over random token rows, through the `ShuffleBuffer` (in GPU
-  memory on cuda when it fits in a quarter of the free memory, else host memory), into `train_topk_sae`. Prints vectors/s of the whole run (forward passes + buffer + training) and
-  the process's resident memory (VmRSS) at every tenth of the stream, to show it stays flat as tokens grow.
+  memory on cuda when it fits in a quarter of the free memory, else host memory), into `train_topk_sae`.
+  Prints vectors/s of the whole run (forward passes + buffer + training) and the process's resident memory
+  (VmRSS) at every tenth of the stream, to show it stays flat as tokens grow.
 """
 
 from __future__ import annotations

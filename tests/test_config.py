@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from competency_gaps.config import ConfigError, load_config, validate_config
+from competency_gaps.workflow import BATCH_TOKENS
 from conftest import REPO, SHARED_BENCHMARKS, save_random_sae
 
 
@@ -40,6 +41,7 @@ def test_shipped_config_validates_with_defaults_filled(monkeypatch):
 def test_good_config_passes_and_gets_defaults(good_config):
     config = validate_config(good_config)
     assert config["models"]["tiny"]["batch_size"] == 8
+    assert config["models"]["tiny"]["batch_tokens"] == BATCH_TOKENS  # the stages' and the CLI's default too
     assert config["benchmarks"]["gsm8k"]["limit"] is None
     assert config["gaps"]["pooling"] == "pooled"
 

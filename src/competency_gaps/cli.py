@@ -275,8 +275,11 @@ def cmd_flipped_sae(args: argparse.Namespace) -> None:
 
 def add_batch_tokens(command: argparse.ArgumentParser) -> None:
     """--batch-tokens, the model's batch_tokens: Snakemake passes it as a resource (speed, not results)."""
-    command.add_argument("--batch-tokens", type=int, default=1024,
-                         help="padded tokens per forward pass when reading activations (default 1024, as the config's; GPU: 32768 or more)")
+    from competency_gaps.workflow import BATCH_TOKENS
+
+    command.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                         help=f"padded tokens per forward pass when reading activations (default {BATCH_TOKENS}, as the "
+                              "config's; GPU: 32768 or more)")
 
 
 def build_parser() -> argparse.ArgumentParser:

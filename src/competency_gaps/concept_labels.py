@@ -44,6 +44,7 @@ from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt
 from competency_gaps.saliency import SparseSaliency, batch_saliency, length_batches
 from competency_gaps.tables import CONTEXTS, LABELS, atomic_path, table_from_rows, write_json, write_parquet, write_text
+from competency_gaps.workflow import BATCH_TOKENS
 
 if TYPE_CHECKING:
     from competency_gaps.sae import SAEEvaluation
@@ -389,7 +390,7 @@ def corpus_context_frame(collected: Collected, text: TokenText) -> pl.DataFrame:
 
 
 def run_corpus_contexts(model: Any, tokenizer: Any, sae: Any, layer: int, corpus_path: str, spec: dict[str, Any],
-                        contexts_path: Path, pool_path: Path, *, batch_tokens: int = 4096) -> None:
+                        contexts_path: Path, pool_path: Path, *, batch_tokens: int = BATCH_TOKENS) -> None:
     """The corpus pass of the labels stage, a job of its own: it reads the SAE corpus only, so it runs once the SAE
     is trained and a new benchmark does not rerun it. Writes the corpus's top contexts and the activating sample
     (CONTEXTS rows, kind top / sample) and the negative pool (its tensors, for `NegativePool.from_result`)."""

@@ -19,6 +19,7 @@ from competency_gaps.labels import TopContexts
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.saliency import SparseSaliency
 from competency_gaps.tables import CONTEXTS, ITEM_TOKENS, SALIENCY, table_from_rows, write_json, write_parquet
+from competency_gaps.workflow import BATCH_TOKENS
 
 if TYPE_CHECKING:
     from competency_gaps.sae import SAEEvaluation
@@ -116,7 +117,7 @@ def extract_saliency(
 def run_extract(model: Any, tokenizer: Any, sae: Any, layer: int, items_path: str, scores_path: str | None,
                 saliency_path: str, tokens_path: str, contexts_path: str, model_spec: dict[str, Any],
                 bench_spec: dict[str, Any], saliency_spec: dict[str, Any], context_spec: dict[str, Any],
-                benchmark: str, *, batch_tokens: int = 4096, sae_fit_path: str | None = None) -> None:
+                benchmark: str, *, batch_tokens: int = BATCH_TOKENS, sae_fit_path: str | None = None) -> None:
     """Extract one benchmark's shard and its concepts' top contexts, and (to `sae_fit_path`) the SAE's
     reconstruction of the counted tokens as an `SAEEvaluation` state for the sae_quality job; `batch_tokens`
     is a throughput setting, not part of the job's spec."""

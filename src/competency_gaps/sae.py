@@ -26,7 +26,7 @@ from competency_gaps.hooks import massive, read_shared_prefix, residual_stream
 from competency_gaps.progress import Progress
 from competency_gaps.prompts import EncodedPrompt, encode_item
 from competency_gaps.tables import write_json
-from competency_gaps.workflow import NORM_SAMPLE, sae_buffer_vectors, sae_read_tokens, train_setting
+from competency_gaps.workflow import BATCH_TOKENS, NORM_SAMPLE, sae_buffer_vectors, sae_read_tokens, train_setting
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +523,7 @@ def training_data(tokenizer: Any, texts: list[str], spec: dict[str, Any], contex
 
 def train_sae_for_layer(
     model: Any, tokenizer: Any, layer: int, spec: dict[str, Any], corpus_path: Path, context_length: int,
-    model_name: str, out_dir: Path, device: torch.device, batch_tokens: int = 1024, *,
+    model_name: str, out_dir: Path, device: torch.device, batch_tokens: int = BATCH_TOKENS, *,
     system_prompt: str | None = None, buffer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a TopK SAE on the layer's activations over the corpus (`training_data`), streamed through a

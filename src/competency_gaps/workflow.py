@@ -40,6 +40,9 @@ EVALUATE_MODEL_KEYS = ("system_prompt",)
 EXTRACT_MODEL_KEYS = ("system_prompt", "max_length")
 SAE_MODEL_KEYS = ("system_prompt",)  # chat-formatted training documents are rendered as the benchmarks are
 THROUGHPUT_KEYS = ("batch_size", "batch_tokens", "generation_batch_size")
+# Padded tokens per forward pass reading activations: the schema's default for models.<m>.batch_tokens, and the
+# stages' own when called without it. On a CPU 1024 read faster than 4096 (bench/README.md); a GPU wants 32768 or more.
+BATCH_TOKENS = 1024
 
 # Which benchmark keys each stage reads; the rest of the benchmark's config cannot rerun it.
 PREPARE_KEYS = ("adapter", "data_dir", "hub", "limit", "seed", "template", "options", "malformed")

@@ -146,18 +146,6 @@ MODEL_THREADS = config["threads"]
 BENCHMARK_THREADS = config["benchmark_threads"]
 
 
-def sae_threads(wildcards):
-    """Locally, SAE training takes half of --cores (at most `threads`) and leaves the rest to the evaluations, which
-    do not wait for it. It gains little from a second thread: in the default run on 2 cores it took 250 s on 2
-    threads (472 CPU-seconds) and 437 s on 1 beside the evaluations, which finished first, so the SAE and the
-    evaluations were done 19 s sooner. A cluster job (or a job running there) has `threads` CPUs of its own."""
-    if not trains_sae(wildcards):
-        return 1  # copying a pretrained SAE
-    if not workflow.local_exec or workflow.remote_exec:
-        return MODEL_THREADS
-    return max(1, min(MODEL_THREADS, workflow.resource_settings.cores // 2))
-
-
 # Once the SAE is trained, the longest single-thread jobs go first and the short ones (extractions, the concept map)
 # fill the cores after them: a long job started last runs alone while the other cores wait. In the default run on
 # 2 cores, BBQ's evaluation (69 s) started last of all and held the 2-thread labels job back for a minute.

@@ -40,10 +40,11 @@ rule sae:
     benchmark:
         f"{RESULTS}/benchmarks_runtime/sae/model={{model}}/layer={{layer}}.tsv"
     # Only training runs the model; copying a pretrained SAE needs one thread and no GPU.
-    threads: sae_threads
+    threads: lambda wc: MODEL_THREADS if trains_sae(wc) else 1
     # First among the jobs ready with it: extraction, labels and every table wait for the SAE, while the
-    # per-benchmark evaluations take the cores it leaves. Snakemake adds up the priorities of the jobs it could start
-    # together, so this must exceed those of the evaluations (1 or 2 each, one a core) that would fit in its place.
+    # per-benchmark evaluations can fill the cores later, side by side with the extractions. Snakemake adds up the
+    # priorities of the jobs it could start together, so this must exceed those of the evaluations (1 or 2 each, one a
+    # core) that would fit in the SAE's place.
     priority: 50
     resources:
         mem_mb=sae_mem_mb,  # follows from d_model and the shuffle buffer, not from training_tokens

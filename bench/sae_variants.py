@@ -50,8 +50,9 @@ def parse_variant(text: str, base: dict) -> dict:
     return spec
 
 
-def collect(config: dict, read_tokens: int, batch_tokens: int) -> tuple[int, dict, torch.Tensor, torch.Tensor, dict]:
-    """The default model's layer, its train spec, the first pass, the held-out vectors and each benchmark's."""
+def collect(config: dict, read_tokens: int, batch_tokens: int, read_dtype: torch.dtype) -> tuple[int, dict, torch.Tensor, torch.Tensor, dict]:
+    """The default model's layer, its train spec, the first pass (the model in `read_dtype`), and the held-out
+    vectors and each benchmark's (the model in float32, as extraction reads the benchmarks on a CPU)."""
     import polars as pl
 
     results = REPO / config["results"]
@@ -60,15 +61,17 @@ def collect(config: dict, read_tokens: int, batch_tokens: int) -> tuple[int, dic
     spec = {**layer_cfg["sae"]["train"], "training_tokens": read_tokens, "epochs": 1}
     manifest = read_manifest(results / "models" / f"model={model_name}" / "manifest.json")
     model = load_model(manifest, torch.device("cpu"), torch.float32)
+    reader = model if read_dtype == torch.float32 else load_model(manifest, torch.device("cpu"), read_dtype)
     tokenizer = load_tokenizer(manifest)
     texts = pl.read_parquet(results / "sae_corpus" / "corpus.parquet")["text"].to_list()
     data = training_data(tokenizer, texts, spec, config["sae_corpus"]["context_length"], model_cfg.get("system_prompt"))
     layer, cpu = layer_cfg["layer"], torch.device("cpu")
     start = time.perf_counter()
-    train = torch.cat([chunk.half() for chunk in data.first_pass(model, layer, batch_tokens, cpu)])
+    train = torch.cat([chunk.half() for chunk in data.first_pass(reader, layer, batch_tokens, cpu)])
+    read_s = time.perf_counter() - start
     heldout = torch.cat(list(data.heldout(model, layer, spec["heldout_tokens"], batch_tokens, cpu)))
-    print(f"collected {len(train):,} training and {len(heldout):,} held-out vectors in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    print(f"collected {len(train):,} training vectors ({read_dtype}) in {read_s:.0f} s and {len(heldout):,} held-out "
+          f"(float32) in {time.perf_counter() - start - read_s:.0f} s", flush=True)
     benchmarks = {}
     for name in config["benchmarks"]:
         items = pl.read_parquet(results / "benchmarks" / f"benchmark={name}" / "items.parquet").to_dicts()
@@ -83,11 +86,14 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--read-tokens", type=int, default=300_000, help="vectors collected (the largest variant's read)")
     parser.add_argument("--variant", action="append", help=f"key=value ... over sae.train (default: {DEFAULT_VARIANTS})")
+    parser.add_argument("--read-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the model's dtype while it reads the training vectors (held-out and benchmarks: float32)")
     parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per forward pass (the default model's batch_tokens)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(args.config)
-    layer, base, train, heldout, benchmarks = collect(config, args.read_tokens, args.batch_tokens)
+    layer, base, train, heldout, benchmarks = collect(config, args.read_tokens, args.batch_tokens,
+                                                         getattr(torch, args.read_dtype))
     pooled = torch.cat(list(benchmarks.values()))
     print("| variant | read | trained | held-out EV | dead | benchmarks EV | dead | per benchmark EV | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")

@@ -50,6 +50,16 @@ def test_no_global_seed_reaches_a_model_job(config):
     assert job_spec(config, "reduce")["config"]["gaps"]["seed"] == 0  # the gap analysis has its own
 
 
+def test_read_dtype_reruns_only_the_jobs_that_read_activations(config):
+    """SAE training and the labels' corpus pass: no score or saliency value comes from them."""
+    jobs = {"sae": {"model": "tiny", "layer": 1}, "corpus_contexts": {"model": "tiny", "layer": 1},
+            "evaluate": {"model": "tiny", "benchmark": "b"}, "extract": {"model": "tiny", "benchmark": "b", "layer": 1},
+            "labels": {"model": "tiny", "layer": 1}}
+    before = {job: spec_json(config, job, **extra) for job, extra in jobs.items()}
+    config["read_dtype"] = "float32"
+    assert {job for job, extra in jobs.items() if spec_json(config, job, **extra) != before[job]} == {"sae", "corpus_contexts"}
+
+
 def test_the_map_layout_sees_only_its_own_explorer_settings(config):
     """What the explorer shows (contexts, shard size) reruns the explorer, not the map's UMAP."""
     before = spec_json(config, "concept_map")

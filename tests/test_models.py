@@ -118,6 +118,17 @@ def test_memory_requests_follow_the_model():
     assert sae_job_memory_mb(134_515_008, 576, train, "cpu", "auto") > small  # + the shuffle buffer (tests/test_sae.py)
 
 
+@pytest.mark.parametrize(("capabilities", "expected"), [({"avx512_bf16": True}, torch.bfloat16),
+                                                        ({"amx_bf16": True}, torch.bfloat16),
+                                                        ({"avx512_f": True, "avx2": True}, torch.float32)])
+def test_activations_are_read_in_bfloat16_where_the_cpu_multiplies_it(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    cpu = torch.device("cpu")
+    assert models.pick_read_dtype("auto", cpu, torch.float32) == expected
+    assert models.pick_read_dtype("float32", cpu, torch.float32) == torch.float32  # configured: as given
+    assert models.pick_dtype("auto", cpu) == torch.float32  # scores and saliency: float32 on any CPU
+
+
 def test_auto_device_is_resolved(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda"

@@ -862,6 +862,14 @@ def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_mod
     assert seen["kwargs"] == {"system_prompt": "Be brief.", "buffer_dir": str(tmp_path)}
 
 
+@pytest.mark.parametrize("read_dtype", ["bfloat16", "float32"])
+def test_the_model_reads_training_activations_in_read_dtype(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet, read_dtype):
+    config = train_config(tiny_model_dir, corpus_parquet)
+    config["read_dtype"] = read_dtype
+    model = run_cmd_sae(monkeypatch, tmp_path, config, tiny_model_dir, corpus_parquet, "--mem-mb", "100000")["args"][0]
+    assert model.dtype == getattr(torch, read_dtype)
+
+
 def test_a_training_job_over_its_memory_request_refuses_to_start(monkeypatch, tmp_path, tiny_model_dir, corpus_parquet):
     config = train_config(tiny_model_dir, corpus_parquet)
     with pytest.raises(MemoryError, match=r"SAE training needs about \d+ MB of host memory but was granted mem_mb=100"):

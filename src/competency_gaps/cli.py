@@ -75,7 +75,9 @@ def _log_finished() -> None:
 
 
 def _torch_runtime(runtime: dict[str, Any]):
-    from competency_gaps.models import pick_device, pick_dtype
+    """The job's device and model dtype: `read_dtype` for the jobs whose spec has one (they only read
+    activations, see workflow._reading_runtime), else `dtype`."""
+    from competency_gaps.models import pick_device, pick_dtype, pick_read_dtype
 
     # Nothing a model job computes is random (greedy decoding, deterministic extraction; SAE training
     # seeds itself from its own `seed`); the fixed seed only pins any library that samples anyway.
@@ -84,7 +86,13 @@ def _torch_runtime(runtime: dict[str, Any]):
 
     torch.manual_seed(0)
     device = pick_device(runtime["device"])
-    return device, pick_dtype(runtime["dtype"], device)
+    dtype = pick_dtype(runtime["dtype"], device)
+    if "read_dtype" not in runtime:
+        return device, dtype
+    read_dtype = pick_read_dtype(runtime["read_dtype"], device, dtype)
+    log.info("the model reads activations in %s (read_dtype: %s)", str(read_dtype).removeprefix("torch."),
+             runtime["read_dtype"])
+    return device, read_dtype
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -145,7 +153,7 @@ def cmd_sae(args: argparse.Namespace) -> None:
     model = load_model(manifest, device, dtype)
     train = spec["sae"]["train"]
     needed = sae_job_memory_mb(sum(p.numel() for p in model.parameters()), model.config.get_text_config().hidden_size,
-                               train, device.type, spec["runtime"]["dtype"])
+                               train, device.type, str(dtype).removeprefix("torch."))
     check_memory_request(needed, args.mem_mb, "SAE training")
     train_sae_for_layer(model, load_tokenizer(manifest), spec["layer"], train, Path(args.corpus), spec["context_length"],
                         spec["model"], out_dir, device, args.batch_tokens, system_prompt=spec.get("system_prompt"),

@@ -63,10 +63,30 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are ~10x slower there), bfloat16 on accelerators, unless configured."""
+    """float32 on CPU (scores and saliency in full precision, as on CPUs without native bfloat16), bfloat16 on
+    accelerators, unless configured."""
     if requested != "auto":
         return getattr(torch, requested)
     return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Does `device` multiply bfloat16 matrices in hardware? A CUDA GPU that does (not emulated), or an x86 CPU
+    with AVX512-BF16 or AMX-BF16; elsewhere torch emulates it, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def pick_read_dtype(requested: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The model's dtype where it only reads activations (the SAE's training stream, the labels' corpus pass):
+    bfloat16 where `device` multiplies it natively, else `dtype` (the model jobs'), unless configured."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.bfloat16 if native_bfloat16(device) else dtype
 
 
 def convert_gguf(package: str, file: str | None, out_dir: Path) -> Path:

@@ -78,6 +78,12 @@ def _runtime(config: dict[str, Any]) -> dict[str, Any]:
     return {"device": config["device"], "dtype": config["dtype"]}
 
 
+def _reading_runtime(config: dict[str, Any]) -> dict[str, Any]:
+    """`_runtime` and `read_dtype`, for the jobs that only read activations (SAE training, the labels' corpus
+    pass): the model jobs whose outputs scores and saliency come from keep their specs, and their results."""
+    return {**_runtime(config), "read_dtype": config["read_dtype"]}
+
+
 def _permissions(model_config: dict[str, Any]) -> dict[str, bool]:
     """The model's loading permissions that are turned on (trust_remote_code, allow_pickle; both off by default)."""
     return {key: True for key in ("trust_remote_code", "allow_pickle") if model_config.get(key)}
@@ -98,7 +104,7 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
                 "import": imported_scores(config, model, benchmark), "runtime": _runtime(config)}
     if job == "sae":
         return {"model": model, "layer": int(layer), "sae": _layer_entry(config, model, layer)["sae"],
-                "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config),
+                "context_length": config["sae_corpus"]["context_length"], "runtime": _reading_runtime(config),
                 **_pick(_permissions(config["models"][model]), ("allow_pickle",)),
                 **_pick(config["models"][model], SAE_MODEL_KEYS)}
     if job == "sae_quality":
@@ -110,7 +116,7 @@ def _slice(config: dict[str, Any], job: str, model: str | None, benchmark: str |
                 "runtime": _runtime(config)}
     if job == "corpus_contexts":
         return {"labels": _pick(config["labels"], CORPUS_PASS_KEYS), "layer": int(layer),
-                "context_length": config["sae_corpus"]["context_length"], "runtime": _runtime(config)}
+                "context_length": config["sae_corpus"]["context_length"], "runtime": _reading_runtime(config)}
     if job == "labels":
         labels = {key: value for key, value in config["labels"].items() if key != "neuronpedia"}
         return {"labels": labels, "neuronpedia": config["labels"]["neuronpedia"].get(f"{model}/{layer}"),

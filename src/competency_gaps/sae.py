@@ -588,7 +588,8 @@ def train_sae_for_layer(
         "heldout_tokens": heldout["tokens"],
         "mse": heldout["mse"],
         "stream": {
-            "epochs": epochs, "read_tokens": n_read, "read_dtype": str(model.dtype).removeprefix("torch."), "replayed_passes": passes - 1 if epochs > 1 else 0, "replay_on_disk": cache.on_disk,
+            "epochs": epochs, "read_tokens": n_read, "read_dtype": str(model.dtype).removeprefix("torch."),
+            "replayed_passes": passes - 1 if epochs > 1 else 0, "replay_on_disk": cache.on_disk,
             "corpus_tokens": data.n_plain, "chat_tokens": data.n_chat, "corpus_rows": data.train_rows,
             "chat_documents": len(data.chat),
             "trained_vectors": n_train // spec["batch_size"] * spec["batch_size"],

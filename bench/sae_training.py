@@ -8,9 +8,11 @@ SAE corpus)
 
 - Collection: `sae.collect_activations` on the pipeline's model (results/models/model=smollm2-135m) over rows
   of results/sae_corpus/corpus.parquet cut by `sae.token_chunks` (context length 128, batches of 8 rows, as
-  the stage runs it); tokens/s counts every token the model reads (position 0 of each row is read, not kept).
-- Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the stage's own settings: d_sae 4608, k 64, batch
-  256, lr 1e-3) on the collected vectors, or on random vectors of the model's width with --random (with
+  the stage runs it), the model in the stage's `read_dtype` (auto: bfloat16 on a CPU with AVX512-BF16 or AMX;
+  `--read-dtype float32` for the model jobs' precision); tokens/s counts every token the model reads (position 0
+  of each row is read, not kept).
+- Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the default config's settings: d_sae 4608, k 128, batch
+  1024, lr 2e-3) on the collected vectors, or on random vectors of the model's width with --random (with
   --collect-vectors 0 nothing is read from results/); activation vectors/s = training vectors / seconds of the whole `train_topk_sae` call (set-up
   and norm scale included, as in the stage). Trained twice on the same vectors: as the stage trains, decoding
   only the k active latents (`sae_topk.GatheredTopKTrainingSAE`) and stepping a fused Adam
@@ -41,7 +43,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from competency_gaps.models import load_model, load_tokenizer, read_manifest  # noqa: E402
+from competency_gaps.models import load_model, load_tokenizer, pick_read_dtype, read_manifest  # noqa: E402
 from competency_gaps.sae import collect_activations, evaluate_sae, token_chunks, train_topk_sae  # noqa: E402
 
 DEFAULT_MANIFEST = REPO / "results" / "models" / "model=smollm2-135m" / "manifest.json"
@@ -167,8 +169,8 @@ def main() -> None:
                         help="vectors collected (default: --n-vectors, or 4,096 with --random; 0: skip collection)")
     parser.add_argument("--random", action="store_true", help="train on random vectors instead of the collected ones")
     parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=256, help="training batch (the stage's batch_size)")
+    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1024, help="training batch (the stage's batch_size)")
     parser.add_argument("--collect-batch", type=int, default=8, help="corpus rows per forward (the stage's at batch_tokens 1024)")
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -176,7 +178,9 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m", help="--stream: the model shape (bench/extraction.py's SHAPES)")
     parser.add_argument("--device", default="cpu", help="--stream: cpu or cuda")
     parser.add_argument("--buffer-vectors", type=int, default=131072, help="--stream: the shuffle buffer (the stage's default)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--read-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the model's dtype while collecting (the config's read_dtype; auto as the stage picks it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)  # sae-lens's progress bars and per-step logs stay quiet
@@ -189,14 +193,16 @@ def main() -> None:
 
     spec = {"d_sae": args.d_sae, "k": args.k, "training_tokens": args.n_vectors, "batch_size": args.batch_size,
             "lr": args.lr, "seed": 0}
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32 CPU")
+    read_dtype = pick_read_dtype(args.read_dtype, torch.device("cpu"), torch.float32)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU; collection in {str(read_dtype).removeprefix('torch.')}, "
+          "training in float32")
     print()
     print("| step | size | seconds | rate |")
     print("| --- | --- | ---: | ---: |")
     acts = None
     if collect:
         manifest = read_manifest(args.manifest)
-        model, tokenizer = load_model(manifest, torch.device("cpu"), torch.float32), load_tokenizer(manifest)
+        model, tokenizer = load_model(manifest, torch.device("cpu"), read_dtype), load_tokenizer(manifest)
         chunks = corpus_chunks(tokenizer, Path(args.corpus), collect, args.context_length, seed=0)
         collect_activations(model, args.layer, chunks[: args.collect_batch], 1, args.collect_batch, torch.device("cpu"))  # warm-up
         acts, seconds = time_collection(model, args.layer, chunks, collect, args.collect_batch)

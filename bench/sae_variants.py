@@ -5,8 +5,10 @@ Usage: .venv/bin/python bench/sae_variants.py [--read-tokens 300000] [--variant 
 to collect 300k tokens on 2 CPU cores, then about 1.2 minutes per 300k vectors trained)
 
 - Collects, once: the stage's first pass (`sae.training_data(...).first_pass`, the default config's model, layer,
-  corpus, chat_fraction and seed) over --read-tokens tokens, float16 in memory; the held-out corpus rows
-  (`TrainingData.heldout`); every default benchmark's counted tokens, read as extraction reads them.
+  corpus, chat_fraction and seed) over --read-tokens tokens, the model in the stage's `read_dtype` (auto:
+  bfloat16 on a CPU with AVX512-BF16 or AMX; `--read-dtype float32` to compare), float16 in memory; the held-out
+  corpus rows (`TrainingData.heldout`) and every default benchmark's counted tokens, read in float32 as extraction
+  reads the benchmarks, so every variant is measured against the same vectors.
 - Trains each variant (key=value over the default config's `sae.train`) with `sae.train_topk_sae` on the first
   training_tokens / epochs collected vectors, held in memory and reshuffled each epoch (the stage mixes
   within its shuffle buffer of 131,072 vectors and replays later epochs from its cache).
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from competency_gaps.config import load_config  # noqa: E402
-from competency_gaps.models import load_model, load_tokenizer, read_manifest  # noqa: E402
+from competency_gaps.models import load_model, load_tokenizer, pick_read_dtype, read_manifest  # noqa: E402
 from competency_gaps.prompts import encode_item  # noqa: E402
 from competency_gaps.sae import evaluate_sae, prompt_activations, train_topk_sae, training_data  # noqa: E402
 from competency_gaps.workflow import sae_read_tokens, train_setting  # noqa: E402
@@ -86,14 +88,15 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--read-tokens", type=int, default=300_000, help="vectors collected (the largest variant's read)")
     parser.add_argument("--variant", action="append", help=f"key=value ... over sae.train (default: {DEFAULT_VARIANTS})")
-    parser.add_argument("--read-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="the model's dtype while it reads the training vectors (held-out and benchmarks: float32)")
+    parser.add_argument("--read-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the model's dtype while it reads the training vectors (the config's read_dtype; auto as "
+                             "the stage picks it); held-out and benchmarks: float32")
     parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per forward pass (the default model's batch_tokens)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(args.config)
     layer, base, train, heldout, benchmarks = collect(config, args.read_tokens, args.batch_tokens,
-                                                         getattr(torch, args.read_dtype))
+                                                         pick_read_dtype(args.read_dtype, torch.device("cpu"), torch.float32))
     pooled = torch.cat(list(benchmarks.values()))
     print("| variant | read | trained | held-out EV | dead | benchmarks EV | dead | per benchmark EV | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")

@@ -516,6 +516,28 @@ def test_train_topk_sae_on_a_stream_of_batches():
     assert evaluate_sae(trained, heldout)["explained_variance"] > 0.3
 
 
+@pytest.mark.parametrize("autocast", [True, False])
+def test_sae_lens_trains_with_and_without_bfloat16_autocast(autocast, monkeypatch):
+    import sae_lens.config
+
+    made = []
+    trainer_config = sae_lens.config.SAETrainerConfig
+    monkeypatch.setattr(sae_lens.config, "SAETrainerConfig", lambda **kwargs: made.append(trainer_config(**kwargs)) or made[-1])
+    acts = sparse_synthetic_acts(3000)
+    trained = train_topk_sae(acts[:2500], {**TRAIN_SPEC, "autocast": autocast}, 2, "tiny-model", CPU)
+    assert made[0].autocast is autocast
+    assert evaluate_sae(trained, acts[2500:])["explained_variance"] > 0.3
+    assert trained.W_enc.dtype == torch.float32  # autocast leaves the weights in float32
+
+
+@pytest.mark.parametrize(("capabilities", "expected"), [({"avx512_bf16": True}, True), ({"avx2": True}, False)])
+def test_autocast_auto_follows_native_bfloat16(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert sae_module.training_autocast({"autocast": "auto"}, CPU) is expected
+    assert sae_module.training_autocast({}, CPU) is expected  # a spec without the key: the default, auto
+    assert sae_module.training_autocast({"autocast": False}, CPU) is False
+
+
 def test_train_topk_sae_rejects_a_batch_larger_than_the_training_budget():
     # It used to die inside sae-lens with "ZeroDivisionError: float division by zero" (zero training steps).
     spec = {**TRAIN_SPEC, "training_tokens": 1000, "batch_size": 2000}
@@ -858,7 +880,8 @@ def test_the_training_settings_reach_the_trainer(monkeypatch, tmp_path, tiny_mod
     train, batch_tokens = seen["args"][3], seen["args"][9]
     assert batch_tokens == 96
     # The schema's defaults fill what the config leaves out; what it sets wins.
-    assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096, "epochs": 1}
+    assert train == {**LAYER_SPEC, "buffer_vectors": 300, "chat_fraction": 0.5, "buffer_max_ram_mb": 4096, "epochs": 1,
+                     "autocast": "auto"}
     assert seen["kwargs"] == {"system_prompt": "Be brief.", "buffer_dir": str(tmp_path)}
 
 

@@ -388,6 +388,15 @@ def evaluate_sae(sae: Any, acts_ND: torch.Tensor, chunk: int = 4096) -> dict[str
 # ---------------------------------------------------------------- training
 
 
+def training_autocast(spec: dict[str, Any], device: torch.device) -> bool:
+    """Does the trainer run its step under bfloat16 autocast? `autocast` as configured; auto: where the device
+    multiplies bfloat16 in hardware."""
+    from competency_gaps.models import native_bfloat16
+
+    setting = train_setting(spec, "autocast")
+    return native_bfloat16(device) if setting == "auto" else bool(setting)
+
+
 def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, Any], layer: int, model_name: str,
                    device: torch.device, sae_lens_own: bool = False):
     """Train a TopK SAE with sae-lens's SAETrainer (with the dead-latent auxiliary loss) on in-memory
@@ -448,6 +457,7 @@ def train_topk_sae(data: torch.Tensor | Iterable[torch.Tensor], spec: dict[str, 
         dead_feature_window=max(10, steps // 8),
         feature_sampling_window=max(10, steps // 4),
         n_batches_for_norm_estimate=min(100, steps),
+        autocast=training_autocast(spec, device),
     )
     trainer = (SAETrainer if sae_lens_own else trainer_class(device))(cfg=trainer_cfg, sae=sae, data_provider=provider)
     trainer.activation_scaler.scaling_factor = scale
@@ -581,6 +591,7 @@ def train_sae_for_layer(
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
         "training_tokens": n_train,
+        "autocast": training_autocast(spec, device),
         "corpus_documents": len(texts),
         "explained_variance": heldout["explained_variance"],
         "l0": heldout["l0"],

@@ -182,7 +182,8 @@ def model_job_memory_mb(n_params: int | None, device: str, dtype: str) -> int:
 # when it is made), the first batches that set the decoder bias and norm scale (kept, then concatenated:
 # twice), and on CPU the SAE with its gradients and Adam's two moments. Nothing grows with training_tokens.
 # Settings of `sae.train` that older configs lack (the schema gives them the same defaults).
-SAE_TRAIN_DEFAULTS: dict[str, Any] = {"chat_fraction": 0.5, "buffer_vectors": 131072, "buffer_max_ram_mb": 4096, "epochs": 1}
+SAE_TRAIN_DEFAULTS: dict[str, Any] = {"chat_fraction": 0.5, "buffer_vectors": 131072, "buffer_max_ram_mb": 4096, "epochs": 1,
+                                      "autocast": "auto"}
 NORM_SAMPLE = 20000  # vectors that set the decoder bias and the activation-norm scale before training
 
 

@@ -63,8 +63,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (scores and saliency in full precision, as on CPUs without native bfloat16), bfloat16 on
-    accelerators, unless configured."""
+    """float32 on CPU (the scores and saliency in full precision, whatever the CPU), bfloat16 on accelerators,
+    unless configured."""
     if requested != "auto":
         return getattr(torch, requested)
     return torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -35,7 +35,7 @@ def test_shipped_config_validates_with_defaults_filled(monkeypatch):
     config = load_config(REPO / "config.yaml")
     assert config["saliency"] == {"tokens": "fields", "include_response": False}
     assert config["benchmarks"]["gsm8k"]["malformed"] == "fail"
-    assert config["models"]["smollm2-135m"]["layers"][0]["sae"]["train"]["k"] == 128
+    assert config["models"]["smollm2-135m"]["layers"][0]["sae"]["train"]["k"] == 256
 
 
 def test_good_config_passes_and_gets_defaults(good_config):

@@ -11,7 +11,7 @@ SAE corpus)
   the stage runs it), the model in the stage's `read_dtype` (auto: bfloat16 on a CPU with AVX512-BF16 or AMX;
   `--read-dtype float32` for the model jobs' precision); tokens/s counts every token the model reads (position 0
   of each row is read, not kept).
-- Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the default config's settings: d_sae 4608, k 128, batch
+- Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the default config's settings: d_sae 4608, k 256, batch
   1024, lr 2e-3) on the collected vectors, or on random vectors of the model's width with --random (with
   --collect-vectors 0 nothing is read from results/); activation vectors/s = training vectors / seconds of the whole `train_topk_sae` call (set-up
   and norm scale included, as in the stage). Trained twice on the same vectors: as the stage trains, decoding
@@ -169,7 +169,7 @@ def main() -> None:
                         help="vectors collected (default: --n-vectors, or 4,096 with --random; 0: skip collection)")
     parser.add_argument("--random", action="store_true", help="train on random vectors instead of the collected ones")
     parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1024, help="training batch (the stage's batch_size)")
     parser.add_argument("--collect-batch", type=int, default=8, help="corpus rows per forward (the stage's at batch_tokens 1024)")
     parser.add_argument("--context-length", type=int, default=128)

@@ -12,7 +12,7 @@ SAE corpus)
   `--read-dtype float32` for the model jobs' precision); tokens/s counts every token the model reads (position 0
   of each row is read, not kept).
 - Training: `sae.train_topk_sae` (sae-lens's SAETrainer, the default config's settings: d_sae 4608, k 256, batch
-  1024, lr 2e-3) on the collected vectors, or on random vectors of the model's width with --random (with
+  1024, lr 2e-3, `autocast` auto) on the collected vectors, or on random vectors of the model's width with --random (with
   --collect-vectors 0 nothing is read from results/); activation vectors/s = training vectors / seconds of the whole `train_topk_sae` call (set-up
   and norm scale included, as in the stage). Trained twice on the same vectors: as the stage trains, decoding
   only the k active latents (`sae_topk.GatheredTopKTrainingSAE`) and stepping a fused Adam
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from competency_gaps.models import load_model, load_tokenizer, pick_read_dtype, read_manifest  # noqa: E402
-from competency_gaps.sae import collect_activations, evaluate_sae, token_chunks, train_topk_sae  # noqa: E402
+from competency_gaps.sae import collect_activations, evaluate_sae, token_chunks, train_topk_sae, training_autocast  # noqa: E402
 
 DEFAULT_MANIFEST = REPO / "results" / "models" / "model=smollm2-135m" / "manifest.json"
 DEFAULT_CORPUS = REPO / "results" / "sae_corpus" / "corpus.parquet"
@@ -194,8 +194,9 @@ def main() -> None:
     spec = {"d_sae": args.d_sae, "k": args.k, "training_tokens": args.n_vectors, "batch_size": args.batch_size,
             "lr": args.lr, "seed": 0}
     read_dtype = pick_read_dtype(args.read_dtype, torch.device("cpu"), torch.float32)
+    autocast = training_autocast(spec, torch.device("cpu"))
     print(f"torch {torch.__version__}, {args.threads} threads, CPU; collection in {str(read_dtype).removeprefix('torch.')}, "
-          "training in float32")
+          f"training {'under bfloat16 autocast (sae.train.autocast: auto)' if autocast else 'in float32'}")
     print()
     print("| step | size | seconds | rate |")
     print("| --- | --- | ---: | ---: |")

@@ -4,7 +4,7 @@ workflow can run on a GPU at that size without downloading weights (`configs/gpu
 Usage: python bench/random_model.py --shape llama-1b --tokenizer results/models/model=smollm2-135m/hf --out DIR
 
 The shape is one of bench/extraction.py's SHAPES, with the vocabulary resized to the tokenizer's (SmolLM2's
-49,152 tokens and its chat template for `llama-1b`: 1.0B parameters instead of Llama-3.2-1B's 1.24B). Weights
+49,152 tokens and its chat template for `llama-1b`: 1.07B parameters instead of Llama-3.2-1B's 1.24B). Weights
 are drawn from a seeded normal (transformers' own initialisation), saved in bfloat16.
 """
 

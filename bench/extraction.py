@@ -45,11 +45,12 @@ SHAPES = {  # transformers LlamaConfig fields of real models
 TEMPLATE_TOKENS = 6  # leading tokens not counted, like a chat template's scaffolding
 
 
-def random_model(shape: str, device: torch.device, dtype: torch.dtype):
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, **config_fields):
+    """A seeded random-weight Llama of `shape`; `config_fields` override LlamaConfig fields (say the vocabulary)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    config = LlamaConfig(**{**SHAPES[shape], **config_fields}, max_position_embeddings=4096)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 

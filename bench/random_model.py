@@ -5,7 +5,7 @@ Usage: python bench/random_model.py --shape llama-1b --tokenizer results/models/
 
 The shape is one of bench/extraction.py's SHAPES, with the vocabulary resized to the tokenizer's (SmolLM2's
 49,152 tokens and its chat template for `llama-1b`: 1.07B parameters instead of Llama-3.2-1B's 1.24B). Weights
-are drawn from a seeded normal (transformers' own initialisation), saved in bfloat16.
+are transformers' own initialisation under seed 0, saved in bfloat16.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from extraction import SHAPES  # noqa: E402
+from extraction import SHAPES, random_model  # noqa: E402
 
 
-def write_random_model(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> int:
-    """Save a seeded random LlamaForCausalLM of `shape` and the tokenizer to `out`; return its parameter count."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def write_random_model(shape: str, tokenizer_dir: Path, out: Path) -> int:
+    """Save bench/extraction.py's seeded random model of `shape`, sized to the tokenizer, and the tokenizer to
+    `out`; return its parameter count."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    fields = {**SHAPES[shape], "vocab_size": len(tokenizer)}
-    config = LlamaConfig(**fields, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = random_model(shape, torch.device("cpu"), torch.bfloat16, vocab_size=len(tokenizer),
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
@@ -41,9 +40,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument("--tokenizer", type=Path, required=True, help="a folder with a tokenizer (and its chat template)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    n = write_random_model(args.shape, args.tokenizer, args.out, args.seed)
+    n = write_random_model(args.shape, args.tokenizer, args.out)
     print(f"{args.out}: random {args.shape} ({n / 1e9:.2f}B parameters, bfloat16), tokenizer from {args.tokenizer}")
 
 

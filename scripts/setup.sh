@@ -43,12 +43,13 @@ if [ ! -f "$stamp" ]; then
 fi
 echo "setup: .venv ready ($(.venv/bin/python --version))"
 
-# Figures: fonts for the scripts DejaVu Sans lacks (CJK, Devanagari, Arabic, ...: figures.FALLBACK_FONTS), from
-# Debian's fonts-droid-fallback and fonts-noto-core, when missing and apt can run (root or passwordless sudo);
-# matplotlib's font list is then rebuilt. Without them those characters show as boxes in the figures.
-fonts="fonts-droid-fallback fonts-noto-core"
+# Figures: fonts for the scripts DejaVu Sans lacks (CJK, Hangul, Devanagari, Arabic, ...: figures.FALLBACK_FONTS),
+# from Debian's fonts-droid-fallback, fonts-nanum and fonts-noto-core, when missing and apt can run (root or
+# passwordless sudo); matplotlib's font list is then rebuilt. Without them those characters show as boxes in the figures.
+fonts="fonts-droid-fallback fonts-nanum fonts-noto-core"
 # (fc-list with a pattern lists only the matching fonts: `fc-list | grep -q` fails under pipefail when grep stops early.)
-if [ -z "$(fc-list "Droid Sans Fallback" 2>/dev/null)" ] && command -v apt-get >/dev/null 2>&1; then
+if { [ -z "$(fc-list "Droid Sans Fallback" 2>/dev/null)" ] || [ -z "$(fc-list "NanumGothic" 2>/dev/null)" ]; } &&
+   command -v apt-get >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
   echo "setup: installing $fonts (apt) for non-Latin text in figures"
   if $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $fonts >/dev/null 2>&1 ||

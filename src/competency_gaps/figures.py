@@ -110,9 +110,10 @@ STYLE = {
 }
 # Labels and prompts carry any script (a multilingual corpus gives concepts CJK or Devanagari tokens). DejaVu Sans,
 # matplotlib's font, lacks those glyphs; matplotlib takes each missing glyph from the next family that has it. These
-# are Debian's fonts-droid-fallback (CJK) and fonts-noto-core (the others), which scripts/setup.sh installs where it
-# can; a family not installed is left out, and a glyph no family has is drawn as a box (matplotlib warns).
-FALLBACK_FONTS = ("Droid Sans Fallback", "Noto Sans CJK JP", "Noto Sans Devanagari", "Noto Sans Bengali",
+# are Debian's fonts-droid-fallback (CJK ideographs and kana, no Hangul syllables), fonts-nanum (Hangul: Gemma's
+# vocabulary gives concepts Korean tokens) and fonts-noto-core (the others), which scripts/setup.sh installs where
+# it can; a family not installed is left out, and a glyph no family has is drawn as a box (matplotlib warns).
+FALLBACK_FONTS = ("Droid Sans Fallback", "NanumGothic", "Noto Sans CJK JP", "Noto Sans Devanagari", "Noto Sans Bengali",
                   "Noto Sans Arabic", "Noto Sans Hebrew", "Noto Sans Thai", "Noto Sans Tamil", "Noto Sans Georgian",
                   "Noto Sans Armenian")
 METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
